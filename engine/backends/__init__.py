@@ -1,0 +1,35 @@
+"""Backends run the networks named in ``engine.specs``; everything else is shared.
+
+A backend answers ``run(component, inputs) -> outputs`` keyed by the spec's tensor names, plus three
+array helpers the denoising loop needs: ``asarray`` (numpy -> backend array), ``to_numpy`` and
+``concat``. Each backend lives in its own module so its heavy imports stay there.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from engine.errors import InputError
+
+BACKENDS = {"torch": "engine.backends.torch_backend"}
+
+
+class Backend(Protocol):
+    def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]: ...
+
+    def has(self, component: str) -> bool: ...
+
+    def asarray(self, array: np.ndarray) -> Any: ...
+
+    def to_numpy(self, array: Any) -> np.ndarray: ...
+
+    def concat(self, arrays: Sequence[Any], axis: int) -> Any: ...
+
+
+def backend_module(name: str):
+    """The module implementing backend ``name``; imported only when asked for."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[name])

@@ -1,0 +1,169 @@
+"""PyTorch backend: the diffusers/transformers networks wrapped to the tensor names of ``engine.specs``.
+
+The wrapper modules here are also what ``export/`` traces to ONNX, so both run the same graph.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine import specs
+from engine.checkpoints import ModelSource
+from engine.config import check_unet_channels
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TextEncoder(nn.Module):
+    """input_ids (B, 77) int64 -> text_embeddings (B, 77, D): CLIP's last hidden state."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids)[0]
+
+
+class VaeEncoder(nn.Module):
+    """images (B, 3, 8H, 8W) in [-1, 1] -> image_latents (B, 4, H, W): the posterior's mode, unscaled."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.latent_channels = vae.config.latent_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)  # (B, 2C, H, W): mean and log-variance
+        return moments[:, : self.latent_channels]
+
+
+class VaeDecoder(nn.Module):
+    """latents (B, 4, H, W), scaled as the sampler makes them -> images (B, 3, 8H, 8W) in about [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.decoder = vae.decoder
+        self.post_quant_conv = vae.post_quant_conv
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scaling_factor
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+class UNet(nn.Module):
+    """sample (N, 8, H, W), timestep (N,), encoder_hidden_states (N, 77, D) -> noise_pred (N, 4, H, W)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, nn.Module]:
+    """The spec-named modules of one InstructPix2Pix model."""
+    return {
+        specs.TEXT_ENCODER.name: TextEncoder(text_encoder).eval(),
+        specs.VAE_ENCODER.name: VaeEncoder(vae).eval(),
+        specs.UNET.name: UNet(unet).eval(),
+        specs.VAE_DECODER.name: VaeDecoder(vae).eval(),
+    }
+
+
+FP32_DECODER = specs.VAE_DECODER.name + "_fp32"
+
+
+class TorchBackend:
+    """Runs the wrapped networks eagerly under ``torch.inference_mode`` in one dtype on one device."""
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._modules = {name: (m.to(device=device, dtype=dtype), dtype) for name, m in modules.items()}
+
+    def has(self, component: str) -> bool:
+        return component in self._modules or (component == FP32_DECODER and self.dtype != torch.float32)
+
+    def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        if component == FP32_DECODER and component not in self._modules:
+            decoder = copy.deepcopy(self._modules[specs.VAE_DECODER.name][0]).float()
+            self._modules[component] = (decoder, torch.float32)
+        module, dtype = self._modules[component]
+        spec = specs.COMPONENTS[component.removesuffix("_fp32")]
+        args = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = module(**args)
+        return {spec.output_names[0]: out.float()}
+
+    def asarray(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().float().cpu().numpy()
+
+    def concat(self, arrays: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=axis)
+
+
+def parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r} asked for, but MPS is not available")
+    return dev
+
+
+def _require_weights(folder: Path) -> None:
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise InputError(f"{folder}: no weights file (*.safetensors or *.bin)")
+
+
+def load_networks(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(unet, vae, text_encoder) from a diffusers folder or a single original checkpoint."""
+    from diffusers import AutoencoderKL, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if source.single_file is not None:
+        try:
+            pipe = StableDiffusionInstructPix2PixPipeline.from_single_file(
+                str(source.single_file), config=str(source.folder), local_files_only=True, torch_dtype=dtype
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise InputError(f"{source.single_file}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
+        check_unet_channels(pipe.unet.config.in_channels, source.single_file)
+        return pipe.unet, pipe.vae, pipe.text_encoder
+    for name in ("unet", "vae", "text_encoder"):
+        _require_weights(source.folder / name)
+    unet = UNet2DConditionModel.from_pretrained(source.folder / "unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(source.folder / "vae", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(source.folder / "text_encoder", dtype=dtype)
+    return unet, vae, text_encoder
+
+
+def load(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> TorchBackend:
+    """A TorchBackend for a model on ``device`` in ``dtype`` ("float32", "float16" or "bfloat16")."""
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev = parse_device(device)
+    unet, vae, text_encoder = load_networks(source, DTYPES[dtype])
+    return TorchBackend(wrap_components(unet, vae, text_encoder), dev, DTYPES[dtype])

@@ -1,0 +1,9 @@
+"""The one exception type for bad user input: the CLI prints it as a single line and exits non-zero."""
+
+
+class InputError(ValueError):
+    """A problem with what the user gave us (an image, a model, an option), stated in one line."""
+
+
+class NumericalError(RuntimeError):
+    """The networks produced NaN or Inf even after the float32 fallback."""

@@ -1,0 +1,141 @@
+"""Reading, checking, resizing and converting images. numpy and Pillow only."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from engine.errors import InputError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB image from a path, PIL image or uint8/float HxWxC array, EXIF orientation applied.
+
+    Images over ``max_pixels`` are refused from their header, before any pixel is decoded.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(_check_size(source, max_pixels, "image"))
+    if isinstance(source, np.ndarray):
+        return to_rgb(_check_size(_array_to_pil(source), max_pixels, "array"))
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty")
+    try:
+        with Image.open(path) as image:
+            _check_size(image, max_pixels, str(path))
+            image.load()
+            return to_rgb(image)
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file, or a format Pillow cannot read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{path}: corrupt or truncated image ({err})") from None
+
+
+def _check_size(image: Image.Image, max_pixels: int, name: str) -> Image.Image:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(f"{name}: {width}x{height} has {width * height:,} pixels, over the limit of {max_pixels:,}")
+    if width == 0 or height == 0:
+        raise InputError(f"{name}: the image has no pixels")
+    return image
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise InputError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
+    return Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB in 8 bits: orientation applied, alpha composited on white, 16-bit and float scaled down."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((np.clip(array / top, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def fit_size(width: int, height: int, resolution: int, multiple: int = 64) -> tuple[int, int]:
+    """Output size for an edit at ``resolution``: long side about ``resolution``, sides multiples of
+    ``multiple``, the short side rounded up (as the original InstructPix2Pix edit script sizes inputs)."""
+    factor = resolution / max(width, height)
+    factor = math.ceil(min(width, height) * factor / multiple) * multiple / min(width, height)
+    new_width = max(multiple, int(width * factor // multiple) * multiple)
+    new_height = max(multiple, int(height * factor // multiple) * multiple)
+    return new_width, new_height
+
+
+def prepare(image: Image.Image, resolution: int | None, multiple: int) -> Image.Image:
+    """Resize and centre-crop to ``fit_size`` or, with ``resolution=None``, check the size is usable."""
+    if resolution is None:
+        width, height = image.size
+        if width % multiple or height % multiple:
+            raise InputError(
+                f"resolution=None keeps the input size, but {width}x{height} is not divisible by "
+                f"{multiple} (the model's total downsampling factor); pass a resolution to resize"
+            )
+        return image
+    size = fit_size(*image.size, resolution, multiple)
+    if size == image.size:
+        return image
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def to_model_input(images: list[Image.Image]) -> np.ndarray:
+    """Same-size RGB images -> float32 (B, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return (array / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+def from_model_output(images: np.ndarray) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> float32 (B, H, W, 3) in [0, 1]."""
+    return np.clip(images.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """float (H, W, 3) in [0, 1] -> RGB PIL image."""
+    return Image.fromarray((image * 255).round().astype(np.uint8), mode="RGB")
+
+
+def resize_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float (H, W, 3) in [0, 1] resized to (width, height) with Lanczos, kept in float."""
+    channels = [
+        np.asarray(Image.fromarray(image[:, :, c], mode="F").resize(size, Image.Resampling.LANCZOS))
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in Image.registered_extensions():
+        raise InputError(f"{path}: unknown image extension {suffix or '(none)'}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions()[suffix])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

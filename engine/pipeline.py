@@ -1,0 +1,253 @@
+"""EditPipeline: image + instruction in, edited image out. The one denoising loop, for every backend."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from engine import images as imaging
+from engine.backends import Backend, backend_module
+from engine.checkpoints import resolve_model
+from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
+from engine.errors import InputError, NumericalError
+from engine.guidance import BRANCHES, guided_denoiser, uses_guidance
+from engine.noise import NoiseSource, resolve_seeds
+from engine.samplers import SAMPLERS
+from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from engine.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "IP2P_MODEL"  # the model used when none is named
+
+
+@dataclass
+class EditResult:
+    """Edited images (PIL, or float32 (B, H, W, 3) in [0, 1]), the seed of each, and seconds per stage."""
+
+    images: list[Image.Image] | np.ndarray | list[np.ndarray]
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class EditPipeline:
+    """InstructPix2Pix editing over any backend: tokenise, encode, denoise with 3-way guidance, decode."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        model: ModelConfig,
+        tokenizer: ClipTokenizer,
+        *,
+        max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+        progress: bool = True,
+    ):
+        self.backend, self.model, self.tokenizer = backend, model, tokenizer
+        self.max_image_pixels, self.progress = max_image_pixels, progress
+        self._null_embedding: Any = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        backend: str = "torch",
+        device: str = "cpu",
+        dtype: str = "float32",
+        *,
+        config: str | os.PathLike | None = None,
+        max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+        progress: bool = True,
+    ) -> "EditPipeline":
+        """Load a diffusers folder, hub id or single .ckpt/.safetensors file (``config`` names the diffusers
+        folder or hub id that supplies a single file's configs and tokenizer)."""
+        model = model or os.environ.get(MODEL_ENV)
+        if not model:
+            raise InputError(f"no model given: pass a model folder, hub id or checkpoint, or set {MODEL_ENV}")
+        source = resolve_model(model, config)
+        model_config = read_model_config(source.folder)
+        tokenizer = ClipTokenizer(source.folder / "tokenizer")
+        runner = backend_module(backend).load(source, device=device, dtype=dtype)
+        return cls(runner, model_config, tokenizer, max_image_pixels=max_image_pixels, progress=progress)
+
+    def edit(
+        self,
+        image: imaging.ImageInput | Sequence[imaging.ImageInput],
+        instruction: str | Sequence[str],
+        *,
+        steps: int = 20,
+        text_guidance: float = 7.5,
+        image_guidance: float = 1.5,
+        sampler: str = "euler_ancestral",
+        seed: int | Sequence[int] | None = None,
+        latents: Any = None,
+        resolution: Resolution = "auto",
+        keep_size: bool = False,
+        output_type: str = "pil",
+    ) -> EditResult:
+        """Edit one image or a list. ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's
+        own (512 for SD 1.5), ``None`` keeps the input size. ``latents``: unit-variance initial noise
+        (B, 4, H/8, W/8), scaled by the scheduler's init_noise_sigma as diffusers does."""
+        config = EditConfig(
+            steps=steps,
+            text_guidance=text_guidance,
+            image_guidance=image_guidance,
+            sampler=sampler,
+            resolution=resolution,
+            keep_size=keep_size,
+            output_type=output_type,
+        )
+        batch = list(image) if isinstance(image, (list, tuple)) else [image]
+        return self.run(batch, instruction, config, seed=seed, latents=latents)
+
+    def run(
+        self,
+        images: list[imaging.ImageInput],
+        instruction: str | Sequence[str],
+        config: EditConfig,
+        *,
+        seed: int | Sequence[int] | None = None,
+        latents: Any = None,
+    ) -> EditResult:
+        """Edit ``images`` with ``config``; images that end up the same size are denoised as one batch."""
+        timings: dict[str, float] = defaultdict(float)
+        start = time.perf_counter()
+        if not images:
+            raise InputError("no images to edit")
+        instructions = _instructions_for(instruction, len(images))
+        loaded = [imaging.load_image(im, self.max_image_pixels) for im in images]
+        resolution = self.model.default_resolution if config.resolution == "auto" else config.resolution
+        multiple = self.model.downsampling if resolution is None else math.lcm(64, self.model.downsampling)
+        prepared = [imaging.prepare(im, resolution, multiple) for im in loaded]
+        seeds = resolve_seeds(seed, len(images))
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, im in enumerate(prepared):
+            groups[im.size].append(i)
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if len(groups) > 1:
+                raise InputError("explicit latents need all images to be edited at the same size")
+        timings["preprocess"] = time.perf_counter() - start
+
+        outputs: list[np.ndarray] = [np.empty(0)] * len(images)
+        for members in groups.values():
+            pixels = imaging.to_model_input([prepared[i] for i in members])
+            edited = self._edit_batch(
+                pixels, [instructions[i] for i in members], [seeds[i] for i in members], latents, config, timings
+            )
+            for i, out in zip(members, edited):
+                outputs[i] = out
+
+        start = time.perf_counter()
+        if config.keep_size:
+            outputs = [
+                imaging.resize_array(out, im.size) if out.shape[1::-1] != im.size else out
+                for out, im in zip(outputs, loaded)
+            ]
+        if config.output_type == "pil":
+            result: Any = [imaging.to_pil(out) for out in outputs]
+        elif len({out.shape for out in outputs}) == 1:
+            result = np.stack(outputs)
+        else:
+            result = outputs
+        timings["postprocess"] = time.perf_counter() - start
+        return EditResult(images=result, seeds=seeds, timings=dict(timings))
+
+    def encode_text(self, instructions: list[str]) -> Any:
+        """(B, 77, D) text embeddings on the backend."""
+        ids = self.backend.asarray(self.tokenizer(instructions))
+        return self.backend.run(TEXT_ENCODER.name, {"input_ids": ids})["text_embeddings"]
+
+    def null_embedding(self) -> Any:
+        """(1, 77, D) embedding of the empty instruction, computed once."""
+        if self._null_embedding is None:
+            self._null_embedding = self.encode_text([""])
+        return self._null_embedding
+
+    def _edit_batch(
+        self,
+        pixels: np.ndarray,
+        instructions: list[str],
+        seeds: list[int],
+        latents: np.ndarray | None,
+        config: EditConfig,
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1]."""
+        be, b = self.backend, len(instructions)
+        guided = uses_guidance(config.text_guidance, config.image_guidance)
+        copies = BRANCHES if guided else 1
+
+        start = time.perf_counter()
+        text = self.encode_text(instructions)  # (B, 77, D)
+        if guided:
+            text = be.concat([text] + [self.null_embedding()] * (2 * b), 0)  # (3B, 77, D)
+        timings["text_encode"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        image_latents = be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]  # (B, 4, h, w)
+        if guided:
+            image_latents = be.concat([image_latents, image_latents, image_latents * 0], 0)  # (3B, 4, h, w)
+        timings["image_encode"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        sampler = SAMPLERS[config.sampler]
+        schedule = sampler.schedule(self.model.scheduler, config.steps)
+        noise = NoiseSource(seeds)
+        shape = (self.model.latent_channels, pixels.shape[2] // self.model.vae_factor, pixels.shape[3] // self.model.vae_factor)
+        if latents is None:
+            initial = noise.randn(shape)
+        elif latents.shape != (b, *shape):
+            raise InputError(f"latents must have shape {(b, *shape)} for these images, got {latents.shape}")
+        else:
+            initial = latents
+        x = be.asarray(initial) * schedule.init_noise_sigma  # (B, 4, h, w)
+
+        def unet(x_in: Any, t: float) -> Any:
+            sample = be.concat([be.concat([x_in] * copies, 0), image_latents], 1)  # (3B, 8, h, w)
+            timestep = be.asarray(np.full(copies * b, t, dtype=np.float32))
+            return be.run(UNET.name, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text})[
+                "noise_pred"
+            ]
+
+        denoiser = guided_denoiser(
+            unet, schedule.timestep, config.text_guidance, config.image_guidance, self.model.prediction_type
+        )
+        extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
+        with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
+            x = sampler.sample(denoiser, x, schedule.sigmas, callback=lambda *_: bar.update(), **extra)
+        x = x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)  # back to the DDPM scale the VAE expects
+        timings["denoise"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        decoded = self._decode(x)
+        timings["decode"] += time.perf_counter() - start
+        return imaging.from_model_output(decoded)
+
+    def _decode(self, latents: Any) -> np.ndarray:
+        """(B, 3, H, W) decoded pixels; a reduced-precision overflow is retried with the float32 decoder."""
+        be = self.backend
+        decoded = be.to_numpy(be.run(VAE_DECODER.name, {"latents": latents})["images"])
+        fallback = VAE_DECODER.name + "_fp32"
+        if not np.isfinite(decoded).all() and be.has(fallback):
+            log.warning("the VAE decoder produced NaN/Inf in reduced precision; decoding again in float32")
+            decoded = be.to_numpy(be.run(fallback, {"latents": latents})["images"])
+        if not np.isfinite(decoded).all():
+            raise NumericalError("the decoded image contains NaN or Inf (the model's weights or latents are broken)")
+        return decoded
+
+
+def _instructions_for(instruction: str | Sequence[str], count: int) -> list[str]:
+    if isinstance(instruction, str):
+        return [instruction] * count
+    instructions = list(instruction)
+    if len(instructions) != count or not all(isinstance(s, str) for s in instructions):
+        raise InputError(f"give one instruction, or one per image: got {len(instructions)} for {count} images")
+    return instructions

@@ -1,0 +1,95 @@
+"""Samplers as plain functions over a denoiser (k-diffusion style).
+
+The only contract is ``denoised = model(x, sigma)``; ``x`` is any array type supporting arithmetic
+with Python floats (torch tensors, numpy arrays), so the same code drives every backend. Samplers
+hold no state and import no model. ``callback(i, x, denoised)`` runs after each step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from engine import schedules
+
+Denoiser = Callable[[Any, float], Any]
+NoiseSampler = Callable[[], Any]  # unit-variance noise shaped like x
+Callback = Callable[[int, Any, Any], None]
+
+
+def sample_euler(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022, alg. 1)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma)
+        x = x + (x - denoised) / sigma * (sigma_next - sigma)  # (B, C, H, W)
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step to sigma_next into a deterministic part down to sigma_down and fresh noise sigma_up."""
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def sample_euler_ancestral(
+    model: Denoiser,
+    x: Any,
+    sigmas,
+    noise_sampler: NoiseSampler,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+) -> Any:
+    """Ancestral Euler: an Euler step to sigma_down, then noise of std sigma_up (the paper's sampler)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + noise_sampler() * sigma_up
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+def sample_dpmpp_2m(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in log-sigma time; first order on the first and last step."""
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            if old_denoised is None:
+                d = denoised
+            else:
+                r = (math.log(float(sigmas[i - 1])) - math.log(sigma)) / h
+                d = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
+            x = x * (sigma_next / sigma) - d * math.expm1(-h)
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    sample: Callable[..., Any]
+    schedule: Callable[[dict, int], schedules.Schedule]
+    stochastic: bool  # takes a noise_sampler
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler(sample_euler, schedules.euler_schedule, stochastic=False),
+    "euler_ancestral": Sampler(sample_euler_ancestral, schedules.euler_schedule, stochastic=True),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, schedules.karras_schedule, stochastic=False),
+    # Deterministic DDIM (eta = 0) is exactly an Euler step in sigma space (Karras et al. 2022, sec. 3);
+    # what makes it DDIM is its schedule of integer timesteps.
+    "ddim": Sampler(sample_euler, schedules.ddim_schedule, stochastic=False),
+}
