@@ -1,0 +1,160 @@
+"""The ``ip2p`` command: edit images, create random-weight models, describe a model."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from engine.errors import InputError, NumericalError
+
+log = logging.getLogger("ip2p")
+
+
+def _resolution(value: str):
+    if value.lower() == "none":
+        return None
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, 'none' or 'auto', got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.backends import BACKENDS
+    from engine.samplers import SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="ip2p", description="InstructPix2Pix: edit images by instruction.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="edit images by an instruction")
+    edit.add_argument("images", nargs="+", help="input image files")
+    edit.add_argument("-p", "--prompt", required=True, help="the edit instruction (may be empty)")
+    edit.add_argument("-o", "--output", required=True, help="output file (one image) or folder (several)")
+    edit.add_argument("--model", help="model folder, hub id or .ckpt/.safetensors file (default: $IP2P_MODEL)")
+    edit.add_argument("--config", help="diffusers folder or hub id for a single-file checkpoint's configs")
+    edit.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
+    edit.add_argument("--device", default="cpu")
+    edit.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    edit.add_argument("--steps", type=int, default=20, help="denoising steps (100 reproduces the paper)")
+    edit.add_argument("--text-guidance", type=float, default=7.5)
+    edit.add_argument("--image-guidance", type=float, default=1.5)
+    edit.add_argument("--sampler", default="euler_ancestral", choices=sorted(SAMPLERS))
+    edit.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
+    edit.add_argument("--resolution", type=_resolution, default="auto", help="long side in pixels, 'auto' or 'none'")
+    edit.add_argument("--keep-size", action="store_true", help="resize outputs back to each input's size")
+    edit.add_argument("--batch-size", type=int, default=1, help="images denoised together")
+    edit.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
+
+    create = sub.add_parser("create-model", help="write a random-weight model in diffusers format")
+    create.add_argument("kind", choices=["tiny", "sd15"])
+    create.add_argument("out_dir")
+    create.add_argument("--seed", type=int, default=0)
+
+    info = sub.add_parser("info", help="describe a model: components, parameters, dtypes, scheduler")
+    info.add_argument("model")
+    return parser
+
+
+def output_paths(images: Sequence[str], output: str) -> list[Path]:
+    """One output path per input: ``output`` itself for one image, ``output/<stem>.png`` for several."""
+    from PIL import Image
+
+    out = Path(output)
+    if len(images) == 1:
+        if out.is_dir():
+            return [out / (Path(images[0]).stem + ".png")]
+        if out.suffix.lower() not in Image.registered_extensions():
+            raise InputError(f"{out}: unknown image extension {out.suffix or '(none)'}; use .png, .jpg, .webp, ...")
+        if not out.parent.is_dir():
+            raise InputError(f"{out.parent}: output folder does not exist")
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: several inputs need an output folder, and this is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    paths, seen = [], set()
+    for image in images:
+        stem = Path(image).stem
+        name, n = stem, 1
+        while name in seen:
+            name, n = f"{stem}_{n}", n + 1
+        seen.add(name)
+        paths.append(out / f"{name}.png")
+    return paths
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    from engine.config import EditConfig
+    from engine.images import save_image
+    from engine.noise import resolve_seeds
+    from engine.pipeline import EditPipeline
+
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    config = EditConfig(
+        steps=args.steps,
+        text_guidance=args.text_guidance,
+        image_guidance=args.image_guidance,
+        sampler=args.sampler,
+        resolution=args.resolution,
+        keep_size=args.keep_size,
+    )
+    targets = output_paths(args.images, args.output)
+    for image in args.images:
+        if not Path(image).is_file():
+            raise InputError(f"{image}: no such image file")
+    pipe = EditPipeline.from_pretrained(
+        args.model, backend=args.backend, device=args.device, dtype=args.dtype, config=args.config,
+        max_image_pixels=args.max_pixels, progress=not args.quiet,
+    )
+    seeds = resolve_seeds(args.seed, len(args.images))
+    for start in range(0, len(args.images), args.batch_size):
+        chunk = slice(start, start + args.batch_size)
+        result = pipe.run(args.images[chunk], args.prompt, config, seed=seeds[chunk])
+        for image, target, seed in zip(result.images, targets[chunk], result.seeds):
+            save_image(image, target)
+            log.info("wrote %s (seed %d)", target, seed)
+        timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+        log.info("timings: %s", timings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    )
+    try:
+        if args.command == "edit":
+            run_edit(args)
+        elif args.command == "create-model":
+            from engine.random_models import create_model
+
+            log.info("wrote %s", create_model(args.kind, args.out_dir, seed=args.seed))
+        elif args.command == "info":
+            from engine.checkpoints import resolve_model
+            from engine.info import describe_model
+
+            print(describe_model(resolve_model(args.model).folder))
+    except (InputError, NumericalError) as err:
+        print(f"ip2p: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ip2p: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an engine bug, not bad input: say so in one line unless --verbose
+        if args.verbose:
+            raise
+        print(f"ip2p: internal error: {type(err).__name__}: {err} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
