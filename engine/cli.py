@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("out_dir")
     create.add_argument("--seed", type=int, default=0)
 
+    convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
+    convert.add_argument("model", help="diffusers-format model folder")
+    convert.add_argument("output", help="target .safetensors or .ckpt file")
+
     info = sub.add_parser("info", help="describe a model: components, parameters, dtypes, scheduler")
     info.add_argument("model")
     return parser
@@ -91,7 +95,7 @@ def output_paths(images: Sequence[str], output: str) -> list[Path]:
 
 def run_edit(args: argparse.Namespace) -> None:
     from engine.config import EditConfig
-    from engine.images import save_image
+    from engine.images import open_image, save_image
     from engine.noise import resolve_seeds
     from engine.pipeline import EditPipeline
 
@@ -106,9 +110,8 @@ def run_edit(args: argparse.Namespace) -> None:
         keep_size=args.keep_size,
     )
     targets = output_paths(args.images, args.output)
-    for image in args.images:
-        if not Path(image).is_file():
-            raise InputError(f"{image}: no such image file")
+    for image in args.images:  # fail before the model loads: headers only, pixels are decoded per batch
+        open_image(Path(image), args.max_pixels).close()
     pipe = EditPipeline.from_pretrained(
         args.model, backend=args.backend, device=args.device, dtype=args.dtype, config=args.config,
         max_image_pixels=args.max_pixels, progress=not args.quiet,
@@ -126,6 +129,12 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library chatter (advisories, weight-loading bars) stays out of the CLI unless asked for.
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if args.quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
@@ -137,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.random_models import create_model
 
             log.info("wrote %s", create_model(args.kind, args.out_dir, seed=args.seed))
+        elif args.command == "convert":
+            from engine.checkpoints import resolve_model
+            from engine.original_format import save_single_file
+
+            log.info("wrote %s", save_single_file(resolve_model(args.model).folder, args.output))
         elif args.command == "info":
             from engine.checkpoints import resolve_model
             from engine.info import describe_model

@@ -25,19 +25,33 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     if isinstance(source, np.ndarray):
         return to_rgb(_check_size(_array_to_pil(source), max_pixels, "array"))
     path = Path(source)
+    image = open_image(path, max_pixels)
+    try:
+        image.load()
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{path}: corrupt or truncated image ({err})") from None
+    finally:
+        image.close()
+
+
+def open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image file lazily (header only) and check it exists, is an image, and is within the limit."""
     if not path.is_file():
         raise InputError(f"{path}: no such image file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty")
     try:
-        with Image.open(path) as image:
-            _check_size(image, max_pixels, str(path))
-            image.load()
-            return to_rgb(image)
+        image = Image.open(path)
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file, or a format Pillow cannot read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: corrupt or truncated image ({err})") from None
+    try:
+        return _check_size(image, max_pixels, str(path))
+    except InputError:
+        image.close()
+        raise
 
 
 def _check_size(image: Image.Image, max_pixels: int, name: str) -> Image.Image:

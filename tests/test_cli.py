@@ -1,0 +1,98 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.cli import main
+
+
+def run(args, capsys):
+    code = main(["-q", *args])
+    return code, capsys.readouterr()
+
+
+def test_edit_writes_the_output(tiny_model, image_file, tmp_path, capsys):
+    out = tmp_path / "edited.png"
+    code, _ = run(["edit", image_file, "-p", "make it blue", "-o", str(out), "--model", tiny_model,
+                   "--steps", "2", "--seed", "1", "--resolution", "none", "--keep-size"], capsys)
+    assert code == 0
+    assert Image.open(out).size == Image.open(image_file).size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.png", "input.png"]
+
+
+def test_several_inputs_go_to_a_folder_with_per_image_seeds(tiny_model, tmp_path, capsys):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"in{i}.png"))
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(paths[-1])
+    out = tmp_path / "outs"
+    code, _ = run(["edit", *paths, "-p", "x", "-o", str(out), "--model", tiny_model, "--steps", "1",
+                   "--seed", "5", "--batch-size", "2"], capsys)
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["in0.png", "in1.png", "in2.png"]
+    single = tmp_path / "single.png"
+    run(["edit", paths[2], "-p", "x", "-o", str(single), "--model", tiny_model, "--steps", "1", "--seed", "7"], capsys)
+    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(out / "in2.png")))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such image file"),
+        ("corrupt", "corrupt or truncated"),
+        ("empty", "the file is empty"),
+        ("text", "not an image file"),
+        ("huge", "over the limit"),
+        ("indivisible", "not divisible"),
+        ("extension", "unknown image extension"),
+        ("nomodel", "no such model folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, message):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(image)
+    out = tmp_path / "out.png"
+    out.write_bytes(b"precious")
+    args = ["edit", str(image), "-p", "x", "-o", str(out), "--model", tiny_model, "--steps", "1"]
+    if case == "missing":
+        args[1] = str(tmp_path / "nope.png")
+    elif case == "corrupt":
+        image.write_bytes(image.read_bytes()[:50])
+    elif case == "empty":
+        image.write_bytes(b"")
+    elif case == "text":
+        image.write_text("hello")
+    elif case == "huge":
+        args += ["--max-pixels", "100"]
+    elif case == "indivisible":
+        Image.new("RGB", (30, 30)).save(image)
+        args += ["--resolution", "none"]
+    elif case == "extension":
+        args[5] = str(tmp_path / "out.nope")
+    elif case == "nomodel":
+        args[7] = str(tmp_path / "no-model")
+    code, captured = run(args, capsys)
+    assert code == 2 and "Traceback" not in captured.err
+    # in-process, weight-loading bars of an earlier import may show; the error itself is one line
+    errors = [line for line in captured.err.strip().splitlines() if not line.startswith("Loading")]
+    assert len(errors) == 1 and errors[0].startswith("ip2p: error: ") and message in errors[0]
+    assert out.read_bytes() == b"precious"  # nothing half-written over an existing file
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "edit", str(tmp_path / "x.png"), "-p", "x",
+                           "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().endswith("no such image file")
+
+
+def test_create_model_info_and_convert(tmp_path, capsys):
+    model = tmp_path / "tiny"
+    assert run(["create-model", "tiny", str(model), "--seed", "3"], capsys)[0] == 0
+    code, captured = run(["info", str(model)], capsys)
+    assert code == 0 and "channels 8 -> 4" in captured.out and "EulerAncestralDiscreteScheduler" in captured.out
+    assert run(["create-model", "tiny", str(model)], capsys)[1].err.strip().endswith("already exists and is not empty")
+    assert run(["convert", str(model), str(tmp_path / "tiny.safetensors")], capsys)[0] == 0
+    assert (tmp_path / "tiny.safetensors").stat().st_size > 1_000_000
