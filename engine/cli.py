@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine.errors import InputError, NumericalError
+from engine.errors import ExportError, InputError, NumericalError
 
 log = logging.getLogger("ip2p")
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--config", help="diffusers folder or hub id for a single-file checkpoint's configs")
     edit.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
     edit.add_argument("--device", default="cpu")
-    edit.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    edit.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32, or a bundle's own")
     edit.add_argument("--steps", type=int, default=20, help="denoising steps (100 reproduces the paper)")
     edit.add_argument("--text-guidance", type=float, default=7.5)
     edit.add_argument("--image-guidance", type=float, default=1.5)
@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("kind", choices=["tiny", "sd15"])
     create.add_argument("out_dir")
     create.add_argument("--seed", type=int, default=0)
+
+    export = sub.add_parser("export", help="export a model to an ONNX or TensorRT bundle")
+    export.add_argument("model", help="model folder, hub id or .ckpt/.safetensors file")
+    export.add_argument("out_dir")
+    export.add_argument("--config", help="diffusers folder or hub id for a single-file checkpoint's configs")
+    export.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    export.add_argument("--batch", default="1:4", help="images per call: N, MIN:MAX or MIN:OPT:MAX")
+    shape = export.add_mutually_exclusive_group()
+    shape.add_argument("--resolution", default="256:768", help="pixel side range: N, MIN:MAX or MIN:OPT:MAX")
+    shape.add_argument("--static", help="one fixed size WxH, e.g. 512x512 (for CUDA graphs)")
+    export.add_argument("--verify", action="store_true", help="check every component against PyTorch")
+    export.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
 
     convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
     convert.add_argument("model", help="diffusers-format model folder")
@@ -127,6 +140,30 @@ def run_edit(args: argparse.Namespace) -> None:
         log.info("timings: %s", timings)
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from engine.specs import Profile, parse_range
+    from export.bundle import ExportOptions, export_bundle
+
+    batch = parse_range(args.batch, "--batch", default_opt=1)
+    if args.static:
+        try:
+            width, height = (int(v) for v in args.static.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--static must look like 512x512, got {args.static!r}") from None
+        if batch[0] != batch[2]:
+            raise InputError("--static needs one batch size too, e.g. --batch 1")
+        profile = Profile(batch=batch, height=(height,) * 3, width=(width,) * 3)
+    else:
+        side = parse_range(args.resolution, "--resolution", default_opt=512)
+        profile = Profile(batch=batch, height=side, width=side)
+    options = ExportOptions(format=args.format, precision=args.precision, profile=profile, verify=args.verify,
+                            force=args.force)
+    out, checks = export_bundle(args.model, args.out_dir, options, config=args.config)
+    for check in checks:
+        print(check)
+    log.info("wrote %s", out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Library chatter (advisories, weight-loading bars) stays out of the CLI unless asked for.
@@ -136,9 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
     )
+    for name in ("ip2p", "engine", "export", "training", "benchmarks"):  # our own progress notes
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         if args.command == "edit":
             run_edit(args)
@@ -146,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.random_models import create_model
 
             log.info("wrote %s", create_model(args.kind, args.out_dir, seed=args.seed))
+        elif args.command == "export":
+            run_export(args)
         elif args.command == "convert":
             from engine.checkpoints import resolve_model
             from engine.original_format import save_single_file
@@ -156,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.info import describe_model
 
             print(describe_model(resolve_model(args.model).folder))
-    except (InputError, NumericalError) as err:
+    except (InputError, NumericalError, ExportError) as err:
         print(f"ip2p: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class NumericalError(RuntimeError):
     """The networks produced NaN or Inf even after the float32 fallback."""
+
+
+class ExportError(RuntimeError):
+    """A component failed to export or to verify; the message names it."""

@@ -5,7 +5,7 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -14,19 +14,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from engine import images as imaging
-from engine.backends import Backend, backend_module
+from engine.backends import BUNDLE_BACKENDS, Backend, backend_module
 from engine.checkpoints import resolve_model
 from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
+from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.guidance import BRANCHES, guided_denoiser, uses_guidance
 from engine.noise import NoiseSource, resolve_seeds
 from engine.samplers import SAMPLERS
-from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Profile
 from engine.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "IP2P_MODEL"  # the model used when none is named
+TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 
 
 @dataclass
@@ -47,12 +49,16 @@ class EditPipeline:
         model: ModelConfig,
         tokenizer: ClipTokenizer,
         *,
+        null_embedding: np.ndarray | None = None,
+        profile: Profile | None = None,
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
     ):
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
+        self.profile = profile  # shapes an exported bundle accepts; None: any
         self.max_image_pixels, self.progress = max_image_pixels, progress
-        self._null_embedding: Any = None
+        self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
+        self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
 
     @classmethod
     def from_pretrained(
@@ -60,21 +66,36 @@ class EditPipeline:
         model: str | os.PathLike | None = None,
         backend: str = "torch",
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | None = None,
         *,
         config: str | os.PathLike | None = None,
+        backend_options: dict | None = None,
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
     ) -> "EditPipeline":
-        """Load a diffusers folder, hub id or single .ckpt/.safetensors file (``config`` names the diffusers
-        folder or hub id that supplies a single file's configs and tokenizer)."""
+        """Load a diffusers folder, hub id or single .ckpt/.safetensors file with ``backend="torch"``
+        (``config`` names the diffusers folder or hub id that supplies a single file's configs and
+        tokenizer), or an exported bundle with ``backend="onnxruntime"``/``"tensorrt"``. ``dtype``
+        defaults to float32 for torch and to the bundle's precision for bundles."""
         model = model or os.environ.get(MODEL_ENV)
         if not model:
             raise InputError(f"no model given: pass a model folder, hub id or checkpoint, or set {MODEL_ENV}")
+        module = backend_module(backend)
+        options = backend_options or {}
+        if is_bundle(model):
+            if backend not in BUNDLE_BACKENDS:
+                raise InputError(f"{model}: an exported bundle; run it with backend 'onnxruntime' or 'tensorrt'")
+            bundle = read_bundle(model)
+            runner = module.load(bundle, device=device, dtype=dtype, **options)
+            return cls(runner, bundle.model, ClipTokenizer(bundle.tokenizer_dir),
+                       null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile,
+                       max_image_pixels=max_image_pixels, progress=progress)
+        if backend in BUNDLE_BACKENDS:
+            raise InputError(f"{model}: backend {backend!r} runs exported bundles; export it first with `ip2p export`")
         source = resolve_model(model, config)
         model_config = read_model_config(source.folder)
         tokenizer = ClipTokenizer(source.folder / "tokenizer")
-        runner = backend_module(backend).load(source, device=device, dtype=dtype)
+        runner = module.load(source, device=device, dtype=dtype or "float32", **options)
         return cls(runner, model_config, tokenizer, max_image_pixels=max_image_pixels, progress=progress)
 
     def edit(
@@ -137,13 +158,18 @@ class EditPipeline:
         timings["preprocess"] = time.perf_counter() - start
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
-        for members in groups.values():
-            pixels = imaging.to_model_input([prepared[i] for i in members])
-            edited = self._edit_batch(
-                pixels, [instructions[i] for i in members], [seeds[i] for i in members], latents, config, timings
-            )
-            for i, out in zip(members, edited):
-                outputs[i] = out
+        max_batch = self.profile.batch[2] if self.profile else len(images)
+        for size, group in groups.items():
+            self._check_size(size, len(group))
+            for start in range(0, len(group), max_batch):  # a bundle's profile caps images per call
+                members = group[start : start + max_batch]
+                pixels = imaging.to_model_input([prepared[i] for i in members])
+                noise = None if latents is None else latents[start : start + max_batch]
+                edited = self._edit_batch(
+                    pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings
+                )
+                for i, out in zip(members, edited):
+                    outputs[i] = out
 
         start = time.perf_counter()
         if config.keep_size:
@@ -160,10 +186,32 @@ class EditPipeline:
         timings["postprocess"] = time.perf_counter() - start
         return EditResult(images=result, seeds=seeds, timings=dict(timings))
 
+    def _check_size(self, size: tuple[int, int], count: int) -> None:
+        """Refuse a size outside an exported bundle's profile, stating the allowed range."""
+        if self.profile is None:
+            return
+        width, height = size
+        (h_lo, _, h_hi), (w_lo, _, w_hi), (b_lo, _, _) = self.profile.height, self.profile.width, self.profile.batch
+        if not (h_lo <= height <= h_hi and w_lo <= width <= w_hi):
+            raise InputError(f"{width}x{height} is outside this bundle's profile: width {w_lo}-{w_hi}, "
+                             f"height {h_lo}-{h_hi} pixels; pass a resolution inside it or export with a wider one")
+        if count < b_lo:
+            raise InputError(f"this bundle was exported for at least {b_lo} images per call, got {count}")
+
     def encode_text(self, instructions: list[str]) -> Any:
-        """(B, 77, D) text embeddings on the backend."""
-        ids = self.backend.asarray(self.tokenizer(instructions))
-        return self.backend.run(TEXT_ENCODER.name, {"input_ids": ids})["text_embeddings"]
+        """(B, 77, D) text embeddings on the backend; recent instructions come from a small LRU cache."""
+        missing = list(dict.fromkeys(s for s in instructions if s not in self._text_cache))
+        if missing:
+            ids = self.backend.asarray(self.tokenizer(missing))
+            embeddings = self.backend.run(TEXT_ENCODER.name, {"input_ids": ids})["text_embeddings"]
+            for i, text in enumerate(missing):
+                self._text_cache[text] = embeddings[i : i + 1]
+        for text in instructions:
+            self._text_cache.move_to_end(text)
+        rows = [self._text_cache[s] for s in instructions]
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return rows[0] if len(rows) == 1 else self.backend.concat(rows, 0)
 
     def null_embedding(self) -> Any:
         """(1, 77, D) embedding of the empty instruction, computed once."""

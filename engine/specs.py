@@ -2,11 +2,17 @@
 
 The torch backend, the exporter, the TensorRT builder and the runtimes all read these specs, so a
 component's inputs and outputs are called the same everywhere. Dimensions are symbolic names
-(``B`` batch, ``H``/``W`` latent height/width, ``HP``/``WP`` pixel height/width) or integers.
+(``B`` images per call, ``N`` UNet rows: 3B with guidance or B without, ``H``/``W`` latent height/width,
+``HP``/``WP`` pixel height/width, ``D`` text width) or integers. A ``Profile`` gives every symbol a
+min/opt/max range; exporters, TensorRT profiles, buffer allocation and input checks all derive from it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from engine.errors import InputError
+
+Range = tuple[int, int, int]  # min, opt, max
 
 
 @dataclass(frozen=True)
@@ -46,11 +52,11 @@ VAE_ENCODER = ComponentSpec(
 UNET = ComponentSpec(
     name="unet",
     inputs=(
-        TensorSpec("sample", "float32", ("B", 8, "H", "W")),  # [scaled noisy latents | image latents]
-        TensorSpec("timestep", "float32", ("B",)),
-        TensorSpec("encoder_hidden_states", "float32", ("B", 77, "D")),
+        TensorSpec("sample", "float32", ("N", 8, "H", "W")),  # [scaled noisy latents | image latents]
+        TensorSpec("timestep", "float32", ("N",)),
+        TensorSpec("encoder_hidden_states", "float32", ("N", 77, "D")),
     ),
-    outputs=(TensorSpec("noise_pred", "float32", ("B", 4, "H", "W")),),
+    outputs=(TensorSpec("noise_pred", "float32", ("N", 4, "H", "W")),),
 )
 
 VAE_DECODER = ComponentSpec(
@@ -60,3 +66,79 @@ VAE_DECODER = ComponentSpec(
 )
 
 COMPONENTS = {spec.name: spec for spec in (TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER)}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Shapes a bundle accepts: images per call and pixel height/width, each (min, opt, max)."""
+
+    batch: Range
+    height: Range
+    width: Range
+
+    @property
+    def static(self) -> bool:
+        return all(r[0] == r[2] for r in (self.batch, self.height, self.width))
+
+    def check(self, multiple: int) -> "Profile":
+        """Raise InputError unless every range is ordered, positive and (for sides) a multiple of ``multiple``."""
+        for name, (lo, opt, hi) in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+            if lo < 1 or not lo <= opt <= hi:
+                raise InputError(f"{name} profile {lo}:{opt}:{hi} must satisfy 1 <= min <= opt <= max")
+            if name != "batch" and any(v % multiple for v in (lo, opt, hi)):
+                raise InputError(f"{name} profile {lo}:{opt}:{hi}: sides must be multiples of {multiple}")
+        return self
+
+    def dims(self, vae_factor: int, text_dim: int, guided_only: bool = False) -> dict[str, Range]:
+        """Range of every symbolic dimension. UNet rows N run from B (no guidance) to 3B, unless
+        ``guided_only`` (static engines), where N is exactly 3B."""
+        b = self.batch
+        n_min = 3 * b[0] if guided_only else b[0]
+        return {
+            "B": b,
+            "N": (n_min, 3 * b[1], 3 * b[2]),
+            "HP": self.height,
+            "WP": self.width,
+            "H": tuple(v // vae_factor for v in self.height),
+            "W": tuple(v // vae_factor for v in self.width),
+            "D": (text_dim,) * 3,
+        }
+
+    def to_dict(self) -> dict:
+        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        return cls(tuple(data["batch"]), tuple(data["height"]), tuple(data["width"]))
+
+
+def shape_ranges(spec: ComponentSpec, dims: dict[str, Range]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min shape, opt shape, max shape) of every input and output of ``spec``."""
+    out = {}
+    for tensor in spec.inputs + spec.outputs:
+        out[tensor.name] = tuple(
+            tuple(d if isinstance(d, int) else dims[d][k] for d in tensor.dims) for k in range(3)
+        )
+    return out
+
+
+def parse_range(text: str, what: str, default_opt: int | None = None) -> Range:
+    """"4" -> (4, 4, 4); "1:4" -> (1, opt, 4) with opt = default_opt clamped into range (else min);
+    "1:2:4" -> (1, 2, 4)."""
+    try:
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        raise InputError(f"{what} must look like 4, 1:4 or 1:2:4, got {text!r}") from None
+    if len(parts) == 1:
+        return (parts[0],) * 3
+    if len(parts) == 2:
+        lo, hi = parts
+        opt = lo if default_opt is None else min(max(default_opt, lo), hi)
+        if lo > hi:
+            raise InputError(f"{what} range {text}: min exceeds max")
+        return lo, opt, hi
+    if len(parts) == 3:
+        if not parts[0] <= parts[1] <= parts[2]:
+            raise InputError(f"{what} range {text}: need min <= opt <= max")
+        return parts[0], parts[1], parts[2]
+    raise InputError(f"{what} must look like 4, 1:4 or 1:2:4, got {text!r}")

@@ -13,7 +13,11 @@ import numpy as np
 
 from engine.errors import InputError
 
-BACKENDS = {"torch": "engine.backends.torch_backend"}
+BACKENDS = {
+    "torch": "engine.backends.torch_backend",  # runs model folders and single files
+    "onnxruntime": "engine.backends.onnxruntime_backend",  # runs exported ONNX bundles
+}
+BUNDLE_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 class Backend(Protocol):

@@ -1,0 +1,134 @@
+"""One network to one ONNX file with torch's dynamo exporter, and its float16 conversion."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+from engine.specs import ComponentSpec, Range
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a side file (protobuf caps a file at 2 GiB)
+# Normalisations and softmax stay float32 in float16 graphs: their reductions overflow or lose precision.
+FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]
+
+
+def sample_inputs(spec: ComponentSpec, dims: dict[str, Range]) -> tuple[torch.Tensor, ...]:
+    """Example inputs at the profile's opt shape; dynamic sizes of 1 become 2 (torch.export specialises 1)."""
+    tensors = []
+    for tensor in spec.inputs:
+        shape = []
+        for d in tensor.dims:
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                lo, opt, hi = dims[d]
+                shape.append(opt if lo == hi or opt > 1 else min(2, hi))
+        if tensor.dtype == "int64":
+            tensors.append(torch.randint(0, 100, shape, dtype=torch.int64))
+        elif tensor.name == "timestep":
+            tensors.append(torch.full(shape, 500.0))
+        else:
+            tensors.append(torch.randn(shape))
+    return tuple(tensors)
+
+
+def dynamic_shapes(spec: ComponentSpec, dims: dict[str, Range], vae_factor: int) -> dict[str, dict]:
+    """torch.export Dims for every symbolic axis whose range is not a single value; pixel axes are
+    derived from latent axes (HP = vae_factor * H) so the exporter sees the divisibility."""
+    from torch.export import Dim
+
+    made: dict[str, object] = {}
+
+    def dim(symbol: str):
+        if symbol in ("HP", "WP"):
+            return vae_factor * dim(symbol[0])
+        if symbol not in made:
+            lo, _, hi = dims[symbol]
+            made[symbol] = Dim(symbol, min=lo, max=hi)
+        return made[symbol]
+
+    shapes = {}
+    for tensor in spec.inputs:
+        axes = {}
+        for axis, d in enumerate(tensor.dims):
+            if isinstance(d, str) and dims[d][0] != dims[d][2]:
+                axes[axis] = dim(d)
+        shapes[tensor.name] = axes or None
+    return shapes
+
+
+def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Range], vae_factor: int, path: Path) -> list[Path]:
+    """Export ``module`` (float32) to ``path``; returns the files written (graph, and weights if external)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            sample_inputs(spec, dims),
+            dynamo=True,
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_shapes=dynamic_shapes(spec, dims, vae_factor),
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    save_onnx(program.model_proto, path, external)
+    return onnx_files(path)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Save with weights inline, or in ``<name>.data`` beside the graph."""
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if external:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
+
+
+def onnx_files(path: Path) -> list[Path]:
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def _timestep_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes between the timestep input and the first matrix product: the sinusoidal embedding, which
+    float16 would quantise (t = 946.37 is 946.5 in float16)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names, frontier = [], ["timestep"]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type in ("MatMul", "Gemm") or node.name in names:
+                continue
+            names.append(node.name)
+            frontier.extend(node.output)
+    return names
+
+
+def convert_to_fp16(src: Path, dst: Path) -> list[Path]:
+    """Float16 weights and compute, float32 inputs/outputs; normalisations, softmax and the timestep
+    embedding stay float32. Returns the files written."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(src, load_external_data=True)
+    has_timestep = any(i.name == "timestep" for i in model.graph.input)
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=FP32_OPS,
+        node_block_list=_timestep_nodes(model) if has_timestep else None,
+        disable_shape_infer=True,
+    )
+    weight_bytes = sum(len(t.raw_data) for t in converted.graph.initializer)
+    save_onnx(converted, dst, external=weight_bytes > EXTERNAL_DATA_BYTES)
+    return onnx_files(dst)
