@@ -26,14 +26,16 @@ def guided_denoiser(
     text_scale: float,
     image_scale: float,
     prediction_type: str = "epsilon",
+    all_branches: bool = False,
 ) -> Callable[[Any, float], Any]:
     """Turn ``unet(scaled_x, t) -> model output`` (batch 3B, or B without guidance) into ``D(x, sigma)``.
 
     ``x`` is in k-diffusion's parametrisation (x0 + sigma * eps); the UNet sees x / sqrt(sigma^2 + 1).
+    ``all_branches`` keeps batch 3B even when both scales are 1 (static-shape engines accept only 3B).
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    guided = uses_guidance(text_scale, image_scale)
+    guided = all_branches or uses_guidance(text_scale, image_scale)
 
     def denoise(x: Any, sigma: float) -> Any:
         c_in = 1.0 / (sigma**2 + 1) ** 0.5

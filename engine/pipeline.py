@@ -230,7 +230,8 @@ class EditPipeline:
     ) -> np.ndarray:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1]."""
         be, b = self.backend, len(instructions)
-        guided = uses_guidance(config.text_guidance, config.image_guidance)
+        static = self.profile is not None and self.profile.static  # static engines take exactly 3B rows
+        guided = static or uses_guidance(config.text_guidance, config.image_guidance)
         copies = BRANCHES if guided else 1
 
         start = time.perf_counter()
@@ -266,7 +267,8 @@ class EditPipeline:
             ]
 
         denoiser = guided_denoiser(
-            unet, schedule.timestep, config.text_guidance, config.image_guidance, self.model.prediction_type
+            unet, schedule.timestep, config.text_guidance, config.image_guidance, self.model.prediction_type,
+            all_branches=static,
         )
         extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
         with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:

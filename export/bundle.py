@@ -132,13 +132,20 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
 
     out = Path(out_dir)
     _prepare_output(out, options.force)
+    if options.format == "tensorrt":
+        from export.tensorrt_build import require_tensorrt
+
+        require_tensorrt()
     source = resolve_model(model, config)
     model_config = read_model_config(source.folder)
     profile = options.profile.check(model_config.downsampling)
     unet, vae, text_encoder = load_networks(source)
     modules = wrap_components(unet, vae, text_encoder)
     vocab_size = int(text_encoder.config.vocab_size)
-    dims = profile.dims(model_config.vae_factor, model_config.text_dim)
+    # Static profiles (CUDA graphs) always run all three guidance branches: UNet rows are exactly 3B.
+    dims = profile.dims(model_config.vae_factor, model_config.text_dim, guided_only=profile.static)
+    # TensorRT builds its fp16 engines from float32 graphs; only ONNX bundles convert the graphs.
+    graph_precision = options.precision if options.format == "onnx" else "fp32"
     sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
@@ -150,7 +157,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             try:
                 entry, component_checks = _export_component(
                     name, modules[name], spec, dims, sizes[name], model_config.vae_factor, profile, staging,
-                    options, vocab_size,
+                    graph_precision, options.verify, vocab_size,
                 )
             except InputError:
                 raise
@@ -173,7 +180,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         if options.format == "tensorrt":
             from export.tensorrt_build import build_engines
 
-            gpu = build_engines(staging, components, dims, profile)
+            gpu = build_engines(staging, components, profile, model_config.vae_factor, model_config.text_dim)
         else:
             gpu = None
         manifest = {
@@ -210,13 +217,13 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     return out, checks
 
 
-def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, staging, options, vocab_size):
+def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, staging, precision, verify,
+                      vocab_size):
     """Export (and convert, and verify) one component; returns its manifest entry and checks."""
-    fp32_path = staging / (f"{name}.fp32.onnx" if options.precision == "fp16" else f"{name}.onnx")
+    fp32_path = staging / (f"{name}.fp32.onnx" if precision == "fp16" else f"{name}.onnx")
     files = onnx_export.export_onnx(module, spec, dims, vae_factor, fp32_path)
-    precision = options.precision
     checks: list[Check] = []
-    if options.precision == "fp16":
+    if precision == "fp16":
         path = staging / f"{name}.onnx"
         fp16_files = onnx_export.convert_to_fp16(fp32_path, path)
         if name == specs.VAE_DECODER.name:
@@ -231,12 +238,12 @@ def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, 
         for f in files:
             f.unlink(missing_ok=True)
         files = fp16_files
-    if options.verify:
+    if verify:
         checks += verify_component(name, module, spec, files[0], size_sets, precision, vocab_size)
     shapes = specs.shape_ranges(spec, dims)
     entry = {
         "precision": precision,
-        "files": [file_entry(staging, f) for f in files],
+        "files": [file_entry(staging, f) for f in files],  # the runtime's file first: graph or engine
         "inputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims), "shapes": [list(s) for s in shapes[t.name]]}
                    for t in spec.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims), "shapes": [list(s) for s in shapes[t.name]]}

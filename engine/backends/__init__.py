@@ -16,6 +16,7 @@ from engine.errors import InputError
 BACKENDS = {
     "torch": "engine.backends.torch_backend",  # runs model folders and single files
     "onnxruntime": "engine.backends.onnxruntime_backend",  # runs exported ONNX bundles
+    "tensorrt": "engine.backends.tensorrt_backend",  # runs exported TensorRT bundles
 }
 BUNDLE_BACKENDS = ("onnxruntime", "tensorrt")
 

@@ -1,0 +1,186 @@
+"""TensorRT backend: deserialises a bundle's engines and runs them on one CUDA stream; no torch.
+
+Engine lifecycle: load (refusing engines built for another GPU or TensorRT version), allocate device
+buffers for the current shapes (grown when a larger shape arrives), infer, and, for static-shape
+bundles, capture each engine's launch once in a CUDA graph and replay it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.errors import InputError
+from engine.manifest import Bundle
+
+log = logging.getLogger(__name__)
+
+
+def current_gpu() -> dict:
+    """{"name", "compute_capability"} of CUDA device 0, via cuda-python."""
+    from cuda.bindings import runtime as cudart
+
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise InputError(f"no usable CUDA GPU for TensorRT ({err})")
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def require_tensorrt() -> dict:
+    """Fail early where TensorRT, cuda-python or a GPU is missing; returns the GPU."""
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        raise InputError("TensorRT needs the tensorrt and cuda-python packages: pip install '.[tensorrt]' "
+                         "on a machine with an NVIDIA GPU") from None
+    return current_gpu()
+
+
+def check_engine_compatible(manifest: dict, tensorrt_version: str, gpu: dict) -> None:
+    """Refuse engines built for another GPU, compute capability or TensorRT version."""
+    built_gpu = manifest.get("gpu") or {}
+    built_trt = manifest.get("tools", {}).get("tensorrt")
+    problems = []
+    if built_trt != tensorrt_version:
+        problems.append(f"TensorRT {built_trt}, this is {tensorrt_version}")
+    if built_gpu.get("name") != gpu["name"] or built_gpu.get("compute_capability") != gpu["compute_capability"]:
+        problems.append(f"{built_gpu.get('name')} (sm {built_gpu.get('compute_capability')}), "
+                        f"this is {gpu['name']} (sm {gpu['compute_capability']})")
+    if problems:
+        raise InputError("these engines were built for " + "; ".join(problems) +
+                         ": rebuild them here with `ip2p export MODEL OUT --format tensorrt`")
+
+
+def _check(result):
+    """cuda-python returns (error, values...); raise on error, return the values."""
+    from cuda.bindings import runtime as cudart
+
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else values
+
+
+class EngineRunner:
+    """One deserialised engine, its execution context, device buffers and (optionally) a CUDA graph."""
+
+    def __init__(self, runtime, path, stream, use_graph: bool):
+        import tensorrt as trt
+
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise InputError(f"{path}: TensorRT cannot deserialise this engine; rebuild it")
+        self.context = self.engine.create_execution_context()
+        self.stream, self.use_graph = stream, use_graph
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.graph = None
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        from cuda.bindings import runtime as cudart
+
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check(cudart.cudaFree(ptr))
+            ptr = _check(cudart.cudaMalloc(nbytes))
+            self.buffers[name] = (ptr, nbytes)
+            self.context.set_tensor_address(name, ptr)
+            self.graph = None  # addresses changed: a captured graph is stale
+        return ptr
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cuda.bindings import runtime as cudart
+
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in self.inputs:
+            array = np.ascontiguousarray(inputs[name], dtype=self.dtypes[name])
+            self.context.set_input_shape(name, array.shape)
+            ptr = self._buffer(name, array.nbytes)
+            _check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, self.stream))
+        results = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            results[name] = np.empty(shape, dtype=self.dtypes[name])
+            self._buffer(name, results[name].nbytes)
+        self._launch()
+        for name, array in results.items():
+            _check(cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[name][0], array.nbytes, d2h, self.stream))
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return {name: array.astype(np.float32, copy=False) for name, array in results.items()}
+
+    def _launch(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if not self.use_graph:
+            self.context.execute_async_v3(self.stream)
+            return
+        if self.graph is None:
+            self.context.execute_async_v3(self.stream)  # one plain run first: TensorRT initialises lazily
+            _check(cudart.cudaStreamSynchronize(self.stream))
+            _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+            self.context.execute_async_v3(self.stream)
+            graph = _check(cudart.cudaStreamEndCapture(self.stream))
+            self.graph = _check(cudart.cudaGraphInstantiate(graph, 0))
+        _check(cudart.cudaGraphLaunch(self.graph, self.stream))
+
+    def close(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        for ptr, _ in self.buffers.values():
+            cudart.cudaFree(ptr)
+        self.buffers.clear()
+
+
+class TensorRTBackend:
+    """Runs each component's engine; arrays are numpy on the host, copied per call."""
+
+    def __init__(self, bundle: Bundle, use_cuda_graph: bool):
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+
+        self.bundle = bundle
+        self.stream = _check(cudart.cudaStreamCreate())
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engines = {
+            name: EngineRunner(runtime, bundle.component_file(name), self.stream, use_cuda_graph)
+            for name in bundle.manifest["components"]
+        }
+
+    def has(self, component: str) -> bool:
+        return component in self._engines
+
+    def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self._engines[component].run(inputs)
+
+    def asarray(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def to_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def concat(self, arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
+        return np.concatenate(arrays, axis=axis)
+
+
+def load(bundle: Bundle, device: str = "cuda", dtype: str | None = None, cuda_graph: bool | None = None) -> TensorRTBackend:
+    """A TensorRTBackend; CUDA graphs default to on for static-shape bundles (and are refused otherwise)."""
+    if bundle.format != "tensorrt":
+        raise InputError(f"{bundle.folder}: a {bundle.format} bundle; run it with backend={bundle.format!r}")
+    if not device.startswith("cuda"):
+        raise InputError(f"the tensorrt backend runs on a CUDA device, not {device!r}")
+    if dtype not in (None, "float16"):
+        raise InputError(f"{bundle.folder}: TensorRT bundles are fp16, not {dtype}")
+    import tensorrt as trt
+
+    check_engine_compatible(bundle.manifest, trt.__version__, require_tensorrt())
+    static = bundle.profile.static
+    if cuda_graph and not static:
+        raise InputError("CUDA graphs need a static-shape bundle: export with --static WxH --batch N")
+    return TensorRTBackend(bundle, use_cuda_graph=static if cuda_graph is None else cuda_graph)

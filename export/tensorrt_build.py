@@ -1,0 +1,117 @@
+"""TensorRT engines from a bundle's ONNX graphs, through TensorRT's Python API.
+
+fp16 engines (the VAE decoder stays fp32: SD's VAE can overflow in fp16), optimisation profiles from
+``engine.specs``, a persistent timing cache, and an engine cache keyed by everything that makes an
+engine valid, so a second export for the same GPU is instant and a stale engine is never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from engine import specs
+from engine.backends.tensorrt_backend import require_tensorrt
+from engine.errors import ExportError
+from engine.manifest import file_entry
+from engine.specs import Profile, Range
+
+log = logging.getLogger(__name__)
+
+FP32_COMPONENTS = (specs.VAE_DECODER.name,)
+WORKSPACE_BYTES = 8 << 30
+
+
+def cache_dir() -> Path:
+    """Where engines and timing caches persist: $IP2P_ENGINE_CACHE or ~/.cache/ip2p/tensorrt."""
+    return Path(os.environ.get("IP2P_ENGINE_CACHE", Path.home() / ".cache" / "ip2p" / "tensorrt"))
+
+
+def engine_cache_key(onnx_sha256: str, precision: str, shapes: dict, tensorrt_version: str, gpu: dict) -> str:
+    """Hex key of one engine: ONNX content, precision, every input's min/opt/max shape, TensorRT version,
+    GPU name and compute capability. Any change gives another key."""
+    material = json.dumps(
+        {"onnx": onnx_sha256, "precision": precision, "shapes": {k: [list(s) for s in v] for k, v in sorted(shapes.items())},
+         "tensorrt": tensorrt_version, "gpu": gpu["name"], "cc": gpu["compute_capability"]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def timing_cache_name(tensorrt_version: str, gpu: dict) -> str:
+    tag = "".join(c if c.isalnum() else "-" for c in gpu["name"])
+    return f"timing-{tensorrt_version}-{tag}-sm{gpu['compute_capability'].replace('.', '')}.cache"
+
+
+def input_shapes(spec: specs.ComponentSpec, dims: dict[str, Range]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """min/opt/max shape of every input of ``spec`` (outputs are inferred by TensorRT)."""
+    ranges = specs.shape_ranges(spec, dims)
+    return {t.name: ranges[t.name] for t in spec.inputs}
+
+
+def engine_dims(profile: Profile, vae_factor: int, text_dim: int) -> dict[str, Range]:
+    """Static engines (for CUDA graphs) always evaluate all three guidance branches: N is exactly 3B."""
+    return profile.dims(vae_factor, text_dim, guided_only=profile.static)
+
+
+def build_engine(onnx_path: Path, shapes: dict, fp16: bool, timing_cache: Path, out: Path) -> None:
+    """Parse ``onnx_path`` and build one engine with one optimisation profile; updates the timing cache."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"{onnx_path.name}: TensorRT cannot parse the graph ({errors})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"{onnx_path.name}: TensorRT failed to build an engine")
+    out.write_bytes(bytes(serialized))
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def build_engines(staging: Path, components: dict[str, dict], profile: Profile, vae_factor: int, text_dim: int) -> dict:
+    """Build (or take from the cache) an engine for every component; each manifest entry gets the engine
+    as its first file. Returns the GPU the engines are for."""
+    import tensorrt as trt
+
+    gpu = require_tensorrt()
+    dims = engine_dims(profile, vae_factor, text_dim)
+    cache = cache_dir()
+    timing = cache / timing_cache_name(trt.__version__, gpu)
+    for name, entry in components.items():
+        onnx_entry = entry["files"][0]
+        fp16 = name not in FP32_COMPONENTS
+        shapes = input_shapes(specs.COMPONENTS[name], dims)
+        key = engine_cache_key(onnx_entry["sha256"], "fp16" if fp16 else "fp32", shapes, trt.__version__, gpu)
+        cached = cache / f"{name}-{key}.plan"
+        if cached.is_file():
+            log.info("%s: engine from the cache (%s)", name, cached.name)
+        else:
+            log.info("%s: building a TensorRT engine (minutes for sd15)", name)
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+            build_engine(staging / onnx_entry["path"], shapes, fp16, timing, tmp)
+            os.replace(tmp, cached)
+        target = staging / f"{name}.plan"
+        shutil.copyfile(cached, target)
+        entry["files"].insert(0, file_entry(staging, target))
+        entry["precision"] = "fp16" if fp16 else "fp32"
+        entry["engine_key"] = key
+    return gpu
