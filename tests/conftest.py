@@ -31,3 +31,18 @@ def image_file(tmp_path, rgb_image) -> str:
     path = tmp_path / "input.png"
     rgb_image.save(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
+    """fp32 and fp16 ONNX bundles of the tiny model (profile: 1-2 images, sides 32-128 px), verified."""
+    from engine.specs import Profile
+    from export.bundle import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    profile = Profile(batch=(1, 1, 2), height=(32, 64, 128), width=(32, 64, 128))
+    return {
+        precision: str(export_bundle(tiny_model, root / precision,
+                                     ExportOptions(precision=precision, profile=profile, verify=True))[0])
+        for precision in ("fp32", "fp16")
+    }

@@ -1,0 +1,106 @@
+"""ip2p export on the tiny model: real ONNX files, real ONNX Runtime sessions."""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engine.errors import ExportError, InputError
+from engine.manifest import MANIFEST_NAME, read_bundle, sha256_file
+from engine.specs import COMPONENTS, Profile
+from export.bundle import ExportOptions, export_bundle
+from export.onnx_export import FP32_OPS
+
+
+def test_bundle_contents_and_manifest(onnx_bundles, tiny_model):
+    bundle = read_bundle(onnx_bundles["fp32"])
+    manifest = bundle.manifest
+    assert set(manifest["components"]) == set(COMPONENTS)
+    for name, entry in manifest["components"].items():
+        graph = onnx.load(bundle.component_file(name))
+        assert [i.name for i in graph.graph.input] == list(COMPONENTS[name].input_names)
+        assert [o.name for o in graph.graph.output] == list(COMPONENTS[name].output_names)
+        assert entry["files"][0]["sha256"] == sha256_file(bundle.component_file(name))
+    unet = manifest["components"]["unet"]["inputs"][0]
+    assert unet["name"] == "sample" and unet["shapes"] == [[1, 8, 16, 16], [3, 8, 32, 32], [6, 8, 64, 64]]
+    assert manifest["model"]["scaling_factor"] == 0.18215 and manifest["model"]["scheduler"]["steps_offset"] == 1
+    assert set(manifest["tools"]) >= {"torch", "onnx", "onnxruntime", "opset"}
+    assert len(manifest["source"]["weights_sha256"]) == 64 and manifest["gpu"] is None
+    null = np.load(bundle.null_embedding_file)
+    assert null.shape == (1, 77, 32) and null.dtype == np.float32
+    assert (bundle.tokenizer_dir / "vocab.json").is_file()
+    assert all(v["max_rel"] <= 1e-4 for v in manifest["verification"])
+    checked = {(v["component"], v["shapes"]) for v in manifest["verification"] if v["component"] == "unet"}
+    assert len(checked) == 2  # batch 3 at two resolutions
+
+
+def test_fp16_graphs_keep_float32_io_and_normalisations(onnx_bundles):
+    bundle = read_bundle(onnx_bundles["fp16"])
+    graph = onnx.load(bundle.component_file("unet"))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    types = {t.name: t.data_type for t in graph.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types.values()
+    norms = [n for n in graph.graph.node if n.op_type in FP32_OPS]
+    assert norms  # the graph has normalisations, and they were kept in float32 (ops are blocked by type)
+    assert all(v["max_rel"] <= 1e-2 for v in bundle.manifest["verification"])
+    stress = [v for v in bundle.manifest["verification"] if v["shapes"] == "stress latents"]
+    assert stress and stress[0]["max_rel"] <= 1e-2
+
+
+def test_existing_output_needs_force(onnx_bundles, tiny_model):
+    with pytest.raises(InputError, match="already exists; pass --force"):
+        export_bundle(tiny_model, onnx_bundles["fp32"], ExportOptions())
+
+
+def test_bad_options_are_refused(tiny_model, tmp_path):
+    with pytest.raises(InputError, match="not supported for format tensorrt"):
+        ExportOptions(format="tensorrt", precision="fp32")
+    with pytest.raises(InputError, match="unknown format"):
+        ExportOptions(format="coreml")
+    with pytest.raises(InputError, match="min <= opt <= max"):
+        export_bundle(tiny_model, tmp_path / "b", ExportOptions(profile=Profile((4, 4, 1), (64,) * 3, (64,) * 3)))
+    with pytest.raises(InputError, match="does not exist"):
+        export_bundle(tiny_model, tmp_path / "missing" / "b", ExportOptions())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_an_instruct_pix2pix_model(tiny_model, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    config["in_channels"] = 4
+    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="4-channel"):
+        export_bundle(copy, tmp_path / "out", ExportOptions())
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_component_leaves_nothing(tiny_model, tmp_path):
+    """A UNet with NaN weights exports, but fails verification: the error names the component and
+    neither a manifest nor a partial folder is left behind."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_out.bias"] = state["conv_out.bias"] * float("nan")
+    save_file(state, weights)
+    profile = Profile((1, 1, 1), (64, 64, 64), (64, 64, 64))
+    with pytest.raises(ExportError, match="unet: verification failed"):
+        export_bundle(copy, tmp_path / "out", ExportOptions(profile=profile, verify=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_force_replaces_a_bundle_whole(onnx_bundles, tiny_model, tmp_path):
+    import shutil
+
+    target = Path(shutil.copytree(onnx_bundles["fp32"], tmp_path / "b"))
+    profile = Profile((1, 1, 1), (64, 64, 64), (64, 64, 64))
+    export_bundle(tiny_model, target, ExportOptions(profile=profile, force=True))
+    assert read_bundle(target).profile == profile
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert (target / MANIFEST_NAME).is_file()

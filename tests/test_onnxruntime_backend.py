@@ -1,0 +1,124 @@
+"""The minimal runtime on real exported bundles: same pictures as torch, clear errors, no torch needed."""
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import EditPipeline, InputError
+from engine.backends.onnxruntime_backend import choose_providers, physical_cores
+
+
+def psnr(a, b):
+    return 10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-20))
+
+
+@pytest.fixture(scope="module")
+def ort_pipes(onnx_bundles):
+    return {p: EditPipeline.from_pretrained(b, backend="onnxruntime", progress=False) for p, b in onnx_bundles.items()}
+
+
+@pytest.mark.parametrize("precision, floor", [("fp32", 40.0), ("fp16", 30.0)])
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m"])
+def test_same_pictures_as_torch(tiny_pipe, ort_pipes, image_file, precision, floor, sampler):
+    kwargs = dict(steps=8, seed=11, sampler=sampler, output_type="np", resolution=None)
+    ref = tiny_pipe.edit(image_file, "make it blue", **kwargs).images
+    out = ort_pipes[precision].edit(image_file, "make it blue", **kwargs).images
+    assert out.shape == ref.shape and psnr(out, ref) >= floor
+
+
+def test_batches_over_the_profile_are_split_and_match_singles(ort_pipes, rgb_image):
+    pipe = ort_pipes["fp32"]
+    batch = pipe.edit([rgb_image] * 3, "add snow", steps=2, seed=4, resolution=None, output_type="np")
+    single = pipe.edit(rgb_image, "add snow", steps=2, seed=6, resolution=None, output_type="np")
+    np.testing.assert_allclose(batch.images[2], single.images[0], atol=1e-5)
+
+
+def test_sizes_outside_the_profile_state_the_range(ort_pipes, rgb_image):
+    with pytest.raises(InputError, match="width 32-128, height 32-128"):
+        ort_pipes["fp32"].edit(rgb_image, "x", resolution=256)
+
+
+def test_text_embeddings_are_cached(ort_pipes, rgb_image):
+    pipe = ort_pipes["fp32"]
+    pipe.edit(rgb_image, "make it red", steps=1, seed=0, resolution=None)
+    assert "make it red" in pipe._text_cache
+    cached = pipe._text_cache["make it red"]
+    pipe.edit(rgb_image, "make it red", steps=1, seed=0, resolution=None)
+    assert pipe._text_cache["make it red"] is cached
+
+
+def test_backend_and_model_kind_must_agree(onnx_bundles, tiny_model):
+    with pytest.raises(InputError, match="run it with backend 'onnxruntime' or 'tensorrt'"):
+        EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="torch")
+    with pytest.raises(InputError, match="export it first"):
+        EditPipeline.from_pretrained(tiny_model, backend="onnxruntime")
+    with pytest.raises(InputError, match="this bundle is fp32, not float16"):
+        EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", dtype="float16")
+    with pytest.raises(InputError, match="a onnx bundle"):
+        EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="tensorrt", device="cuda")
+
+
+def test_missing_or_corrupted_files_are_named(onnx_bundles, tmp_path):
+    bundle = Path(shutil.copytree(onnx_bundles["fp32"], tmp_path / "b"))
+    data = bytearray((bundle / "vae_decoder.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bundle / "vae_decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"vae_decoder.onnx: corrupted \(sha256"):
+        EditPipeline.from_pretrained(bundle, backend="onnxruntime")
+    (bundle / "vae_decoder.onnx").unlink()
+    with pytest.raises(InputError, match="vae_decoder.onnx: listed in the manifest but missing"):
+        EditPipeline.from_pretrained(bundle, backend="onnxruntime")
+    (bundle / "manifest.json").unlink()
+    with pytest.raises(InputError, match="export it first"):  # no manifest: not a bundle
+        EditPipeline.from_pretrained(bundle, backend="onnxruntime")
+
+
+def test_provider_choice():
+    assert choose_providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    gpu = choose_providers("cuda:1", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert [p[0] if isinstance(p, tuple) else p for p in gpu] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert gpu[1][1]["device_id"] == 1
+    with pytest.raises(InputError, match="no CUDA provider"):
+        choose_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(InputError, match="not available"):
+        choose_providers("cpu", ["CPUExecutionProvider"], requested=["CUDAExecutionProvider"])
+    assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
+
+
+def test_cli_edit_with_a_bundle(onnx_bundles, image_file, tmp_path):
+    from engine.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["-q", "edit", image_file, "-p", "x", "-o", str(out), "--model", onnx_bundles["fp16"],
+                 "--backend", "onnxruntime", "--steps", "2", "--resolution", "none"]) == 0
+    assert out.is_file()
+
+
+BLOCKED_RUN = textwrap.dedent("""
+    import sys
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Block())
+    from engine import EditPipeline
+    pipe = EditPipeline.from_pretrained(sys.argv[1], backend="onnxruntime", progress=False)
+    result = pipe.edit(sys.argv[2], "make it blue", steps=3, seed=1, resolution=None)
+    result.images[0].save(sys.argv[3])
+    assert not any(m.split(".")[0] in ("torch", "diffusers", "transformers") for m in sys.modules)
+""")
+
+
+def test_full_edit_without_torch_or_diffusers(onnx_bundles, image_file, tmp_path):
+    out = tmp_path / "edited.png"
+    done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, onnx_bundles["fp32"], image_file, str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0

@@ -1,0 +1,88 @@
+"""TensorRT: pure logic everywhere; engine building where TensorRT and a GPU exist."""
+import importlib.util
+
+import pytest
+
+from engine import specs
+from engine.backends.tensorrt_backend import check_engine_compatible
+from engine.errors import InputError
+from export.tensorrt_build import engine_cache_key, engine_dims, input_shapes, timing_cache_name
+
+GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+SHAPES = {"sample": ((1, 8, 32, 32), (3, 8, 64, 64), (12, 8, 96, 96))}
+
+
+def test_engine_cache_key_changes_with_everything_that_matters():
+    base = engine_cache_key("abc", "fp16", SHAPES, "10.13.0", GPU)
+    assert base == engine_cache_key("abc", "fp16", dict(SHAPES), "10.13.0", dict(GPU))
+    variants = [
+        engine_cache_key("abd", "fp16", SHAPES, "10.13.0", GPU),
+        engine_cache_key("abc", "fp32", SHAPES, "10.13.0", GPU),
+        engine_cache_key("abc", "fp16", {"sample": ((1, 8, 32, 32), (3, 8, 64, 64), (6, 8, 96, 96))}, "10.13.0", GPU),
+        engine_cache_key("abc", "fp16", SHAPES, "10.14.0", GPU),
+        engine_cache_key("abc", "fp16", SHAPES, "10.13.0", {**GPU, "name": "NVIDIA L4"}),
+        engine_cache_key("abc", "fp16", SHAPES, "10.13.0", {**GPU, "compute_capability": "8.9"}),
+    ]
+    assert len({base, *variants}) == 7
+
+
+def test_timing_cache_name_is_per_version_and_gpu():
+    assert timing_cache_name("10.13.0", GPU) == "timing-10.13.0-NVIDIA-H100-80GB-HBM3-sm90.cache"
+
+
+def test_engine_profiles_come_from_the_specs():
+    dynamic = specs.Profile((1, 1, 4), (256, 512, 768), (256, 512, 768))
+    shapes = input_shapes(specs.UNET, engine_dims(dynamic, 8, 768))
+    assert shapes["sample"] == ((1, 8, 32, 32), (3, 8, 64, 64), (12, 8, 96, 96))
+    assert set(shapes) == {"sample", "timestep", "encoder_hidden_states"}
+    static = specs.Profile((1, 1, 1), (512,) * 3, (512,) * 3)
+    assert input_shapes(specs.UNET, engine_dims(static, 8, 768))["timestep"] == ((3,), (3,), (3,))
+
+
+def test_engines_for_another_gpu_or_version_are_refused():
+    manifest = {"gpu": GPU, "tools": {"tensorrt": "10.13.0"}}
+    check_engine_compatible(manifest, "10.13.0", GPU)
+    with pytest.raises(InputError, match="rebuild them here"):
+        check_engine_compatible(manifest, "10.14.0", GPU)
+    with pytest.raises(InputError, match="NVIDIA L4"):
+        check_engine_compatible(manifest, "10.13.0", {"name": "NVIDIA L4", "compute_capability": "8.9"})
+
+
+def test_tensorrt_export_says_what_is_missing(tiny_model, tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here; the missing-package message cannot be checked")
+    from export.bundle import ExportOptions, export_bundle
+
+    with pytest.raises(InputError, match=r"pip install '\.\[tensorrt\]'"):
+        export_bundle(tiny_model, tmp_path / "trt", ExportOptions(format="tensorrt", precision="fp16"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tensorrt_gpu_reason():
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (it cannot be installed on the CPU-only CI machines)"
+    try:
+        from engine.backends.tensorrt_backend import current_gpu
+
+        current_gpu()
+    except Exception as err:  # no cuda-python, no driver, no GPU
+        return f"no usable CUDA GPU ({err})"
+    return None
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(_tensorrt_gpu_reason() is not None, reason=str(_tensorrt_gpu_reason()))
+def test_tensorrt_bundle_edits_like_torch(tiny_model, tiny_pipe, tmp_path, image_file):
+    import numpy as np
+
+    from engine import EditPipeline
+    from export.bundle import ExportOptions, export_bundle
+
+    profile = specs.Profile((1, 1, 1), (64, 64, 64), (64, 64, 64))
+    bundle, _ = export_bundle(tiny_model, tmp_path / "trt", ExportOptions("tensorrt", "fp16", profile))
+    again, _ = export_bundle(tiny_model, tmp_path / "trt2", ExportOptions("tensorrt", "fp16", profile))
+    assert (again / "unet.plan").read_bytes() == (bundle / "unet.plan").read_bytes()  # from the engine cache
+    pipe = EditPipeline.from_pretrained(bundle, backend="tensorrt", device="cuda", progress=False)
+    out = pipe.edit(image_file, "x", steps=4, seed=0, resolution=64, output_type="np").images
+    ref = tiny_pipe.edit(image_file, "x", steps=4, seed=0, resolution=64, output_type="np").images
+    assert 10 * np.log10(1 / np.mean((out - ref) ** 2)) >= 30
