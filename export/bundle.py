@@ -259,6 +259,8 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
     staging.chmod(0o755)
+    for path in staging.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     staging.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

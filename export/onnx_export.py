@@ -62,10 +62,12 @@ def dynamic_shapes(spec: ComponentSpec, dims: dict[str, Range], vae_factor: int)
     return shapes
 
 
-def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Range], vae_factor: int, path: Path) -> list[Path]:
-    """Export ``module`` (float32) to ``path``; returns the files written (graph, and weights if external)."""
+def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Range], vae_factor: int, path: Path,
+                external_over: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """Export ``module`` (float32) to ``path``; returns the files written (graph, and weights in
+    ``<name>.data`` when they exceed ``external_over`` bytes)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    external = weight_bytes > EXTERNAL_DATA_BYTES
+    external = weight_bytes > external_over
     with torch.no_grad():
         program = torch.onnx.export(
             module,
@@ -78,7 +80,9 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Ra
             optimize=True,
             verbose=False,
         )
-    save_onnx(program.model_proto, path, external)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    program.save(str(path), external_data=external)  # weights go to <name>.onnx.data when external
     return onnx_files(path)
 
 
@@ -115,7 +119,7 @@ def _timestep_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def convert_to_fp16(src: Path, dst: Path) -> list[Path]:
+def convert_to_fp16(src: Path, dst: Path, external_over: int = EXTERNAL_DATA_BYTES) -> list[Path]:
     """Float16 weights and compute, float32 inputs/outputs; normalisations, softmax and the timestep
     embedding stay float32. Returns the files written."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -130,5 +134,5 @@ def convert_to_fp16(src: Path, dst: Path) -> list[Path]:
         disable_shape_infer=True,
     )
     weight_bytes = sum(len(t.raw_data) for t in converted.graph.initializer)
-    save_onnx(converted, dst, external=weight_bytes > EXTERNAL_DATA_BYTES)
+    save_onnx(converted, dst, external=weight_bytes > external_over)
     return onnx_files(dst)

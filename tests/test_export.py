@@ -104,3 +104,25 @@ def test_force_replaces_a_bundle_whole(onnx_bundles, tiny_model, tmp_path):
     assert read_bundle(target).profile == profile
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert (target / MANIFEST_NAME).is_file()
+
+
+def test_large_weights_go_to_external_data(tiny_model, tmp_path):
+    """The path sd15's 3.4 GB UNet takes, exercised on the tiny UNet with a low threshold."""
+    import onnxruntime as ort
+
+    from engine import specs
+    from engine.backends.torch_backend import load_networks, wrap_components
+    from engine.checkpoints import ModelSource
+    from export.onnx_export import convert_to_fp16, export_onnx
+
+    unet = wrap_components(*load_networks(ModelSource(Path(tiny_model))))["unet"]
+    dims = Profile((1, 1, 1), (64,) * 3, (64,) * 3).dims(2, 32)
+    files = export_onnx(unet, specs.UNET, dims, 2, tmp_path / "unet.fp32.onnx", external_over=1000)
+    assert [f.name for f in files] == ["unet.fp32.onnx", "unet.fp32.onnx.data"]
+    half = convert_to_fp16(files[0], tmp_path / "unet.onnx", external_over=1000)
+    assert [f.name for f in half] == ["unet.onnx", "unet.onnx.data"]
+    for path in (files[0], half[0]):
+        out = ort.InferenceSession(str(path)).run(None, {
+            "sample": np.zeros((3, 8, 32, 32), np.float32), "timestep": np.full(3, 10.0, np.float32),
+            "encoder_hidden_states": np.zeros((3, 77, 32), np.float32)})[0]
+        assert out.shape == (3, 4, 32, 32) and np.isfinite(out).all()
