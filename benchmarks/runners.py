@@ -1,7 +1,8 @@
-"""Each benchmarked system behind one interface: ``stage(name, resolution) -> callable`` on fixed inputs.
+"""Each benchmarked system behind one interface: ``stage(name, resolution) -> callable``.
 
 Our engine on every backend, and diffusers' StableDiffusionInstructPix2PixPipeline on the same weights
-as the baseline. Inputs are built once per (stage, resolution); only the call is timed.
+as the baseline. All systems get the same numpy inputs, built once per (stage, resolution); only the
+call is timed, and network stages return numpy so accuracies can be compared.
 """
 from __future__ import annotations
 
@@ -16,58 +17,61 @@ from engine.guidance import combine_guidance
 from engine.samplers import ancestral_step
 
 STAGES = ("text_encode", "vae_encode", "unet_step", "guidance_sampler", "vae_decode", "edit")
+NETWORK_STAGES = ("text_encode", "vae_encode", "unet_step", "vae_decode")
 PROMPT = "make the circle blue"
 EDIT_STEPS = 4
+SIGMA, SIGMA_NEXT = 10.0, 8.0  # one mid-schedule step for the guidance + sampler stage
 
 
-def test_image(resolution: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return (rng.random((resolution, resolution, 3)) * 255).astype(np.uint8)
+def stage_inputs(resolution: int, vae_factor: int, text_dim: int) -> dict[str, np.ndarray]:
+    """Fixed random inputs of every stage at ``resolution`` (batch 1 image, 3 UNet rows)."""
+    rng = np.random.default_rng(1)
+    h = resolution // vae_factor
+    return {
+        "images": rng.uniform(-1, 1, (1, 3, resolution, resolution)).astype(np.float32),
+        "sample": rng.standard_normal((3, 8, h, h)).astype(np.float32),
+        "timestep": np.full(3, 500.0, np.float32),
+        "text": rng.standard_normal((3, 77, text_dim)).astype(np.float32),
+        "latents": rng.standard_normal((1, 4, h, h)).astype(np.float32),
+        "eps": rng.standard_normal((3, 4, h, h)).astype(np.float32),
+        "noise": rng.standard_normal((1, 4, h, h)).astype(np.float32),
+        "photo": (rng.random((resolution, resolution, 3)) * 255).astype(np.uint8),
+    }
+
+
+def guidance_and_step(latents, eps, noise):
+    """Eq. 3 and one ancestral Euler step on any array type: the per-step work besides the UNet."""
+    guided = combine_guidance(eps[:1], eps[1:2], eps[2:], 7.5, 1.5)
+    denoised = latents - guided * SIGMA
+    down, up = ancestral_step(SIGMA, SIGMA_NEXT)
+    return latents + (latents - denoised) / SIGMA * (down - SIGMA) + noise * up
 
 
 class EngineRunner:
     """Our EditPipeline on one backend: stages call the backend exactly as the denoising loop does."""
 
-    def __init__(self, pipe: EditPipeline, device: str):
-        self.pipe, self.device = pipe, device
+    def __init__(self, pipe: EditPipeline):
+        self.pipe = pipe
 
     def stage(self, name: str, resolution: int) -> Callable[[], Any]:
         pipe, be, model = self.pipe, self.pipe.backend, self.pipe.model
-        h = resolution // model.vae_factor
-        rng = np.random.default_rng(1)
+        raw = stage_inputs(resolution, model.vae_factor, model.text_dim)
+        x = {k: be.asarray(v) for k, v in raw.items() if k != "photo"}
         ids = be.asarray(pipe.tokenizer([PROMPT]))
-        images = be.asarray(rng.uniform(-1, 1, (1, 3, resolution, resolution)).astype(np.float32))
-        sample = be.asarray(rng.standard_normal((3, 8, h, h)).astype(np.float32))
-        timestep = be.asarray(np.full(3, 500.0, np.float32))
-        text = be.asarray(rng.standard_normal((3, 77, model.text_dim)).astype(np.float32))
-        latents = be.asarray(rng.standard_normal((1, 4, h, h)).astype(np.float32))
-        eps = be.asarray(rng.standard_normal((3, 4, h, h)).astype(np.float32))
-        noise = be.asarray(rng.standard_normal((1, 4, h, h)).astype(np.float32))
-        image = test_image(resolution)
-
-        def guidance_sampler() -> Any:  # eq. 3 and one ancestral Euler step, no network
-            guided = combine_guidance(eps[:1], eps[1:2], eps[2:], 7.5, 1.5)
-            denoised = latents - guided * 10.0
-            down, up = ancestral_step(10.0, 8.0)
-            return be.to_numpy(latents + (latents - denoised) / 10.0 * (down - 10.0) + noise * up)
-
         calls = {
             "text_encode": lambda: be.to_numpy(be.run("text_encoder", {"input_ids": ids})["text_embeddings"]),
-            "vae_encode": lambda: be.to_numpy(be.run("vae_encoder", {"images": images})["image_latents"]),
-            "unet_step": lambda: be.to_numpy(be.run("unet", {"sample": sample, "timestep": timestep,
-                                                             "encoder_hidden_states": text})["noise_pred"]),
-            "guidance_sampler": guidance_sampler,
-            "vae_decode": lambda: be.to_numpy(be.run("vae_decoder", {"latents": latents})["images"]),
-            "edit": lambda: pipe.edit(image, PROMPT, steps=EDIT_STEPS, seed=0, resolution=resolution),
+            "vae_encode": lambda: be.to_numpy(be.run("vae_encoder", {"images": x["images"]})["image_latents"]),
+            "unet_step": lambda: be.to_numpy(be.run("unet", {"sample": x["sample"], "timestep": x["timestep"],
+                                                             "encoder_hidden_states": x["text"]})["noise_pred"]),
+            "guidance_sampler": lambda: be.to_numpy(guidance_and_step(x["latents"], x["eps"], x["noise"])),
+            "vae_decode": lambda: be.to_numpy(be.run("vae_decoder", {"latents": x["latents"]})["images"]),
+            "edit": lambda: pipe.edit(raw["photo"], PROMPT, steps=EDIT_STEPS, seed=0, resolution=resolution),
         }
         return calls[name]
 
-    def flop_counter_target(self, name: str, resolution: int) -> Callable[[], Any] | None:
-        return None  # FLOPs are counted once, on the torch modules (see DiffusersRunner)
-
 
 class DiffusersRunner:
-    """diffusers' pipeline and its modules, called as the pipeline calls them."""
+    """diffusers' pipeline and its modules, called as its pipeline calls them."""
 
     def __init__(self, model_dir: Path, device: str, dtype: torch.dtype = torch.float32):
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
@@ -80,50 +84,37 @@ class DiffusersRunner:
         self.pipe, self.device, self.dtype = pipe, device, dtype
 
     def stage(self, name: str, resolution: int) -> Callable[[], Any]:
-        pipe, dev, dt = self.pipe, self.device, self.dtype
-        h = resolution // pipe.vae_scale_factor
-        g = torch.Generator().manual_seed(1)
+        from PIL import Image
+
+        pipe, dev = self.pipe, self.device
+        raw = stage_inputs(resolution, pipe.vae_scale_factor, pipe.text_encoder.config.hidden_size)
+        x = {k: torch.from_numpy(v).to(dev, self.dtype) for k, v in raw.items() if k not in ("photo", "timestep")}
         ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids.to(dev)
-        images = (torch.rand(1, 3, resolution, resolution, generator=g) * 2 - 1).to(dev, dt)
-        sample = torch.randn(3, 8, h, h, generator=g).to(dev, dt)
-        text = torch.randn(3, 77, pipe.text_encoder.config.hidden_size, generator=g).to(dev, dt)
-        latents = torch.randn(1, 4, h, h, generator=g).to(dev, dt)
-        eps = torch.randn(3, 4, h, h, generator=g).to(dev, dt)
-        timestep = torch.tensor(500.0, device=dev)
-        image = test_image(resolution)
+        t = torch.tensor(500.0, device=dev)
+        photo = Image.fromarray(raw["photo"])
         scheduler = pipe.scheduler
+        scale = pipe.vae.config.scaling_factor
 
-        def guidance_sampler() -> Any:  # what the pipeline does per step besides the UNet call
+        def guidance_sampler():  # diffusers' per-step work besides the UNet: chunk, eq. 3, scheduler.step
             scheduler.set_timesteps(20)
-            t = scheduler.timesteps[0]
-            text_eps, image_eps, uncond_eps = eps.chunk(3)
-            guided = uncond_eps + 7.5 * (text_eps - image_eps) + 1.5 * (image_eps - uncond_eps)
-            return scheduler.step(guided, t, latents, generator=torch.Generator(dev).manual_seed(0)).prev_sample.cpu()
+            cond, image, uncond = x["eps"].chunk(3)
+            guided = uncond + 7.5 * (cond - image) + 1.5 * (image - uncond)
+            return scheduler.step(guided, scheduler.timesteps[0], x["latents"]).prev_sample
 
-        with_grad_off = torch.inference_mode
         calls = {
-            "text_encode": lambda: _run(with_grad_off, lambda: pipe.text_encoder(ids)[0].cpu()),
-            "vae_encode": lambda: _run(with_grad_off, lambda: pipe.vae.encode(images).latent_dist.mode().cpu()),
-            "unet_step": lambda: _run(with_grad_off, lambda: pipe.unet(sample, timestep, text).sample.cpu()),
-            "guidance_sampler": lambda: _run(with_grad_off, guidance_sampler),
-            "vae_decode": lambda: _run(with_grad_off, lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.cpu()),
-            "edit": lambda: pipe(PROMPT, image=_pil(image), num_inference_steps=EDIT_STEPS,
+            "text_encode": lambda: pipe.text_encoder(ids)[0],
+            "vae_encode": lambda: pipe.vae.encode(x["images"]).latent_dist.mode(),
+            "unet_step": lambda: pipe.unet(x["sample"], t, x["text"]).sample,
+            "guidance_sampler": guidance_sampler,
+            "vae_decode": lambda: pipe.vae.decode(x["latents"] / scale).sample,
+            "edit": lambda: pipe(PROMPT, image=photo, num_inference_steps=EDIT_STEPS,
                                  generator=torch.Generator(dev).manual_seed(0)).images,
         }
-        return calls[name]
 
-    def flop_counter_target(self, name: str, resolution: int) -> Callable[[], Any] | None:
-        """The stage as a pure torch call, for torch's FLOP counter (None for stages without network)."""
-        return None if name == "guidance_sampler" else self.stage(name, resolution)
+        def call():
+            with torch.inference_mode():
+                out = calls[name]()
+            return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
 
-
-def _run(context, fn):
-    with context():
-        return fn()
-
-
-def _pil(array: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(array)
+        return call

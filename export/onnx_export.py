@@ -90,9 +90,10 @@ def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:
     """Save with weights inline, or in ``<name>.data`` beside the graph."""
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
-    if external:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+    if external:  # onnx.save_model checks the data file's name against the working directory; onnx_ir does not
+        import onnx_ir
+
+        onnx_ir.save(onnx_ir.from_proto(model), path, external_data=path.name + ".data")
     else:
         onnx.save_model(model, path)
 

@@ -1,0 +1,169 @@
+"""Benchmark plumbing: which cases run, the systems under test (built once per session, cached on disk
+where expensive), the machine's measured peak, FLOPs and reference outputs."""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import hardware
+from benchmarks.runners import NETWORK_STAGES, STAGES, DiffusersRunner, EngineRunner
+
+log = logging.getLogger(__name__)
+
+CACHE = Path(os.environ.get("IP2P_BENCH_CACHE", Path.home() / ".cache" / "ip2p" / "bench"))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
+GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "onnxruntime-fp16", "tensorrt-fp16")
+BASELINE = "diffusers-fp16" if DEVICE == "cuda" else "diffusers-fp32"
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    resolution: int
+    stage: str
+    backend: str
+
+    def __str__(self) -> str:
+        return f"{self.model}-{self.resolution}-{self.stage}-{self.backend}"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="every stage on tiny and sd15 at 256 and 512 (the default is the quick set)")
+
+
+def cases(full: bool) -> list[Case]:
+    backends = GPU_BACKENDS if DEVICE == "cuda" else CPU_BACKENDS
+    out = [Case("tiny", 64, s, b) for s in STAGES for b in backends]
+    if full:
+        out += [Case("sd15", r, s, b) for r in (256, 512) for s in STAGES for b in backends]
+    else:
+        out += [Case("sd15", 512, "unet_step", b) for b in backends]
+    return out
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        selected = cases(metafunc.config.getoption("--full"))
+        metafunc.parametrize("case", selected, ids=[str(c) for c in selected])
+
+
+class Systems:
+    """Lazily built, shared systems under test, and everything measured once per session."""
+
+    def __init__(self, cache: Path, device: str):
+        self.cache, self.device = cache, device
+        self._runners: dict[tuple[str, str], Any] = {}
+        self._flops: dict[tuple, int] = {}
+        self._refs: dict[tuple, np.ndarray] = {}
+        self._peaks: dict[str, float] = {}
+
+    def model_dir(self, kind: str) -> Path:
+        from engine.random_models import create_model
+
+        path = self.cache / kind
+        if not (path / "model_index.json").is_file():
+            log.warning("creating the random-weight %s model in %s (once)", kind, path)
+            create_model(kind, path, seed=0)
+        return path
+
+    def bundle_dir(self, kind: str, precision: str) -> Path:
+        from engine.manifest import is_bundle
+        from engine.specs import Profile
+        from export.bundle import ExportOptions, export_bundle
+
+        path = self.cache / f"{kind}-onnx-{precision}"
+        if not is_bundle(path):
+            sides = (64, 64, 64) if kind == "tiny" else (256, 512, 512)
+            log.warning("exporting the %s %s ONNX bundle to %s (once)", kind, precision, path)
+            export_bundle(self.model_dir(kind), path, ExportOptions(precision=precision, force=True,
+                                                                    profile=Profile((1, 1, 1), sides, sides)))
+        return path
+
+    def runner(self, kind: str, backend: str):
+        key = (kind, backend)
+        if key not in self._runners:
+            self._runners[key] = self._build(kind, backend)
+        return self._runners[key]
+
+    def _build(self, kind: str, backend: str):
+        from engine import EditPipeline
+
+        name, precision = backend.rsplit("-", 1)
+        if name == "diffusers":
+            return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]))
+        if name == "torch":
+            return EngineRunner(EditPipeline.from_pretrained(self.model_dir(kind), device=self.device,
+                                                             dtype=DTYPES[precision], progress=False))
+        if name == "onnxruntime":
+            if self.device == "cuda":
+                import onnxruntime
+
+                if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                    pytest.skip("onnxruntime has no CUDA provider here (install the gpu extra)")
+            return EngineRunner(EditPipeline.from_pretrained(self.bundle_dir(kind, precision), backend="onnxruntime",
+                                                             device=self.device, progress=False))
+        if name == "tensorrt":
+            pytest.skip("TensorRT bundles are benchmarked where TensorRT is installed: export with --format tensorrt")
+        raise ValueError(backend)
+
+    def flops(self, case: Case) -> int:
+        """FLOPs of the stage, counted once with torch's FLOP counter on the float32 torch backend."""
+        key = (case.model, case.stage, case.resolution)
+        if key not in self._flops:
+            fn = self.runner(case.model, "torch-fp32").stage(case.stage, case.resolution)
+            self._flops[key] = hardware.count_flops(fn)
+        return self._flops[key]
+
+    def reference(self, case: Case) -> np.ndarray:
+        key = (case.model, case.stage, case.resolution)
+        if key not in self._refs:
+            self._refs[key] = self.runner(case.model, "torch-fp32").stage(case.stage, case.resolution)()
+        return self._refs[key]
+
+    def peak(self, precision: str) -> float:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        if precision not in self._peaks:
+            self._peaks[precision] = hardware.measured_peak_flops(self.device, dtype)
+        return self._peaks[precision]
+
+    def timed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        if self.device != "cuda":
+            return fn
+
+        def synced():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return synced
+
+
+@pytest.fixture(scope="session")
+def systems() -> Systems:
+    return Systems(CACHE, DEVICE)
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS so far
+
+
+def relative_error(out: Any, ref: np.ndarray) -> float | None:
+    if not isinstance(out, np.ndarray) or out.shape != ref.shape:
+        return None
+    return float(np.abs(out.astype(np.float32) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+
+
+__all__ = ["Case", "NETWORK_STAGES", "Systems", "peak_memory_bytes", "relative_error", "BASELINE"]
