@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", help="diffusers-format model folder")
     convert.add_argument("output", help="target .safetensors or .ckpt file")
 
+    bench = sub.add_parser("bench", help="benchmark tools")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    report = bench_sub.add_parser("report", help="markdown table and PNG plot from --benchmark-json results")
+    report.add_argument("results", help="pytest-benchmark JSON (pytest benchmarks --benchmark-json=RESULTS.json)")
+    report.add_argument("-o", "--output", default="benchmarks.md", help="markdown file to write")
+    report.add_argument("--plot", default=None, help="PNG to write (default: beside the markdown)")
+
     info = sub.add_parser("info", help="describe a model: components, parameters, dtypes, scheduler")
     info.add_argument("model")
     return parser
@@ -196,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.original_format import save_single_file
 
             log.info("wrote %s", save_single_file(resolve_model(args.model).folder, args.output))
+        elif args.command == "bench":
+            from benchmarks.report import write_report
+
+            out = Path(args.output)
+            write_report(Path(args.results), out, Path(args.plot) if args.plot else out.with_suffix(".png"))
+            log.info("wrote %s", out)
         elif args.command == "info":
             from engine.checkpoints import resolve_model
             from engine.info import describe_model

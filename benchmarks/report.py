@@ -1,0 +1,122 @@
+"""pytest-benchmark JSON -> a markdown table (stage x backend: median, ratio to diffusers, % of peak)
+and a PNG of per-stage latency per backend. ``ip2p bench report RESULTS.json``."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from engine.errors import InputError
+
+
+def load_results(path: Path) -> tuple[list[dict], dict]:
+    """(one row per benchmark, machine info) from a ``--benchmark-json`` file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such results file") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not a pytest-benchmark JSON file ({err})") from None
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "stage" not in info:
+            continue
+        rows.append({**info, "median_s": bench["stats"]["median"]})
+    if not rows:
+        raise InputError(f"{path}: no stage benchmarks in this file (run pytest benchmarks --benchmark-json=...)")
+    return rows, data.get("machine_info", {})
+
+
+def ratios(rows: list[dict]) -> dict[tuple, float]:
+    """Median over the baseline's median for the same model, resolution and stage."""
+    base = {(r["model"], r["resolution"], r["stage"]): r["median_s"] for r in rows if r["backend"] == r["baseline"]}
+    return {
+        (r["model"], r["resolution"], r["stage"], r["backend"]): r["median_s"] / base[(r["model"], r["resolution"], r["stage"])]
+        for r in rows
+        if (r["model"], r["resolution"], r["stage"]) in base
+    }
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def markdown(rows: list[dict], machine: dict) -> str:
+    """One table per (model, resolution): rows are stages, columns backends."""
+    rel = ratios(rows)
+    device = rows[0].get("device", machine.get("cpu", {}).get("brand_raw", "?"))
+    lines = [f"Device: {device}. Cells: median, ratio to {rows[0]['baseline']} in the same run, % of the "
+             "measured matmul peak for the backend's precision; accuracy is max relative error against "
+             "the float32 torch backend.", ""]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["resolution"])].append(r)
+    for (model, resolution), members in sorted(groups.items()):
+        backends = sorted({r["backend"] for r in members}, key=lambda b: (not b.startswith("diffusers"), b))
+        stages = [s for s in ("text_encode", "vae_encode", "unet_step", "guidance_sampler", "vae_decode", "edit")
+                  if any(r["stage"] == s for r in members)]
+        lines += [f"### {model} at {resolution}x{resolution}", "",
+                  "| stage | " + " | ".join(backends) + " |", "|---" * (len(backends) + 1) + "|"]
+        for stage in stages:
+            cells = []
+            for backend in backends:
+                r = next((m for m in members if m["stage"] == stage and m["backend"] == backend), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                cell = f"{_time(r['median_s'])} ({rel.get((model, resolution, stage, backend), float('nan')):.2f}x"
+                if r.get("percent_of_peak") is not None:
+                    cell += f", {r['percent_of_peak']:.0f}%"
+                cell += ")"
+                if r.get("accuracy_max_rel") is not None:
+                    cell += f" err {r['accuracy_max_rel']:.0e}"
+                cells.append(cell)
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars: per-stage median latency (log scale) per backend, one panel per model/resolution."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("the plot needs matplotlib: pip install matplotlib") from None
+    groups = sorted({(r["model"], r["resolution"]) for r in rows})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.2 * len(groups)), squeeze=False)
+    for ax, (model, resolution) in zip(axes[:, 0], groups):
+        members = [r for r in rows if (r["model"], r["resolution"]) == (model, resolution)]
+        stages = sorted({r["stage"] for r in members}, key=lambda s: ("text_encode", "vae_encode", "unet_step",
+                                                                       "guidance_sampler", "vae_decode", "edit").index(s))
+        backends = sorted({r["backend"] for r in members})
+        width = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            values = [next((r["median_s"] * 1e3 for r in members if r["stage"] == s and r["backend"] == backend), 0)
+                      for s in stages]
+            ax.bar([x + i * width for x in range(len(stages))], values, width, label=backend)
+        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(stages))], stages)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{model} {resolution}x{resolution}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(results: Path, out_md: Path, out_png: Path | None) -> None:
+    rows, machine = load_results(results)
+    text = "# Benchmark results\n\n" + markdown(rows, machine)
+    if out_png is not None:
+        plot(rows, out_png)
+        text += f"\n![per-stage latency]({out_png.name})\n"
+    tmp = out_md.with_name(f".{out_md.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out_md)

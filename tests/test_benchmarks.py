@@ -1,0 +1,51 @@
+"""The benchmark suite collects, a tiny case runs, and its JSON becomes a report (timings are not checked)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import load_results, markdown
+from engine.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_pytest(args, tmp_path):
+    env = {**os.environ, "IP2P_BENCH_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_suite_collects_quick_and_full_sets(tmp_path):
+    quick = run_pytest(["--collect-only", "-q"], tmp_path)
+    full = run_pytest(["--collect-only", "-q", "--full"], tmp_path)
+    assert quick.returncode == 0, quick.stderr
+    assert "test_stage[sd15-512-unet_step-diffusers-fp32]" in quick.stdout
+    assert "test_stage[tiny-64-edit-onnxruntime-fp16]" in quick.stdout
+    assert full.stdout.count("test_stage[") > quick.stdout.count("test_stage[")
+
+
+def test_one_tiny_case_runs_and_reports(tmp_path):
+    results = tmp_path / "results.json"
+    done = run_pytest(["--benchmark-only", "-k", "tiny-64-text_encode-diffusers or tiny-64-text_encode-torch-fp32",
+                       f"--benchmark-json={results}", "-q"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows, machine = load_results(results)
+    assert {r["backend"] for r in rows} == {"diffusers-fp32", "torch-fp32"}
+    row = next(r for r in rows if r["backend"] == "torch-fp32")
+    assert row["flops"] > 0 and row["peak_flops"] > 0 and row["accuracy_max_rel"] < 1e-5
+    table = markdown(rows, machine)
+    assert "| text_encode |" in table and "1.00x" in table
+
+
+def test_report_refuses_other_files(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(InputError, match="no stage benchmarks"):
+        load_results(path)
+    path.write_text("{")
+    with pytest.raises(InputError, match="not a pytest-benchmark JSON"):
+        load_results(path)
