@@ -126,3 +126,16 @@ def test_large_weights_go_to_external_data(tiny_model, tmp_path):
             "sample": np.zeros((3, 8, 32, 32), np.float32), "timestep": np.full(3, 10.0, np.float32),
             "encoder_hidden_states": np.zeros((3, 77, 32), np.float32)})[0]
         assert out.shape == (3, 4, 32, 32) and np.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_sd15_exports_and_verifies(tmp_path):
+    """The real architecture: 3.4 GB UNet in external data, verified against torch (about 4 minutes)."""
+    from engine.random_models import create_model
+
+    model = create_model("sd15", tmp_path / "sd15")
+    profile = Profile((1, 1, 1), (256, 256, 512), (256, 256, 512))
+    bundle, checks = export_bundle(model, tmp_path / "bundle", ExportOptions(profile=profile, verify=True))
+    manifest = read_bundle(bundle).manifest
+    assert [f["path"] for f in manifest["components"]["unet"]["files"]] == ["unet.onnx", "unet.onnx.data"]
+    assert all(c.passed for c in checks) and {c.component for c in checks} == set(COMPONENTS)
