@@ -75,9 +75,6 @@ class Bundle:
         """The main file (graph or engine) of component ``name``."""
         return self.folder / self.manifest["components"][name]["files"][0]["path"]
 
-    def component(self, name: str) -> dict:
-        return self.manifest["components"][name]
-
 
 def all_files(manifest: dict) -> list[dict]:
     entries = [f for c in manifest["components"].values() for f in c["files"]]

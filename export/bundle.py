@@ -26,7 +26,7 @@ from engine.errors import ExportError, InputError
 from engine.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry, sha256_file, write_json_atomic
 from engine.specs import Profile
 from export import onnx_export
-from export.verify import Check, verify_component
+from export.verify import Check, compare, verify_component
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,6 @@ def decoder_is_fp16_safe(module, path: Path, vae_factor: int, profile: Profile) 
     """The float16 VAE decoder on latents of the magnitudes that make SD's VAE overflow (N(0, 1) x 6
     plus spikes of +-40) against float32 PyTorch."""
     import onnxruntime as ort
-
-    from export.verify import compare
 
     rng = np.random.default_rng(7)
     h, w = profile.height[1] // vae_factor, profile.width[1] // vae_factor

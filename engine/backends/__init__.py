@@ -38,3 +38,16 @@ def backend_module(name: str):
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return importlib.import_module(BACKENDS[name])
+
+
+class HostArrays:
+    """Array helpers for backends whose arrays are numpy on the host (ONNX Runtime, TensorRT)."""
+
+    def asarray(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def to_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def concat(self, arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
+        return np.concatenate(arrays, axis=axis)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
+from engine.backends import HostArrays
 from engine.errors import InputError
 from engine.manifest import Bundle
 
@@ -68,7 +67,7 @@ def choose_providers(device: str, available: Sequence[str], requested: Sequence[
     return chosen
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(HostArrays):
     """One InferenceSession per component, created once."""
 
     def __init__(self, bundle: Bundle, providers: list, threads: int | None = None):
@@ -99,15 +98,6 @@ class OnnxRuntimeBackend:
         session = self._sessions[component]
         outputs = session.run(self._outputs[component], inputs)
         return dict(zip(self._outputs[component], outputs))
-
-    def asarray(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(array)
-
-    def to_numpy(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(array)
-
-    def concat(self, arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
-        return np.concatenate(arrays, axis=axis)
 
 
 def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, providers: Sequence[str] | None = None,

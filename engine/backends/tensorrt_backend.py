@@ -7,10 +7,11 @@ bundles, capture each engine's launch once in a CUDA graph and replay it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from engine.backends import HostArrays
 from engine.errors import InputError
 from engine.manifest import Bundle
 
@@ -138,7 +139,7 @@ class EngineRunner:
         self.buffers.clear()
 
 
-class TensorRTBackend:
+class TensorRTBackend(HostArrays):
     """Runs each component's engine; arrays are numpy on the host, copied per call."""
 
     def __init__(self, bundle: Bundle, use_cuda_graph: bool):
@@ -158,15 +159,6 @@ class TensorRTBackend:
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
         return self._engines[component].run(inputs)
-
-    def asarray(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(array)
-
-    def to_numpy(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(array)
-
-    def concat(self, arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
-        return np.concatenate(arrays, axis=axis)
 
 
 def load(bundle: Bundle, device: str = "cuda", dtype: str | None = None, cuda_graph: bool | None = None) -> TensorRTBackend:
