@@ -95,3 +95,26 @@ def test_create_model_info_and_convert(tmp_path, capsys):
     assert run(["create-model", "tiny", str(model)], capsys)[1].err.strip().endswith("already exists and is not empty")
     assert run(["convert", str(model), str(tmp_path / "tiny.safetensors")], capsys)[0] == 0
     assert (tmp_path / "tiny.safetensors").stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch", "4:1"], "min exceeds max"),
+        (["--static", "512"], "--static must look like 512x512"),
+        (["--static", "512x512", "--batch", "1:4"], "needs one batch size"),
+        (["--format", "tensorrt", "--precision", "fp32"], "not supported for format tensorrt"),
+        (["--resolution", "202:300"], "multiples of"),
+    ],
+)
+def test_export_bad_options_are_one_line_and_non_zero(tiny_model, tmp_path, capsys, extra, message):
+    code, captured = run(["export", tiny_model, str(tmp_path / "bundle"), *extra], capsys)
+    errors = [line for line in captured.err.strip().splitlines() if line.startswith("ip2p:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in captured.err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_export_refuses_an_existing_output(tiny_model, tmp_path, capsys):
+    (tmp_path / "bundle").mkdir()
+    code, captured = run(["export", tiny_model, str(tmp_path / "bundle")], capsys)
+    assert code == 2 and "already exists; pass --force" in captured.err
