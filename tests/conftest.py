@@ -46,3 +46,16 @@ def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
                                      ExportOptions(precision=precision, profile=profile, verify=True))[0])
         for precision in ("fp32", "fp16")
     }
+
+
+def model_copy(model: str, dest, unet_config: dict | None = None):
+    """A copy of ``model`` at ``dest`` with ``unet_config`` entries changed in unet/config.json."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    copy = Path(shutil.copytree(model, dest))
+    if unet_config:
+        path = copy / "unet" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **unet_config}))
+    return copy

@@ -1,5 +1,4 @@
 """Every checkpoint form a user can hand us, each written by the test itself."""
-import json
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ from engine import EditPipeline, InputError
 from engine.checkpoints import resolve_model
 from engine.config import read_model_config
 from engine.original_format import save_single_file
+from tests.conftest import model_copy
 
 
 def edit(pipe, image_file):
@@ -28,16 +28,13 @@ def test_single_file_gives_the_same_pixels_as_the_folder(tiny_model, tiny_pipe, 
 
 def test_single_file_of_another_architecture_is_refused(tiny_model, tmp_path):
     single = save_single_file(tiny_model, tmp_path / "ip2p.safetensors")
-    other = Path(shutil.copytree(tiny_model, tmp_path / "other"))
-    config = json.loads((other / "unet" / "config.json").read_text())
-    config["block_out_channels"] = [64, 128]
-    (other / "unet" / "config.json").write_text(json.dumps(config))
+    other = model_copy(tiny_model, tmp_path / "other", {"block_out_channels": [64, 128]})
     with pytest.raises(InputError, match="ip2p.safetensors: cannot load"):
         EditPipeline.from_pretrained(single, config=other, progress=False)
 
 
 def test_missing_component_names_the_folder(tiny_model, tmp_path):
-    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
+    copy = model_copy(tiny_model, tmp_path / "m")
     shutil.rmtree(copy / "vae")
     with pytest.raises(InputError, match="missing component folder vae/"):
         EditPipeline.from_pretrained(copy)
@@ -48,10 +45,7 @@ def test_missing_component_names_the_folder(tiny_model, tmp_path):
 
 
 def test_text_to_image_unet_is_refused(tiny_model, tmp_path):
-    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
-    config = json.loads((copy / "unet" / "config.json").read_text())
-    config["in_channels"] = 4
-    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    copy = model_copy(tiny_model, tmp_path / "m", {"in_channels": 4})
     with pytest.raises(InputError, match="a 4-channel text-to-image UNet is not an InstructPix2Pix model"):
         read_model_config(copy)
 

@@ -1,5 +1,4 @@
 """ip2p export on the tiny model: real ONNX files, real ONNX Runtime sessions."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from engine.manifest import MANIFEST_NAME, read_bundle, sha256_file
 from engine.specs import COMPONENTS, Profile
 from export.bundle import ExportOptions, export_bundle
 from export.onnx_export import FP32_OPS
+from tests.conftest import model_copy
 
 
 def test_bundle_contents_and_manifest(onnx_bundles, tiny_model):
@@ -66,12 +66,7 @@ def test_bad_options_are_refused(tiny_model, tmp_path):
 
 
 def test_not_an_instruct_pix2pix_model(tiny_model, tmp_path):
-    import shutil
-
-    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
-    config = json.loads((copy / "unet" / "config.json").read_text())
-    config["in_channels"] = 4
-    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    copy = model_copy(tiny_model, tmp_path / "m", {"in_channels": 4})
     with pytest.raises(InputError, match="4-channel"):
         export_bundle(copy, tmp_path / "out", ExportOptions())
     assert not (tmp_path / "out").exists()
@@ -80,11 +75,10 @@ def test_not_an_instruct_pix2pix_model(tiny_model, tmp_path):
 def test_failed_component_leaves_nothing(tiny_model, tmp_path):
     """A UNet with NaN weights exports, but fails verification: the error names the component and
     neither a manifest nor a partial folder is left behind."""
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
-    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
+    copy = model_copy(tiny_model, tmp_path / "m")
     weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     state["conv_out.bias"] = state["conv_out.bias"] * float("nan")

@@ -1,13 +1,10 @@
-import json
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from engine import EditPipeline, InputError, NumericalError
+from tests.conftest import model_copy
 
 INSTRUCTIONS = ["make it blue", "add snow"]
 
@@ -109,7 +106,7 @@ def broken_copy(tiny_model, tmp_path, scale):
     """A copy of the tiny model whose VAE decoder's first conv is multiplied by ``scale``."""
     from safetensors.torch import load_file, save_file
 
-    copy = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    copy = model_copy(tiny_model, tmp_path / "model")
     weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"] * scale
@@ -138,10 +135,7 @@ def test_empty_instruction_is_allowed(tiny_pipe):
 
 
 def test_default_resolution_comes_from_the_model_config(tiny_model, tmp_path):
-    copy = Path(shutil.copytree(tiny_model, tmp_path / "m"))
-    config = json.loads((copy / "unet" / "config.json").read_text())
-    config["sample_size"] = 16
-    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    copy = model_copy(tiny_model, tmp_path / "m", {"sample_size": 16})
     pipe = EditPipeline.from_pretrained(str(copy), progress=False)
     assert pipe.model.default_resolution == 32
     assert pipe.edit(random_images(1)[0], "x", steps=1, seed=0).images[0].size == (64, 64)  # multiple of 64
