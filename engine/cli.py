@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--verify", action="store_true", help="check every component against PyTorch")
     export.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
 
+    trainer = sub.add_parser("train", help="fine-tune an InstructPix2Pix UNet (see training/)")
+    trainer.add_argument("--config", help="YAML file with any TrainConfig option")
+    trainer.add_argument("--base", help="Stable Diffusion or InstructPix2Pix model to start from")
+    trainer.add_argument("--data", help="folder with metadata.jsonl")
+    trainer.add_argument("--output", help="where the trained model (and checkpoints/) go")
+    trainer.add_argument("--max-steps", type=int)
+    trainer.add_argument("--resolution", type=int)
+    trainer.add_argument("--batch-size", type=int)
+    trainer.add_argument("--grad-accum", type=int)
+    trainer.add_argument("--lr", type=float)
+    trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    trainer.add_argument("--checkpoint-every", type=int)
+    trainer.add_argument("--seed", type=int)
+    trainer.add_argument("--resume", help="'latest' or a checkpoint folder")
+
     convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
     convert.add_argument("model", help="diffusers-format model folder")
     convert.add_argument("output", help="target .safetensors or .ckpt file")
@@ -198,6 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("wrote %s", create_model(args.kind, args.out_dir, seed=args.seed))
         elif args.command == "export":
             run_export(args)
+        elif args.command == "train":
+            from training.config import load_config
+            from training.train import train
+
+            flags = {k: getattr(args, k) for k in ("base", "data", "output", "max_steps", "resolution", "batch_size",
+                                                   "grad_accum", "lr", "mixed_precision", "checkpoint_every", "seed")}
+            log.info("wrote %s", train(load_config(args.config, flags), resume=args.resume))
         elif args.command == "convert":
             from engine.checkpoints import resolve_model
             from engine.original_format import save_single_file

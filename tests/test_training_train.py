@@ -1,0 +1,120 @@
+"""The training loop on the tiny model and a small paired folder it writes itself."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from training.config import TrainConfig, load_config
+from training.train import train
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """16 pairs: a red square on grey becomes a blue square, same place."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        x, y = rng.integers(0, 20, 2)
+        before = np.full((32, 32, 3), 128, np.uint8)
+        after = before.copy()
+        before[y:y + 12, x:x + 12] = (220, 30, 30)
+        after[y:y + 12, x:x + 12] = (30, 30, 220)
+        Image.fromarray(before).save(root / f"in{i}.png")
+        Image.fromarray(after).save(root / f"out{i}.png")
+        rows.append({"input_image": f"in{i}.png", "edit_prompt": "make the square blue", "edited_image": f"out{i}.png"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(root)
+
+
+def config(tiny_model, pairs, out, **changes):
+    base = dict(base=tiny_model, data=pairs, output=str(out), resolution=32, batch_size=4, lr=1e-3, ema_decay=0.0,
+                max_steps=4, checkpoint_every=0, seed=3)
+    return TrainConfig(**{**base, **changes})
+
+
+def unet_weights(folder):
+    return load_file(f"{folder}/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_model, pairs, tmp_path):
+    straight = train(config(tiny_model, pairs, tmp_path / "a", checkpoint_every=2, ema_decay=0.99))
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-2"
+    assert checkpoint.is_dir()
+    resumed = train(config(tiny_model, pairs, tmp_path / "b", ema_decay=0.99), resume=str(checkpoint))
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_the_output_loads(tiny_model, pairs, tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from engine import EditPipeline
+
+    out = train(config(tiny_model, pairs, tmp_path / "m", max_steps=30))
+    report = json.loads((out / "training_config.json").read_text())
+    assert report["config"]["max_steps"] == 30
+    start = train(config(tiny_model, pairs, tmp_path / "init", max_steps=0))
+    assert _eval_loss(out, pairs) < _eval_loss(start, pairs)
+    pipe = EditPipeline.from_pretrained(out, progress=False)
+    assert pipe.edit(f"{pairs}/in0.png", "make the square blue", steps=2, seed=0).images[0].size == (64, 64)
+    ref = StableDiffusionInstructPix2PixPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert ref.unet.config.in_channels == 8
+
+
+def _eval_loss(model, pairs):
+    """Mean denoising loss over fixed draws, the same for every model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from engine.schedules import alphas_cumprod
+    from engine.tokenizer import ClipTokenizer
+    from training.data import PairedFolder
+    from training.train import _loss
+
+    unet = UNet2DConditionModel.from_pretrained(f"{model}/unet")
+    vae = AutoencoderKL.from_pretrained(f"{model}/vae")
+    text = CLIPTextModel.from_pretrained(f"{model}/text_encoder")
+    tok = ClipTokenizer(f"{model}/tokenizer")
+    acp = torch.from_numpy(alphas_cumprod(json.loads(open(f"{model}/scheduler/scheduler_config.json").read())))
+    data = PairedFolder(pairs, 32)
+    null = text(torch.from_numpy(tok([""])))[0]
+    losses = []
+    with torch.no_grad():
+        for seed in range(8):
+            batch = [data.load(i, np.random.default_rng(seed)) for i in range(8)]
+            losses.append(_loss(batch, unet, vae, text, tok, null, acp, 0.18215, "epsilon", 0.0,
+                                torch.Generator().manual_seed(seed), "cpu").item())
+    return float(np.mean(losses))
+
+
+def test_stable_diffusion_base_is_grown_and_saved_untrained(tiny_model, pairs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from engine.random_models import ARCHITECTURES
+    from tests.conftest import model_copy
+
+    base = model_copy(tiny_model, tmp_path / "sd")
+    torch.manual_seed(0)
+    four = UNet2DConditionModel(**{**ARCHITECTURES["tiny"]["unet"], "in_channels": 4})
+    four.save_pretrained(base / "unet")
+    out = train(config(str(base), pairs, tmp_path / "init", max_steps=0))
+    weights = unet_weights(out)
+    assert weights["conv_in.weight"].shape[1] == 8
+    torch.testing.assert_close(weights["conv_in.weight"][:, :4], four.conv_in.weight.detach())
+    torch.testing.assert_close(weights["conv_in.bias"], four.conv_in.bias.detach())
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: m\ndata: d\noutput: o\nlr: 0.0003\nmax_steps: 7\n")
+    cfg = load_config(path, {"max_steps": 9, "batch_size": None})
+    assert (cfg.lr, cfg.max_steps, cfg.batch_size) == (0.0003, 9, 4)
+    path.write_text("base: m\nlearning_rate: 1\n")
+    with pytest.raises(Exception, match="unknown option"):
+        load_config(path, {})

@@ -1,0 +1,62 @@
+"""Every training option in one frozen dataclass; a YAML file and CLI flags fill it, the saved model carries it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    base: str = ""  # Stable Diffusion (4-channel) or InstructPix2Pix (8-channel) model
+    data: str = ""  # folder with metadata.jsonl
+    output: str = ""
+    max_steps: int = 1000  # optimiser steps; 0 saves the initialised model
+    resolution: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization schedule
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    conditioning_dropout: float = 0.05  # p of Brooks et al. sec. 3.2.1
+    ema_decay: float = 0.9999  # 0 disables EMA
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.resolution < 8:
+            raise InputError("max_steps >= 0, batch_size >= 1, grad_accum >= 1 and resolution >= 8 are required")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if not 0 <= self.conditioning_dropout <= 1 / 3:
+            raise InputError("conditioning_dropout must be in [0, 1/3]: three disjoint cases of probability p")
+
+
+def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Defaults, then the YAML file, then non-None ``overrides`` (CLI flags)."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise InputError(f"{path}: invalid YAML ({err})") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise InputError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for required in ("base", "data", "output"):
+        if not values.get(required):
+            raise InputError(f"--{required} is required (or set it in the config file)")
+    return TrainConfig(**values)

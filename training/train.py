@@ -1,0 +1,218 @@
+"""The training loop: ``ip2p train``. One process or many through ``accelerate launch`` (DDP, or FSDP /
+DeepSpeed from accelerate's own config).
+
+Every step's randomness (noise, timesteps, dropout, VAE sampling, crops) is derived from (seed, step)
+and the data order from (seed, epoch), so a checkpoint needs only the weights, optimiser, schedule,
+EMA, step and data cursor to resume exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine.checkpoints import resolve_model
+from engine.schedules import alphas_cumprod
+from engine.tokenizer import ClipTokenizer
+from training.conditioning import apply_dropout
+from training.config import TrainConfig
+from training.data import PairedFolder
+from training.model import expand_conv_in
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+class DataCursor:
+    """Examples in a per-epoch permutation from (seed, epoch); ``position`` counts examples consumed."""
+
+    def __init__(self, size: int, seed: int, position: int = 0):
+        self.size, self.seed, self.position = size, seed, position
+
+    def next_index(self) -> int:
+        epoch, offset = divmod(self.position, self.size)
+        self.position += 1
+        return int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[offset])
+
+
+def next_batch(data: PairedFolder, cursor: DataCursor, count: int, rng: np.random.Generator) -> list[dict]:
+    """``count`` good examples; bad ones are skipped (and counted by the dataset)."""
+    batch: list[dict] = []
+    for _ in range(count * 10 + len(data)):
+        example = data.load(cursor.next_index(), rng)
+        if example is not None:
+            batch.append(example)
+            if len(batch) == count:
+                return batch
+    raise RuntimeError(f"{data.folder}: could not find {count} readable examples")
+
+
+def _checkpoint_paths(output: Path) -> list[Path]:
+    return sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def train(config: TrainConfig, resume: str | None = None) -> Path:
+    """Fine-tune and write a diffusers-format InstructPix2Pix model to ``config.output``."""
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel
+
+    data = PairedFolder(config.data, config.resolution)  # bad data fails before any model loads
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
+    source = resolve_model(config.base)
+    folder, output = source.folder, Path(config.output)
+    tokenizer = ClipTokenizer(folder / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae").requires_grad_(False).to(accelerator.device)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").requires_grad_(False).to(accelerator.device)
+    unet = expand_conv_in(UNet2DConditionModel.from_pretrained(folder / "unet"))
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    acp = torch.from_numpy(alphas_cumprod(scheduler_config)).to(accelerator.device)  # (T,)
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    scaling = float(vae.config.scaling_factor)
+    with torch.no_grad():
+        null_text = text_encoder(torch.from_numpy(tokenizer([""])).to(accelerator.device))[0]  # (1, 77, D)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.adam_weight_decay)
+    lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                num_training_steps=max(config.max_steps, 1))
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True) if config.ema_decay > 0 else None
+    cursor = DataCursor(len(data), config.seed)
+    step = 0
+    if resume:
+        step = _load_checkpoint(_resume_path(output, resume), unet, optimizer, lr_schedule, ema, cursor)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    per_process = config.batch_size
+    bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step",
+               disable=not accelerator.is_local_main_process)
+    started, first_step, losses = time.perf_counter(), step, []
+    while step < config.max_steps:
+        for micro in range(config.grad_accum):
+            rng = np.random.default_rng([config.seed, step, micro])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            examples = next_batch(data, cursor, per_process * accelerator.num_processes, rng)
+            mine = examples[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+            with accelerator.accumulate(unet):
+                loss = _loss(mine, unet, vae, text_encoder, tokenizer, null_text, acp, scaling, prediction_type,
+                             config.conditioning_dropout, gen, accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad()
+            losses.append(loss.detach().item())
+        step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        rate = (step - first_step) * config.batch_size * config.grad_accum * accelerator.num_processes / (
+            time.perf_counter() - started)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_per_s=f"{rate:.1f}")
+        bar.update()
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
+            _save_checkpoint(accelerator, output, step, unet, optimizer, lr_schedule, ema, cursor, config)
+    bar.close()
+    if data.skipped.total:
+        log.warning("%s", data.skipped.summary())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        _save_model(folder, final, output, config, losses)
+    return output
+
+
+def _loss(examples, unet, vae, text_encoder, tokenizer, null_text, acp, scaling, prediction_type, p, gen, device):
+    """Denoising loss of one batch with the paper's conditioning dropout."""
+    source = torch.from_numpy(np.stack([e["input"] for e in examples])).to(device)  # (B, 3, H, W)
+    edited = torch.from_numpy(np.stack([e["edited"] for e in examples])).to(device)
+    b = source.shape[0]
+    with torch.no_grad():
+        posterior = vae.encode(edited).latent_dist
+        latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)) * scaling
+        image_latents = vae.encode(source).latent_dist.mode()  # unscaled, as InstructPix2Pix conditions
+        text = text_encoder(torch.from_numpy(tokenizer([e["prompt"] for e in examples])).to(device))[0]
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    t = torch.randint(0, acp.shape[0], (b,), generator=gen).to(device)
+    a = acp[t].sqrt()[:, None, None, None]
+    s = (1 - acp[t]).sqrt()[:, None, None, None]
+    noisy = a * latents + s * noise
+    text, image_latents = apply_dropout(text, null_text, image_latents, torch.rand(b, generator=gen).to(device), p)
+    pred = unet(torch.cat([noisy, image_latents], 1), t, text).sample
+    target = noise if prediction_type == "epsilon" else a * noise - s * latents
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _resume_path(output: Path, resume: str) -> Path:
+    if resume == "latest":
+        found = _checkpoint_paths(output)
+        if not found:
+            from engine.errors import InputError
+
+            raise InputError(f"{output}: no checkpoint to resume from")
+        return found[-1]
+    return Path(resume)
+
+
+def _save_checkpoint(accelerator, output, step, unet, optimizer, lr_schedule, ema, cursor, config) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    target = output / CHECKPOINTS / f"step-{step}"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({"unet": accelerator.unwrap_model(unet).state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "step": step, "cursor": cursor.position, "config": dataclasses.asdict(config)}, tmp / "state.pt")
+    tmp.rename(target)
+    for old in _checkpoint_paths(output)[: -config.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(path: Path, unet, optimizer, lr_schedule, ema, cursor) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unet.load_state_dict(state["unet"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    cursor.position = state["cursor"]
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _save_model(base: Path, unet, output: Path, config: TrainConfig, losses: list[float]) -> None:
+    """Diffusers format: the base's VAE, text encoder and tokenizer, the new UNet, an Euler-ancestral scheduler."""
+    output.mkdir(parents=True, exist_ok=True)
+    for name in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(base / name, output / name, dirs_exist_ok=True)
+    unet.save_pretrained(output / "unet")
+    scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    scheduler["_class_name"] = "EulerAncestralDiscreteScheduler"
+    (output / "scheduler").mkdir(exist_ok=True)
+    (output / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = json.loads((base / "model_index.json").read_text()) if (base / "model_index.json").is_file() else {}
+    index.update({"_class_name": "StableDiffusionInstructPix2PixPipeline",
+                  "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    (output / "model_index.json").write_text(json.dumps(index, indent=2))
+    (output / "training_config.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(config), "final_loss": float(np.mean(losses[-20:])) if losses else None}, indent=2))
