@@ -56,9 +56,13 @@ def test_training_lowers_the_loss_and_the_output_loads(tiny_model, pairs, tmp_pa
 
     from engine import EditPipeline
 
-    out = train(config(tiny_model, pairs, tmp_path / "m", max_steps=30))
+    out = train(config(tiny_model, pairs, tmp_path / "m", max_steps=30, log_every=10, validate_every=30,
+                       validation_steps=2))
     report = json.loads((out / "training_config.json").read_text())
     assert report["config"]["max_steps"] == 30
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,images_per_second" and [r.split(",")[0] for r in rows[1:]] == ["10", "20", "30"]
+    assert Image.open(out / "validation" / "step-30.png").size == (3 * 64, 64)
     start = train(config(tiny_model, pairs, tmp_path / "init", max_steps=0))
     assert _eval_loss(out, pairs) < _eval_loss(start, pairs)
     pipe = EditPipeline.from_pretrained(out, progress=False)

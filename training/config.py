@@ -26,6 +26,10 @@ class TrainConfig:
     conditioning_dropout: float = 0.05  # p of Brooks et al. sec. 3.2.1
     ema_decay: float = 0.9999  # 0 disables EMA
     gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit, where installed
+    log_every: int = 10  # rows of <output>/log.csv
+    validate_every: int = 0  # save an edit of the first training pair every N steps (0: never)
+    validation_steps: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     seed: int = 0

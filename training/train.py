@@ -75,7 +75,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     tokenizer = ClipTokenizer(folder / "tokenizer")
     vae = AutoencoderKL.from_pretrained(folder / "vae").requires_grad_(False).to(accelerator.device)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").requires_grad_(False).to(accelerator.device)
-    unet = expand_conv_in(UNet2DConditionModel.from_pretrained(folder / "unet"))
+    unet = expand_conv_in(UNet2DConditionModel.from_pretrained(folder / "unet")).train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -85,7 +85,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     with torch.no_grad():
         null_text = text_encoder(torch.from_numpy(tokenizer([""])).to(accelerator.device))[0]  # (1, 77, D)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.adam_weight_decay)
+    optimizer = _optimizer(config)(unet.parameters(), lr=config.lr, weight_decay=config.adam_weight_decay)
     lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=max(config.max_steps, 1))
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True) if config.ema_decay > 0 else None
@@ -124,6 +124,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             time.perf_counter() - started)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_per_s=f"{rate:.1f}")
         bar.update()
+        if accelerator.is_main_process and config.log_every and step % config.log_every == 0:
+            _log_row(output, step, float(np.mean(losses[-config.log_every * config.grad_accum:])),
+                     lr_schedule.get_last_lr()[0], rate)
+        if accelerator.is_main_process and config.validate_every and step % config.validate_every == 0:
+            _validate(output, step, accelerator.unwrap_model(unet), vae, text_encoder, tokenizer, folder, data, config)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
             _save_checkpoint(accelerator, output, step, unet, optimizer, lr_schedule, ema, cursor, config)
     bar.close()
@@ -136,6 +141,62 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             ema.copy_to(final.parameters())
         _save_model(folder, final, output, config, losses)
     return output
+
+
+def _optimizer(config: TrainConfig):
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        from engine.errors import InputError
+
+        raise InputError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def _log_row(output: Path, step: int, loss: float, lr: float, rate: float) -> None:
+    """One row of <output>/log.csv (step, loss, lr, images/s); TensorBoard or others can read it."""
+    path = output / "log.csv"
+    output.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write("step,loss,lr,images_per_second\n")
+        f.write(f"{step},{loss:.6f},{lr:.6g},{rate:.3f}\n")
+
+
+def _validate(output, step, unet, vae, text_encoder, tokenizer, folder, data, config) -> None:
+    """Edit the first training pair's input with its instruction using the current weights; save the
+    input, the edit and the target side by side in <output>/validation/step-N.png."""
+    from PIL import Image
+
+    from engine.backends.torch_backend import TorchBackend, wrap_components
+    from engine.config import ModelConfig
+    from engine.images import load_image
+    from engine.pipeline import EditPipeline
+
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    model = ModelConfig(scheduler=scheduler, scaling_factor=float(vae.config.scaling_factor),
+                        vae_factor=2 ** (len(vae.config.block_out_channels) - 1),
+                        unet_factor=2 ** (len(unet.config.block_out_channels) - 1),
+                        unet_sample_size=int(unet.config.sample_size), latent_channels=int(vae.config.latent_channels),
+                        text_dim=int(text_encoder.config.hidden_size))
+    device = next(unet.parameters()).device
+    pipe = EditPipeline(TorchBackend(wrap_components(unet, vae, text_encoder), device, torch.float32), model,
+                        tokenizer, progress=False)
+    row = data.rows[0]
+    source = load_image(data.folder / row["input_image"])
+    edited = pipe.edit(source, row["edit_prompt"], steps=config.validation_steps, seed=0,
+                       resolution=config.resolution).images[0]
+    target = load_image(data.folder / row["edited_image"])
+    size = edited.size
+    sheet = Image.new("RGB", (size[0] * 3, size[1]))
+    for i, im in enumerate((source, edited, target)):
+        sheet.paste(im.resize(size), (i * size[0], 0))
+    (output / "validation").mkdir(parents=True, exist_ok=True)
+    sheet.save(output / "validation" / f"step-{step}.png")
+    unet.train()
 
 
 def _loss(examples, unet, vae, text_encoder, tokenizer, null_text, acp, scaling, prediction_type, p, gen, device):
