@@ -1,11 +1,13 @@
+import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from engine.errors import InputError
-from training.data import PairedFolder, paired_transform
+from training.data import PairedData, paired_transform
 
 
 def write_folder(tmp_path, rows):
@@ -27,7 +29,7 @@ def test_rows_load_and_bad_ones_are_skipped_and_counted(tmp_path):
         {"input_image": "a.png", "edited_image": "b.png"},
         "{not json",
     ])
-    data = PairedFolder(folder, resolution=16)
+    data = PairedData(folder, resolution=16)
     assert len(data) == 5
     rng = np.random.default_rng(0)
     loaded = [data.load(i, rng) for i in range(len(data))]
@@ -50,9 +52,63 @@ def test_same_crop_and_flip_on_both_images():
     assert flips == {True, False}  # both orientations occur
 
 
-def test_empty_folder_is_refused(tmp_path):
-    with pytest.raises(InputError, match="no metadata.jsonl"):
-        PairedFolder(tmp_path, 16)
+def test_empty_or_unknown_sources_are_refused(tmp_path):
+    with pytest.raises(InputError, match="empty data folder"):
+        PairedData(tmp_path, 16)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="no metadata.jsonl, .tar shards, parquet"):
+        PairedData(tmp_path, 16)
     write_folder(tmp_path, ["{bad"])
-    with pytest.raises(InputError, match="no usable rows"):
-        PairedFolder(tmp_path, 16)
+    with pytest.raises(InputError, match="no usable examples"):
+        PairedData(tmp_path, 16)
+
+
+def png_bytes(color, size=(24, 24)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+ROWS = [
+    {"input_image": png_bytes((255, 0, 0)), "edit_prompt": "make it blue", "edited_image": png_bytes((0, 0, 255))},
+    {"input_image": png_bytes((255, 0, 0)), "edit_prompt": "corrupt", "edited_image": b"not a png"},
+    {"input_image": png_bytes((0, 255, 0)), "edit_prompt": "sizes", "edited_image": png_bytes((0, 0, 0), (8, 8))},
+]
+
+
+def check_loaded(data):
+    rng = np.random.default_rng(0)
+    loaded = [data.load(i, rng) for i in range(len(data))]
+    assert [x is None for x in loaded] == [False, True, True]
+    assert loaded[0]["prompt"] == "make it blue" and loaded[0]["edited"][2].mean() > 0.9
+    assert data.skipped.reasons == {"missing or corrupt image": 1, "input and edited sizes differ": 1}
+
+
+def test_parquet_and_saved_hugging_face_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the train extra (datasets) is not installed")
+    table = datasets.Dataset.from_dict({
+        "original_image": [{"bytes": r["input_image"], "path": None} for r in ROWS],
+        "edit_prompt": [r["edit_prompt"] for r in ROWS],
+        "edited_image": [{"bytes": r["edited_image"], "path": None} for r in ROWS],
+    })
+    table.to_parquet(str(tmp_path / "train-0.parquet"))
+    check_loaded(PairedData(tmp_path / "train-0.parquet", 16))
+    table.save_to_disk(str(tmp_path / "saved"))
+    check_loaded(PairedData(tmp_path / "saved", 16))
+
+
+def test_webdataset_shards(tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, row in enumerate(ROWS + [{"input_image": png_bytes((1, 1, 1))}]):
+            for name, data in (("input.png", row["input_image"]), ("edited.png", row.get("edited_image")),
+                               ("txt", row.get("edit_prompt", "").encode() if "edit_prompt" in row else None)):
+                if data is None:
+                    continue
+                info = tarfile.TarInfo(f"sample{i:03d}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = PairedData(tmp_path, 16)
+    assert data.skipped.reasons == {"incomplete tar sample": 1}
+    data.skipped.reasons.clear()
+    check_loaded(data)

@@ -78,7 +78,7 @@ def _eval_loss(model, pairs):
 
     from engine.schedules import alphas_cumprod
     from engine.tokenizer import ClipTokenizer
-    from training.data import PairedFolder
+    from training.data import PairedData
     from training.train import _loss
 
     unet = UNet2DConditionModel.from_pretrained(f"{model}/unet")
@@ -86,7 +86,7 @@ def _eval_loss(model, pairs):
     text = CLIPTextModel.from_pretrained(f"{model}/text_encoder")
     tok = ClipTokenizer(f"{model}/tokenizer")
     acp = torch.from_numpy(alphas_cumprod(json.loads(open(f"{model}/scheduler/scheduler_config.json").read())))
-    data = PairedFolder(pairs, 32)
+    data = PairedData(pairs, 32)
     null = text(torch.from_numpy(tok([""])))[0]
     losses = []
     with torch.no_grad():

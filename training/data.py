@@ -1,17 +1,27 @@
 """Paired edit data: (input image, instruction, edited image), with the same crop and flip on both.
 
-Reads a folder with ``metadata.jsonl`` (keys ``input_image``, ``edit_prompt``, ``edited_image``,
-image paths relative to the folder; ``original_image`` is accepted for ``input_image``, as in
-diffusers' trainer). Bad rows (missing keys, missing, corrupt or mismatched-size images) are skipped
-and counted, never fatal.
+Three sources, all with the columns ``input_image``, ``edit_prompt``, ``edited_image`` (``original_image``
+is accepted for ``input_image``, as in diffusers' trainer):
+
+- a folder with ``metadata.jsonl`` (image paths relative to the folder);
+- a Hugging Face dataset saved with ``save_to_disk``, or a folder / file of ``.parquet`` files (for
+  example a local copy of timbrooks/instructpix2pix-clip-filtered);
+- WebDataset tar shards (``.tar`` files, or a folder of them): each sample is the files sharing a key,
+  ``<key>.input.<ext>``, ``<key>.edited.<ext>`` and ``<key>.txt`` (the instruction).
+
+Bad examples (missing columns, missing, corrupt or mismatched-size images) are skipped and counted,
+never fatal.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
-from collections import Counter
+import tarfile
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,6 +33,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("input_image", "edit_prompt", "edited_image")
 ALIASES = {"original_image": "input_image"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -44,26 +55,120 @@ class SkipCounter:
         return f"{self.total} examples skipped: " + ", ".join(f"{n} {r}" for r, n in self.reasons.most_common())
 
 
-def read_metadata(folder: Path, skipped: SkipCounter) -> list[dict]:
-    """Rows of ``folder/metadata.jsonl`` with the three columns (aliases renamed); bad lines are counted."""
-    path = folder / "metadata.jsonl"
-    if not path.is_file():
-        raise InputError(f"{folder}: no metadata.jsonl")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+def _normalise(row: dict) -> dict | None:
+    row = {ALIASES.get(k, k): v for k, v in row.items()}
+    if not isinstance(row.get("edit_prompt"), str) or any(row.get(c) is None for c in COLUMNS):
+        return None
+    return {c: row[c] for c in COLUMNS}
+
+
+class FolderRows:
+    """Rows of ``folder/metadata.jsonl``; image references are paths."""
+
+    def __init__(self, folder: Path, skipped: SkipCounter):
+        self.folder = folder
+        self.rows = []
+        for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = _normalise(json.loads(line))
+            except (json.JSONDecodeError, AttributeError):
+                skipped.add("unreadable metadata line")
+                continue
+            if row is None or not all(isinstance(row[c], str) for c in COLUMNS):
+                skipped.add("missing column")
+                continue
+            self.rows.append({**row, "input_image": folder / row["input_image"],
+                              "edited_image": folder / row["edited_image"]})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self.rows[index]
+
+
+class HuggingFaceRows:
+    """A ``datasets`` dataset (saved to disk, or parquet files); rows are read lazily."""
+
+    def __init__(self, path: Path):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped.add("unreadable metadata line")
-            continue
-        row = {ALIASES.get(k, k): v for k, v in row.items()}
-        if not all(isinstance(row.get(c), str) for c in COLUMNS):
-            skipped.add("missing column")
-            continue
-        rows.append({c: row[c] for c in COLUMNS})
-    return rows
+            import datasets
+        except ImportError:
+            raise InputError(f"{path}: reading Hugging Face datasets needs the train extra: pip install '.[train]'") from None
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            self.dataset = datasets.load_from_disk(str(path))
+        else:
+            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+            self.dataset = datasets.load_dataset("parquet", data_files=files, split="train")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return _normalise(self.dataset[index])
+
+
+class TarRows:
+    """WebDataset shards: samples grouped by key, members read on demand."""
+
+    def __init__(self, shards: list[Path], skipped: SkipCounter):
+        self.samples: list[dict[str, tuple[Path, str]]] = []
+        for shard in shards:
+            groups: dict[str, dict[str, tuple[Path, str]]] = defaultdict(dict)
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and "." in Path(member.name).name:
+                        key, _, field_name = member.name.partition(".")
+                        groups[key][field_name] = (shard, member.name)
+            for key, fields in groups.items():
+                names = {k.split(".")[0]: v for k, v in fields.items()}
+                if {"input", "edited", "txt"} <= set(names):
+                    self.samples.append(names)
+                else:
+                    skipped.add("incomplete tar sample")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.samples[index]
+        read = {}
+        for name in ("input", "edited", "txt"):
+            shard, member = sample[name]
+            with tarfile.open(shard) as tar:
+                read[name] = tar.extractfile(member).read()
+        return {"input_image": read["input"], "edit_prompt": read["txt"].decode("utf-8").strip(),
+                "edited_image": read["edited"]}
+
+
+def open_rows(source: Path, skipped: SkipCounter):
+    """The row reader for ``source``: a metadata.jsonl folder, a HF dataset / parquet, or tar shards."""
+    if source.is_dir() and (source / "metadata.jsonl").is_file():
+        return FolderRows(source, skipped)
+    if source.is_dir() and not any(source.iterdir()):
+        raise InputError(f"{source}: empty data folder")
+    shards = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar")) if source.is_dir() else []
+    if shards:
+        return TarRows(shards, skipped)
+    is_parquet = source.suffix == ".parquet" or (source.is_dir() and any(source.rglob("*.parquet")))
+    if is_parquet or (source / "dataset_info.json").is_file():
+        return HuggingFaceRows(source)
+    raise InputError(f"{source}: no metadata.jsonl, .tar shards, parquet files or saved Hugging Face dataset")
+
+
+def _image(reference: Any) -> Image.Image:
+    """A path, raw bytes, a datasets image dict or a PIL image -> RGB; InputError if unreadable."""
+    if isinstance(reference, dict):
+        reference = reference.get("bytes") or reference.get("path")
+    if isinstance(reference, (bytes, bytearray)):
+        try:
+            reference = Image.open(io.BytesIO(reference))
+            reference.load()
+        except Exception as err:  # Pillow raises several types for bad bytes
+            raise InputError(f"unreadable image bytes ({err})") from None
+    return load_image(reference)
 
 
 def paired_transform(first: Image.Image, second: Image.Image, resolution: int, rng: np.random.Generator,
@@ -85,24 +190,29 @@ def paired_transform(first: Image.Image, second: Image.Image, resolution: int, r
     return out[0], out[1]
 
 
-class PairedFolder:
-    """A metadata.jsonl folder as an indexable dataset; ``load(i, rng)`` returns None for a bad example."""
+class PairedData:
+    """Any supported source as an indexable dataset; ``load(i, rng)`` returns None for a bad example."""
 
-    def __init__(self, folder: str | Path, resolution: int):
-        self.folder, self.resolution = Path(folder), resolution
+    def __init__(self, source: str | Path, resolution: int):
+        self.source, self.resolution = Path(source), resolution
+        if not self.source.exists():
+            raise InputError(f"{self.source}: no such data folder or file")
         self.skipped = SkipCounter()
-        self.rows = read_metadata(self.folder, self.skipped)
-        if not self.rows:
-            raise InputError(f"{self.folder}: metadata.jsonl has no usable rows ({self.skipped.summary()})")
+        self.rows = open_rows(self.source, self.skipped)
+        if len(self.rows) == 0:
+            raise InputError(f"{self.source}: no usable examples ({self.skipped.summary()})")
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, index: int, rng: np.random.Generator) -> dict | None:
+    def images(self, index: int) -> tuple[Image.Image, str, Image.Image] | None:
+        """(input, instruction, edited) of example ``index``, or None (counted) if it is unusable."""
         row = self.rows[index]
+        if row is None:
+            self.skipped.add("missing column")
+            return None
         try:
-            first = load_image(self.folder / row["input_image"])
-            second = load_image(self.folder / row["edited_image"])
+            first, second = _image(row["input_image"]), _image(row["edited_image"])
         except InputError as err:
             self.skipped.add("missing or corrupt image")
             log.debug("skipping example %d: %s", index, err)
@@ -110,5 +220,12 @@ class PairedFolder:
         if first.size != second.size:
             self.skipped.add("input and edited sizes differ")
             return None
+        return first, row["edit_prompt"], second
+
+    def load(self, index: int, rng: np.random.Generator) -> dict | None:
+        found = self.images(index)
+        if found is None:
+            return None
+        first, prompt, second = found
         source, edited = paired_transform(first, second, self.resolution, rng)
-        return {"input": source, "edited": edited, "prompt": row["edit_prompt"]}
+        return {"input": source, "edited": edited, "prompt": prompt}

@@ -24,7 +24,7 @@ from engine.schedules import alphas_cumprod
 from engine.tokenizer import ClipTokenizer
 from training.conditioning import apply_dropout
 from training.config import TrainConfig
-from training.data import PairedFolder
+from training.data import PairedData
 from training.model import expand_conv_in
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class DataCursor:
         return int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[offset])
 
 
-def next_batch(data: PairedFolder, cursor: DataCursor, count: int, rng: np.random.Generator) -> list[dict]:
+def next_batch(data: PairedData, cursor: DataCursor, count: int, rng: np.random.Generator) -> list[dict]:
     """``count`` good examples; bad ones are skipped (and counted by the dataset)."""
     batch: list[dict] = []
     for _ in range(count * 10 + len(data)):
@@ -53,7 +53,7 @@ def next_batch(data: PairedFolder, cursor: DataCursor, count: int, rng: np.rando
             batch.append(example)
             if len(batch) == count:
                 return batch
-    raise RuntimeError(f"{data.folder}: could not find {count} readable examples")
+    raise RuntimeError(f"{data.source}: could not find {count} readable examples")
 
 
 def _checkpoint_paths(output: Path) -> list[Path]:
@@ -68,7 +68,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel
 
-    data = PairedFolder(config.data, config.resolution)  # bad data fails before any model loads
+    data = PairedData(config.data, config.resolution)  # bad data fails before any model loads
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
     source = resolve_model(config.base)
     folder, output = source.folder, Path(config.output)
@@ -173,7 +173,6 @@ def _validate(output, step, unet, vae, text_encoder, tokenizer, folder, data, co
 
     from engine.backends.torch_backend import TorchBackend, wrap_components
     from engine.config import ModelConfig
-    from engine.images import load_image
     from engine.pipeline import EditPipeline
 
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -185,11 +184,8 @@ def _validate(output, step, unet, vae, text_encoder, tokenizer, folder, data, co
     device = next(unet.parameters()).device
     pipe = EditPipeline(TorchBackend(wrap_components(unet, vae, text_encoder), device, torch.float32), model,
                         tokenizer, progress=False)
-    row = data.rows[0]
-    source = load_image(data.folder / row["input_image"])
-    edited = pipe.edit(source, row["edit_prompt"], steps=config.validation_steps, seed=0,
-                       resolution=config.resolution).images[0]
-    target = load_image(data.folder / row["edited_image"])
+    source, prompt, target = next(found for i in range(len(data)) if (found := data.images(i)) is not None)
+    edited = pipe.edit(source, prompt, steps=config.validation_steps, seed=0, resolution=config.resolution).images[0]
     size = edited.size
     sheet = Image.new("RGB", (size[0] * 3, size[1]))
     for i, im in enumerate((source, edited, target)):
