@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int)
     trainer.add_argument("--resume", help="'latest' or a checkpoint folder")
 
+    synth = sub.add_parser("synth", help="write procedural paired shape-edit data (training format)")
+    synth.add_argument("out_dir")
+    synth.add_argument("--count", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=64)
+
     convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
     convert.add_argument("model", help="diffusers-format model folder")
     convert.add_argument("output", help="target .safetensors or .ckpt file")
@@ -220,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = {k: getattr(args, k) for k in ("base", "data", "output", "max_steps", "resolution", "batch_size",
                                                    "grad_accum", "lr", "mixed_precision", "checkpoint_every", "seed")}
             log.info("wrote %s", train(load_config(args.config, flags), resume=args.resume))
+        elif args.command == "synth":
+            from training.synthetic import generate
+
+            log.info("wrote %s", generate(args.out_dir, args.count, seed=args.seed, size=args.size))
         elif args.command == "convert":
             from engine.checkpoints import resolve_model
             from engine.original_format import save_single_file

@@ -122,3 +122,10 @@ def test_config_file_and_flags(tmp_path):
     path.write_text("base: m\nlearning_rate: 1\n")
     with pytest.raises(Exception, match="unknown option"):
         load_config(path, {})
+
+
+def test_shipped_config_files_load():
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parents[1].joinpath("training", "configs").glob("*.yaml"):
+        assert load_config(path, {"base": "m", "data": "d", "output": "o"}).max_steps > 0

@@ -1,0 +1,39 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import InputError
+from training.data import PairedData
+from training.synthetic import PALETTE, generate
+
+
+def test_generated_pairs_have_exact_ground_truth(tmp_path):
+    out = generate(tmp_path / "shapes", count=60, seed=1)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and {r["truth"]["edit"] for r in rows} == {"recolour", "background", "remove"}
+    assert len({r["edit_prompt"].split(" the ")[0] for r in rows}) > 4  # several phrasings
+    for row in rows:
+        before = np.asarray(Image.open(out / row["input_image"]))
+        after = np.asarray(Image.open(out / row["edited_image"]))
+        truth = row["truth"]
+        if truth["edit"] == "background":
+            assert tuple(after[0, 0]) == PALETTE[truth["colour"]] and truth["colour"] in row["edit_prompt"]
+        elif truth["edit"] == "recolour":
+            left, top, right, bottom = truth["box"]
+            centre = after[(top + bottom) // 2 + 2, (left + right) // 2]
+            assert tuple(centre) == PALETTE[truth["colour"]] and truth["shape"] in row["edit_prompt"]
+            assert tuple(after[0, 0]) == tuple(before[0, 0])
+        else:
+            left, top, right, bottom = truth["box"]
+            assert tuple(after[(top + bottom) // 2 + 2, (left + right) // 2]) == tuple(before[0, 0])
+    assert len(PairedData(out, 32)) == 60
+
+
+def test_same_seed_same_data_and_no_overwrite(tmp_path):
+    a = generate(tmp_path / "a", 5, seed=3)
+    b = generate(tmp_path / "b", 5, seed=3)
+    assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
+    with pytest.raises(InputError, match="already holds"):
+        generate(a, 5)
