@@ -22,7 +22,7 @@ from engine.errors import InputError, NumericalError
 from engine.guidance import BRANCHES, guided_denoiser, uses_guidance
 from engine.noise import NoiseSource, resolve_seeds
 from engine.samplers import SAMPLERS
-from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Profile
+from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
 from engine.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class EditPipeline:
         """(B, 3, H, W) decoded pixels; a reduced-precision overflow is retried with the float32 decoder."""
         be = self.backend
         decoded = be.to_numpy(be.run(VAE_DECODER.name, {"latents": latents})["images"])
-        fallback = VAE_DECODER.name + "_fp32"
+        fallback = VAE_DECODER_FP32
         if not np.isfinite(decoded).all() and be.has(fallback):
             log.warning("the VAE decoder produced NaN/Inf in reduced precision; decoding again in float32")
             decoded = be.to_numpy(be.run(fallback, {"latents": latents})["images"])

@@ -66,6 +66,8 @@ VAE_DECODER = ComponentSpec(
 )
 
 COMPONENTS = {spec.name: spec for spec in (TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER)}
+# The float32 VAE decoder a backend may offer as a fallback when reduced precision overflows.
+VAE_DECODER_FP32 = VAE_DECODER.name + "_fp32"
 
 
 @dataclass(frozen=True)

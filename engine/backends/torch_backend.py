@@ -87,7 +87,7 @@ def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) ->
     }
 
 
-FP32_DECODER = specs.VAE_DECODER.name + "_fp32"
+FP32_DECODER = specs.VAE_DECODER_FP32
 
 
 class TorchBackend:
@@ -105,7 +105,7 @@ class TorchBackend:
             decoder = copy.deepcopy(self._modules[specs.VAE_DECODER.name][0]).float()
             self._modules[component] = (decoder, torch.float32)
         module, dtype = self._modules[component]
-        spec = specs.COMPONENTS[component.removesuffix("_fp32")]
+        spec = specs.VAE_DECODER if component == FP32_DECODER else specs.COMPONENTS[component]
         args = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.inference_mode():
             out = module(**args)
