@@ -57,8 +57,13 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     text = _read_json(model_dir / "text_encoder" / "config.json", "text encoder")
     scheduler = _read_json(model_dir / "scheduler" / "scheduler_config.json", "scheduler")
     check_unet_channels(unet.get("in_channels"), model_dir)
+    return model_config_from(unet, vae, text, scheduler)
+
+
+def model_config_from(unet: dict, vae: dict, text: dict, scheduler: dict) -> ModelConfig:
+    """ModelConfig from the UNet, VAE, text encoder and scheduler configs (diffusers/transformers keys)."""
     return ModelConfig(
-        scheduler=scheduler,
+        scheduler=dict(scheduler),
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         vae_factor=2 ** (len(vae["block_out_channels"]) - 1),
         unet_factor=2 ** (len(unet["block_out_channels"]) - 1),

@@ -172,15 +172,11 @@ def _validate(output, step, unet, vae, text_encoder, tokenizer, folder, data, co
     from PIL import Image
 
     from engine.backends.torch_backend import TorchBackend, wrap_components
-    from engine.config import ModelConfig
+    from engine.config import model_config_from
     from engine.pipeline import EditPipeline
 
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    model = ModelConfig(scheduler=scheduler, scaling_factor=float(vae.config.scaling_factor),
-                        vae_factor=2 ** (len(vae.config.block_out_channels) - 1),
-                        unet_factor=2 ** (len(unet.config.block_out_channels) - 1),
-                        unet_sample_size=int(unet.config.sample_size), latent_channels=int(vae.config.latent_channels),
-                        text_dim=int(text_encoder.config.hidden_size))
+    model = model_config_from(unet.config, vae.config, text_encoder.config.to_dict(), scheduler)
     device = next(unet.parameters()).device
     pipe = EditPipeline(TorchBackend(wrap_components(unet, vae, text_encoder), device, torch.float32), model,
                         tokenizer, progress=False)
