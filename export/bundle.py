@@ -6,6 +6,7 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -186,15 +187,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             "format": options.format,
             "precision": options.precision,
             "source": {"model": str(model), "weights_sha256": weights_hash(source)},
-            "model": {
-                "scheduler": model_config.scheduler,
-                "scaling_factor": model_config.scaling_factor,
-                "vae_factor": model_config.vae_factor,
-                "unet_factor": model_config.unet_factor,
-                "unet_sample_size": model_config.unet_sample_size,
-                "latent_channels": model_config.latent_channels,
-                "text_dim": model_config.text_dim,
-            },
+            "model": dataclasses.asdict(model_config),  # read back as ModelConfig(**...) by the runtime
             "profile": profile.to_dict(),
             "guidance": "loop",  # the UNet returns all 3B rows; eq. 3 is applied by the shared loop
             "components": components,
