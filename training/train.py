@@ -105,6 +105,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         for micro in range(config.grad_accum):
             rng = np.random.default_rng([config.seed, step, micro])
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            # Every process reads the whole global batch and keeps its share: the cursor stays identical on
+            # all processes (exact resume) at the cost of decoding other processes' images too.
             examples = next_batch(data, cursor, per_process * accelerator.num_processes, rng)
             mine = examples[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
             with accelerator.accumulate(unet):
