@@ -129,3 +129,13 @@ def test_shipped_config_files_load():
 
     for path in Path(__file__).resolve().parents[1].joinpath("training", "configs").glob("*.yaml"):
         assert load_config(path, {"base": "m", "data": "d", "output": "o"}).max_steps > 0
+
+
+def test_data_cursor_visits_every_example_once_per_epoch():
+    from training.train import DataCursor
+
+    cursor = DataCursor(7, seed=1)
+    first, second = [cursor.next_index() for _ in range(7)], [cursor.next_index() for _ in range(7)]
+    assert sorted(first) == sorted(second) == list(range(7)) and first != second
+    resumed = DataCursor(7, seed=1, position=9)
+    assert [resumed.next_index() for _ in range(5)] == second[2:]

@@ -134,11 +134,8 @@ class TarRows:
 
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
-        read = {}
-        for name in ("input", "edited", "txt"):
-            shard, member = sample[name]
-            with tarfile.open(shard) as tar:
-                read[name] = tar.extractfile(member).read()
+        with tarfile.open(sample["input"][0]) as tar:  # a sample's files live in one shard
+            read = {name: tar.extractfile(sample[name][1]).read() for name in ("input", "edited", "txt")}
         return {"input_image": read["input"], "edit_prompt": read["txt"].decode("utf-8").strip(),
                 "edited_image": read["edited"]}
 

@@ -37,11 +37,14 @@ class DataCursor:
 
     def __init__(self, size: int, seed: int, position: int = 0):
         self.size, self.seed, self.position = size, seed, position
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def next_index(self) -> int:
         epoch, offset = divmod(self.position, self.size)
+        if epoch != self._epoch:  # one permutation per epoch, not per example
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
         self.position += 1
-        return int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[offset])
+        return int(self._order[offset])
 
 
 def next_batch(data: PairedData, cursor: DataCursor, count: int, rng: np.random.Generator) -> list[dict]:
