@@ -159,17 +159,20 @@ class EditPipeline:
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
         max_batch = self.profile.batch[2] if self.profile else len(images)
-        for size, group in groups.items():
-            self._check_size(size, len(group))
-            for start in range(0, len(group), max_batch):  # a bundle's profile caps images per call
-                members = group[start : start + max_batch]
-                pixels = imaging.to_model_input([prepared[i] for i in members])
-                noise = None if latents is None else latents[start : start + max_batch]
-                edited = self._edit_batch(
-                    pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings
-                )
-                for i, out in zip(members, edited):
-                    outputs[i] = out
+        chunks = [  # (offset in the group, members): a bundle's profile caps images per call
+            (start, group[start : start + max_batch]) for group in groups.values()
+            for start in range(0, len(group), max_batch)
+        ]
+        for _, members in chunks:  # every call is checked before any work starts
+            self._check_size(prepared[members[0]].size, len(members))
+        for start, members in chunks:
+            pixels = imaging.to_model_input([prepared[i] for i in members])
+            noise = None if latents is None else latents[start : start + len(members)]
+            edited = self._edit_batch(
+                pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings
+            )
+            for i, out in zip(members, edited):
+                outputs[i] = out
 
         start = time.perf_counter()
         if config.keep_size:
