@@ -101,6 +101,45 @@ ARCHITECTURES = {
         ),
         "merges": 2000,
     },
+    # The project's own small model (engine/models/shapes): 64x64 images, 4x VAE downsampling to 16x16x4
+    # latents, attention only at 8x8 and 4x4, a 2-layer text tower whose vocabulary holds every domain word.
+    "shapes": {
+        "unet": dict(
+            sample_size=16,
+            in_channels=8,
+            out_channels=4,
+            block_out_channels=(64, 128, 128),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            sample_size=64,
+            mid_block_add_attention=False,
+            norm_num_groups=8,  # groups of 4-8 channels: a flat colour keeps its level through GroupNorm
+            scaling_factor=1.0,  # measured on the data by the VAE stage
+        ),
+        "text_encoder": dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=64,
+        ),
+        "merges": 5000,  # more than the corpus can use: every corpus word becomes one token
+    },
 }
 
 # Words the generated tokenizer learns merges from: enough to give edit instructions multi-letter tokens.
@@ -110,7 +149,8 @@ _CORPUS = (
     "red green blue yellow purple orange white black pink brown gray golden silver colour color "
     "cat dog horse person man woman face hair hat glasses beard smile house car tree flower mountain "
     "photo painting style picture image drawing sketch cartoon oil van gogh picasso watercolor "
-    "bigger smaller brighter darker older younger happy sad fire ice stone wood metal glass"
+    "bigger smaller brighter darker older younger happy sad fire ice stone wood metal glass "
+    "delete take away get rid erase"
 ).split()
 
 

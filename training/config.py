@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import InputError
+from training.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     seed: int = 0
+    recipe: Recipe | None = None  # build base model and data first (training/recipe.py) instead of --base/--data
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.resolution < 8:
@@ -60,7 +62,9 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     if unknown:
         raise InputError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for required in ("base", "data", "output"):
+    if values.get("recipe") is not None:
+        values["recipe"] = Recipe.from_dict(values["recipe"], str(path))
+    for required in ("output",) if values.get("recipe") else ("base", "data", "output"):
         if not values.get(required):
             raise InputError(f"--{required} is required (or set it in the config file)")
     return TrainConfig(**values)

@@ -26,6 +26,7 @@ from training.conditioning import apply_dropout
 from training.config import TrainConfig
 from training.data import PairedData
 from training.model import expand_conv_in
+from training.recipe import prepare
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel
 
+    if config.recipe is not None:
+        base, data_dir = prepare(config.recipe, Path(config.output) / "recipe", config.seed)
+        config = dataclasses.replace(config, base=str(base), data=str(data_dir))
     data = PairedData(config.data, config.resolution)  # bad data fails before any model loads
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
     source = resolve_model(config.base)
