@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("images", nargs="+", help="input image files")
     edit.add_argument("-p", "--prompt", required=True, help="the edit instruction (may be empty)")
     edit.add_argument("-o", "--output", required=True, help="output file (one image) or folder (several)")
-    edit.add_argument("--model", help="model folder, hub id or .ckpt/.safetensors file (default: $IP2P_MODEL)")
+    edit.add_argument("--model", help="model folder, bundle, hub id or .ckpt/.safetensors file "
+                      "(default: $IP2P_MODEL, else the shipped shapes model)")
     edit.add_argument("--config", help="diffusers folder or hub id for a single-file checkpoint's configs")
     edit.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
     edit.add_argument("--device", default="cpu")
@@ -54,9 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
 
     create = sub.add_parser("create-model", help="write a random-weight model in diffusers format")
-    create.add_argument("kind", choices=["tiny", "sd15"])
+    create.add_argument("kind", choices=["tiny", "sd15", "shapes"])
     create.add_argument("out_dir")
     create.add_argument("--seed", type=int, default=0)
+
+    evaluate = sub.add_parser("eval", help="success rate per edit type on held-out synthetic shapes edits")
+    evaluate.add_argument("model", nargs="?", help="model folder or bundle (default: as for edit)")
+    evaluate.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    evaluate.add_argument("--count", type=int, default=300, help="held-out edits, split evenly over edit types")
+    evaluate.add_argument("--seed", type=int, help="held-out set seed (default: one training never uses)")
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--sampler", default="euler_ancestral", choices=sorted(SAMPLERS))
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--json", help="also write the report as JSON here")
+    evaluate.add_argument("--save-dir", help="write input/edit/truth sheets here")
 
     export = sub.add_parser("export", help="export a model to an ONNX or TensorRT bundle")
     export.add_argument("model", help="model folder, hub id or .ckpt/.safetensors file")
@@ -169,6 +183,22 @@ def run_edit(args: argparse.Namespace) -> None:
         log.info("timings: %s", timings)
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    from engine.pipeline import EditPipeline
+    from training.evaluation import HELD_OUT_SEED, evaluate, format_report, write_report
+
+    if args.count < 1 or args.batch_size < 1 or args.steps < 1:
+        raise InputError("--count, --batch-size and --steps must be at least 1")
+    pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                        progress=False)
+    report = evaluate(pipe, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
+                      args.steps, args.sampler, args.save_dir)
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+        log.info("wrote %s", args.json)
+
+
 def run_export(args: argparse.Namespace) -> None:
     from engine.specs import Profile, parse_range
     from export.bundle import ExportOptions, export_bundle
@@ -217,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.random_models import create_model
 
             log.info("wrote %s", create_model(args.kind, args.out_dir, seed=args.seed))
+        elif args.command == "eval":
+            run_eval(args)
         elif args.command == "export":
             run_export(args)
         elif args.command == "train":

@@ -7,6 +7,7 @@ import os
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from engine.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "IP2P_MODEL"  # the model used when none is named
+DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"  # shipped: trained by training/configs/shapes.yaml
 TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 
 
@@ -76,10 +78,9 @@ class EditPipeline:
         """Load a diffusers folder, hub id or single .ckpt/.safetensors file with ``backend="torch"``
         (``config`` names the diffusers folder or hub id that supplies a single file's configs and
         tokenizer), or an exported bundle with ``backend="onnxruntime"``/``"tensorrt"``. ``dtype``
-        defaults to float32 for torch and to the bundle's precision for bundles."""
-        model = model or os.environ.get(MODEL_ENV)
-        if not model:
-            raise InputError(f"no model given: pass a model folder, hub id or checkpoint, or set {MODEL_ENV}")
+        defaults to float32 for torch and to the bundle's precision for bundles. With no ``model``: $IP2P_MODEL,
+        else the shipped shapes model (engine/models/shapes)."""
+        model = model or os.environ.get(MODEL_ENV) or default_model()
         module = backend_module(backend)
         options = backend_options or {}
         if is_bundle(model):
@@ -295,6 +296,14 @@ class EditPipeline:
         if not np.isfinite(decoded).all():
             raise NumericalError("the decoded image contains NaN or Inf (the model's weights or latents are broken)")
         return decoded
+
+
+def default_model() -> Path:
+    """The shipped model, trained by the project on synthetic shapes edits."""
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        raise InputError(f"no model given and the shipped model is missing from {DEFAULT_MODEL}: "
+                         f"pass a model, or set {MODEL_ENV}")
+    return DEFAULT_MODEL
 
 
 def _instructions_for(instruction: str | Sequence[str], count: int) -> list[str]:

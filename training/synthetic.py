@@ -41,15 +41,25 @@ def draw(size: int, background: str, shapes: list[Shape]) -> Image.Image:
     image = Image.new("RGB", (size, size), PALETTE[background])
     pen = ImageDraw.Draw(image)
     for s in shapes:
-        fill = PALETTE[s.colour]
-        if s.kind == "circle":
-            pen.ellipse(s.box, fill=fill)
-        elif s.kind == "square":
-            pen.rectangle(s.box, fill=fill)
-        else:
-            left, top, right, bottom = s.box
-            pen.polygon([(left, bottom), ((left + right) / 2, top), (right, bottom)], fill=fill)
+        _draw_shape(pen, s, PALETTE[s.colour])
     return image
+
+
+def shape_mask(size: int, shape: Shape) -> np.ndarray:
+    """(size, size) bool: the pixels ``draw`` paints for ``shape``."""
+    image = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(image), shape, 255)
+    return np.asarray(image) > 0
+
+
+def _draw_shape(pen: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
+    if shape.kind == "circle":
+        pen.ellipse(shape.box, fill=fill)
+    elif shape.kind == "square":
+        pen.rectangle(shape.box, fill=fill)
+    else:
+        left, top, right, bottom = shape.box
+        pen.polygon([(left, bottom), ((left + right) / 2, top), (right, bottom)], fill=fill)
 
 
 def random_scene(rng: np.random.Generator, size: int) -> tuple[str, list[Shape]]:
@@ -69,11 +79,20 @@ def random_scene(rng: np.random.Generator, size: int) -> tuple[str, list[Shape]]
     return background, shapes
 
 
-def random_edit(rng: np.random.Generator, background: str, shapes: list[Shape]) -> tuple[str, str, list[Shape], dict]:
-    """(instruction, new background, new shapes, ground truth) for one random edit of a scene."""
+EDITS = ("recolour", "background", "remove")
+
+
+def random_edit(
+    rng: np.random.Generator, background: str, shapes: list[Shape], kind: str | None = None
+) -> tuple[str, str, list[Shape], dict]:
+    """(instruction, new background, new shapes, ground truth) for one random edit of a scene; ``kind``
+    (one of EDITS) fixes the edit type, else it is drawn (removal needs a scene of 2+ shapes)."""
     used = {background, *(s.colour for s in shapes)}
     free = [c for c in PALETTE if c not in used]
-    kind = rng.choice(["recolour", "background", "remove"] if len(shapes) > 1 else ["recolour", "background"])
+    if kind is None:
+        kind = rng.choice(list(EDITS) if len(shapes) > 1 else ["recolour", "background"])
+    elif kind == "remove" and len(shapes) < 2:
+        raise ValueError("removal needs a scene with at least two shapes")
     if kind == "background":
         colour = str(rng.choice(free))
         text = str(rng.choice(BACKGROUND)).format(colour=colour)
