@@ -16,6 +16,7 @@ batch_size: 4
 max_steps: 2
 ema_decay: 0.0
 checkpoint_every: 0
+save_dtype: float16
 """
 
 
@@ -33,7 +34,12 @@ def test_recipe_builds_data_base_and_vae_then_trains_a_loadable_model(tmp_path):
     assert vae_config["scaling_factor"] != 1.0  # measured on the data, not the architecture's placeholder
     saved = json.loads((out / "training_config.json").read_text())["config"]
     assert saved["recipe"]["synthetic"]["count"] == 48 and saved["base"] == str(recipe / "base")
-    image = (recipe / "data" / "images" / "000000_in.png")
+    from safetensors.torch import load_file
+
+    for component in ("unet", "vae", "text_encoder"):
+        weights = next((out / component).glob("*.safetensors"))
+        assert {str(v.dtype) for v in load_file(weights).values() if v.is_floating_point()} == {"torch.float16"}
+    image = recipe / "data" / "images" / "000000_in.png"
     edited = EditPipeline.from_pretrained(out, progress=False).edit(image, "make the circle blue", steps=2, seed=0)
     assert edited.images[0].size == (64, 64)
 

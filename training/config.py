@@ -34,6 +34,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     seed: int = 0
+    save_dtype: str = "float32"  # weights of the saved model: float32 | float16 (halves its size)
     recipe: Recipe | None = None  # build base model and data first (training/recipe.py) instead of --base/--data
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class TrainConfig:
             raise InputError("max_steps >= 0, batch_size >= 1, grad_accum >= 1 and resolution >= 8 are required")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.save_dtype not in ("float32", "float16"):
+            raise InputError(f"save_dtype must be float32 or float16, got {self.save_dtype!r}")
         if not 0 <= self.conditioning_dropout <= 1 / 3:
             raise InputError("conditioning_dropout must be in [0, 1/3]: three disjoint cases of probability p")
 

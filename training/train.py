@@ -278,3 +278,16 @@ def _save_model(base: Path, unet, output: Path, config: TrainConfig, losses: lis
     (output / "model_index.json").write_text(json.dumps(index, indent=2))
     (output / "training_config.json").write_text(json.dumps(
         {"config": dataclasses.asdict(config), "final_loss": float(np.mean(losses[-20:])) if losses else None}, indent=2))
+    if config.save_dtype == "float16":
+        save_half_precision(output)
+
+
+def save_half_precision(model_dir: Path) -> None:
+    """Rewrite every component's safetensors weights of a diffusers folder in float16, each file atomically."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(Path(model_dir).glob("*/*.safetensors")):
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(weights, tmp, metadata={"format": "pt"})
+        tmp.replace(path)
