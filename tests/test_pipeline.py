@@ -86,7 +86,7 @@ def test_every_sampler_edits(tiny_pipe, sampler):
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
 
 
-def test_bad_arguments_are_refused(tiny_pipe):
+def test_bad_arguments_are_refused(tiny_pipe, tmp_path, monkeypatch):
     image = random_images(1)[0]
     with pytest.raises(InputError, match="one per image"):
         tiny_pipe.edit([image, image], ["a", "b", "c"])
@@ -98,7 +98,9 @@ def test_bad_arguments_are_refused(tiny_pipe):
         tiny_pipe.edit(image, "x", latents=np.zeros((1, 4, 8, 8)), resolution=None)
     with pytest.raises(InputError, match="not divisible"):
         tiny_pipe.edit(random_images(1, 30, 30)[0], "x", resolution=None)
-    with pytest.raises(InputError, match="no model given"):
+    monkeypatch.delenv("IP2P_MODEL", raising=False)
+    monkeypatch.setattr("engine.pipeline.DEFAULT_MODEL", tmp_path / "missing")
+    with pytest.raises(InputError, match="no model given and the shipped model is missing"):
         EditPipeline.from_pretrained(None)
 
 
