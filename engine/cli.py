@@ -185,17 +185,18 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from engine.pipeline import EditPipeline
-    from training.evaluation import HELD_OUT_SEED, evaluate, format_report, write_report
+    from engine.manifest import write_json_atomic
+    from training.evaluation import HELD_OUT_SEED, evaluate, format_report
 
     if args.count < 1 or args.batch_size < 1 or args.steps < 1:
         raise InputError("--count, --batch-size and --steps must be at least 1")
     pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                         progress=False)
     report = evaluate(pipe, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
-                      args.steps, args.sampler, args.save_dir)
+                      args.steps, args.sampler, args.save_dir, progress=not args.quiet)
     print(format_report(report))
     if args.json:
-        write_report(report, args.json)
+        write_json_atomic(Path(args.json), report)
         log.info("wrote %s", args.json)
 
 

@@ -56,3 +56,12 @@ def test_eval_command_reports_every_edit_type(capsys):
     assert main(["-q", "eval", "--count", "6", "--steps", "8", "--batch-size", "6"]) == 0
     table = capsys.readouterr().out
     assert all(f"| {edit} | 2 |" in table for edit in ("recolour", "background", "remove"))
+
+
+def test_eval_bad_input_is_one_line(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["eval", str(tmp_path / "nowhere"), "--count", "3"]) == 2
+    assert main(["eval", "--count", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("ip2p: error:") == 2 and "Traceback" not in err

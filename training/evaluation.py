@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engine.pipeline import EditPipeline  # noqa: F401  (type hints; imports no torch)
 from training.synthetic import EDITS, PALETTE, Shape, draw, random_edit, random_scene, shape_mask
 
 HELD_OUT_SEED = 1_000_003  # training data uses small seeds (training/configs/shapes.yaml: 1)
@@ -93,13 +94,13 @@ def score(case: Case, edited: np.ndarray) -> Score:
     return Score(colour_ok, psnr)
 
 
-def evaluate(pipe, count: int = 300, seed: int = HELD_OUT_SEED, batch_size: int = 16, steps: int = 20,
-             sampler: str = "euler_ancestral", save_dir: str | Path | None = None) -> dict:
+def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, batch_size: int = 16, steps: int = 20,
+             sampler: str = "euler_ancestral", save_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Per-edit-type success rates (percent) of ``pipe`` (an EditPipeline) on ``count`` held-out cases;
     ``save_dir`` gets a sheet per batch (inputs, edits, ground truth as rows)."""
     cases = held_out_cases(count, seed)
     scores: list[Score] = []
-    for start in tqdm(range(0, len(cases), batch_size), desc="evaluating", unit="batch"):
+    for start in tqdm(range(0, len(cases), batch_size), desc="evaluating", unit="batch", disable=not progress):
         batch = cases[start : start + batch_size]
         edited = pipe.edit([c.image for c in batch], [c.instruction for c in batch], steps=steps, sampler=sampler,
                            seed=[seed + start + i for i in range(len(batch))], resolution=None).images
@@ -130,12 +131,6 @@ def format_report(report: dict) -> str:
         lines.append(f"| {edit} | {r['n']} | {r['success']:.1f}% | {r['colour_correct']:.1f}% | "
                      f"{r['untouched_psnr_ok']:.1f}% | {r['median_untouched_psnr_db']:.1f} dB |")
     return "\n".join(lines)
-
-
-def write_report(report: dict, path: str | Path) -> None:
-    from engine.manifest import write_json_atomic
-
-    write_json_atomic(Path(path), report)
 
 
 def _save_sheet(path: Path, cases: list[Case], edited: list[np.ndarray]) -> None:
