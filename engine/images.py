@@ -153,3 +153,9 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
+    """Peak signal-to-noise ratio in dB of two arrays whose values span ``peak`` (255 for uint8 pixels)."""
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return 10 * math.log10(peak**2 / max(mse, 1e-20))

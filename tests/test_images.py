@@ -106,3 +106,13 @@ def test_save_image_is_atomic_and_checks_extension(tmp_path):
 def test_resize_array_keeps_float_range():
     out = images.resize_array(np.random.default_rng(0).random((8, 8, 3)).astype(np.float32), (10, 6))
     assert out.shape == (6, 10, 3) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_psnr():
+    from engine.images import psnr
+
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255**2 / 48
+    assert abs(psnr(a, b, peak=255.0) - 10 * np.log10(48)) < 1e-9
+    assert psnr(a, a, peak=255.0) > 190

@@ -8,17 +8,20 @@ neither. Works with any backend the pipeline runs, torch or an exported bundle.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from engine.pipeline import EditPipeline  # noqa: F401  (type hints; imports no torch)
+from engine.images import psnr
 from training.synthetic import EDITS, PALETTE, Shape, draw, random_edit, random_scene, shape_mask
+
+if TYPE_CHECKING:
+    from engine.pipeline import EditPipeline
 
 HELD_OUT_SEED = 1_000_003  # training data uses small seeds (training/configs/shapes.yaml: 1)
 MIN_PSNR = 25.0  # dB, untouched region against the ground truth
@@ -89,9 +92,8 @@ def score(case: Case, edited: np.ndarray) -> Score:
     inner = inner if inner.any() else case.region
     colour_ok = nearest_colour(edited[inner].astype(np.float64).mean(0)) == case.colour
     untouched = ~_grow(case.region, BORDER)
-    error = np.mean((edited[untouched].astype(np.float64) - case.target[untouched]) ** 2) if untouched.any() else 0.0
-    psnr = 10 * math.log10(255.0**2 / max(error, 1e-10))
-    return Score(colour_ok, psnr)
+    quality = psnr(edited[untouched], case.target[untouched], peak=255.0) if untouched.any() else math.inf
+    return Score(colour_ok, quality)
 
 
 def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, batch_size: int = 16, steps: int = 20,

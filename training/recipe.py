@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
+from engine.images import psnr
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +82,19 @@ def prepare(recipe: Recipe, folder: Path, seed: int) -> tuple[Path, Path]:
 
 
 def _load_images(data: Path, count: int) -> np.ndarray:
-    """(count, 3, H, W) float32 in [-1, 1]: inputs and edited images of the first pairs."""
-    from PIL import Image
+    """(count, 3, H, W) float32 in [-1, 1]: inputs and edited images of the first readable pairs."""
+    from training.data import PairedData
 
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
-    paths = [data / r[c] for r in rows for c in ("input_image", "edited_image")][:count]
-    stack = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (count, H, W, 3) uint8
+    pairs = PairedData(data, resolution=1)  # resolution is only for load(); images() returns files as they are
+    found: list[np.ndarray] = []
+    for i in range(len(pairs)):
+        if len(found) >= count:
+            break
+        example = pairs.images(i)
+        if example is not None:
+            found += [np.asarray(example[0].convert("RGB")), np.asarray(example[2].convert("RGB"))]
+    stack = np.stack(found[:count])  # (count, H, W, 3) uint8
     return stack.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two image batches in [-1, 1] (peak-to-peak 2)."""
-    mse = float(np.mean((np.clip(a, -1, 1) - b) ** 2))
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
 def train_vae(vae_dir: Path, data: Path, stage: VaeStage, seed: int) -> dict:
@@ -134,7 +134,7 @@ def train_vae(vae_dir: Path, data: Path, stage: VaeStage, seed: int) -> dict:
         recon = torch.cat([vae.decode(m).sample for m in means.split(50)])
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     vae.save_pretrained(vae_dir)
-    report = {"steps": stage.steps, "holdout_psnr_db": _psnr(recon.numpy(), holdout.numpy()),
+    report = {"steps": stage.steps, "holdout_psnr_db": psnr(recon.clamp(-1, 1).numpy(), holdout.numpy(), peak=2.0),
               "scaling_factor": vae.config.scaling_factor, "minutes": (time.perf_counter() - started) / 60}
     (vae_dir / "vae_stage.json").write_text(json.dumps(report, indent=2))
     return report
