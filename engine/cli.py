@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, help="held-out set seed (default: one training never uses)")
     evaluate.add_argument("--steps", type=int, default=20)
     evaluate.add_argument("--sampler", default="euler_ancestral", choices=sorted(SAMPLERS))
+    evaluate.add_argument("--text-guidance", type=float, default=7.5)
+    evaluate.add_argument("--image-guidance", type=float, default=1.5)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--json", help="also write the report as JSON here")
     evaluate.add_argument("--save-dir", help="write input/edit/truth sheets here")
@@ -193,7 +195,8 @@ def run_eval(args: argparse.Namespace) -> None:
     pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                         progress=False)
     report = evaluate(pipe, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
-                      args.steps, args.sampler, args.save_dir, progress=not args.quiet)
+                      args.steps, args.sampler, args.save_dir, progress=not args.quiet,
+                      text_guidance=args.text_guidance, image_guidance=args.image_guidance)
     print(format_report(report))
     if args.json:
         write_json_atomic(Path(args.json), report)

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from training.config import TrainConfig, load_config
-from training.train import train
+from training.train import PairEncoder, train
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,34 @@ def test_resume_equals_an_uninterrupted_run(tiny_model, pairs, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_latent_cache_hits_repeated_pairs_within_its_limit_and_changes_nothing(tiny_model, pairs, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(f"{tiny_model}/vae")
+    rng = np.random.default_rng(0)
+    examples = [{"input": rng.uniform(-1, 1, (3, 32, 32)).astype(np.float32),
+                 "edited": rng.uniform(-1, 1, (3, 32, 32)).astype(np.float32)} for _ in range(3)]
+    plain, cached = PairEncoder(vae, "cpu"), PairEncoder(vae, "cpu", cache_mb=1)
+    for batch in (examples[:2], examples[1:], examples[::-1]):
+        for a, b in zip(plain(batch), cached(batch)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (cached.hits, cached.misses, len(cached.entries)) == (4, 3, 3)
+    small = PairEncoder(vae, "cpu", cache_mb=1)
+    small.limit = cached.used // 3  # room for one pair's encodings
+    small(examples), small(examples)
+    assert len(small.entries) == 1 and (small.hits, small.misses) == (1, 5)
+
+    # 16 pairs x 2 flips at the training resolution: 12 batches of 4 must repeat some; the same losses either
+    # way (weights are not compared: Adam turns float noise in near-zero gradients into lr-sized steps)
+    def losses(folder):
+        return [float(row.split(",")[1]) for row in (folder / "log.csv").read_text().splitlines()[1:]]
+
+    plain_run = train(config(tiny_model, pairs, tmp_path / "plain", max_steps=12, log_every=1))
+    cached_run = train(config(tiny_model, pairs, tmp_path / "cached", max_steps=12, log_every=1, latent_cache_mb=8))
+    assert len(losses(plain_run)) == 12
+    np.testing.assert_allclose(losses(cached_run), losses(plain_run), rtol=1e-4)
 
 
 def test_training_lowers_the_loss_and_the_output_loads(tiny_model, pairs, tmp_path):
@@ -92,7 +120,7 @@ def _eval_loss(model, pairs):
     with torch.no_grad():
         for seed in range(8):
             batch = [data.load(i, np.random.default_rng(seed)) for i in range(8)]
-            losses.append(_loss(batch, unet, vae, text, tok, null, acp, 0.18215, "epsilon", 0.0,
+            losses.append(_loss(batch, unet, PairEncoder(vae, "cpu"), text, tok, null, acp, 0.18215, "epsilon", 0.0,
                                 torch.Generator().manual_seed(seed), "cpu").item())
     return float(np.mean(losses))
 

@@ -27,6 +27,7 @@ class TrainConfig:
     conditioning_dropout: float = 0.05  # p of Brooks et al. sec. 3.2.1
     ema_decay: float = 0.9999  # 0 disables EMA
     gradient_checkpointing: bool = False
+    latent_cache_mb: int = 0  # keep VAE encodings of repeated pairs in memory up to this size (0: off)
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit, where installed
     log_every: int = 10  # rows of <output>/log.csv
     validate_every: int = 0  # save an edit of the first training pair every N steps (0: never)
@@ -40,6 +41,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.resolution < 8:
             raise InputError("max_steps >= 0, batch_size >= 1, grad_accum >= 1 and resolution >= 8 are required")
+        if self.latent_cache_mb < 0:
+            raise InputError(f"latent_cache_mb must be >= 0, got {self.latent_cache_mb}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.save_dtype not in ("float32", "float16"):

@@ -97,7 +97,8 @@ def score(case: Case, edited: np.ndarray) -> Score:
 
 
 def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, batch_size: int = 16, steps: int = 20,
-             sampler: str = "euler_ancestral", save_dir: str | Path | None = None, progress: bool = True) -> dict:
+             sampler: str = "euler_ancestral", save_dir: str | Path | None = None, progress: bool = True,
+             text_guidance: float = 7.5, image_guidance: float = 1.5) -> dict:
     """Per-edit-type success rates (percent) of ``pipe`` (an EditPipeline) on ``count`` held-out cases;
     ``save_dir`` gets a sheet per batch (inputs, edits, ground truth as rows)."""
     cases = held_out_cases(count, seed)
@@ -105,12 +106,14 @@ def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, 
     for start in tqdm(range(0, len(cases), batch_size), desc="evaluating", unit="batch", disable=not progress):
         batch = cases[start : start + batch_size]
         edited = pipe.edit([c.image for c in batch], [c.instruction for c in batch], steps=steps, sampler=sampler,
+                           text_guidance=text_guidance, image_guidance=image_guidance,
                            seed=[seed + start + i for i in range(len(batch))], resolution=None).images
         arrays = [np.asarray(im.convert("RGB")) for im in edited]
         scores += [score(c, a) for c, a in zip(batch, arrays)]
         if save_dir is not None:
             _save_sheet(Path(save_dir) / f"batch-{start // batch_size:03d}.png", batch, arrays)
-    report = {"count": len(cases), "seed": seed, "steps": steps, "sampler": sampler, "edits": {}}
+    report = {"count": len(cases), "seed": seed, "steps": steps, "sampler": sampler,
+              "text_guidance": text_guidance, "image_guidance": image_guidance, "edits": {}}
     for edit in EDITS:
         mine = [s for c, s in zip(cases, scores) if c.edit == edit]
         if mine:
@@ -126,7 +129,8 @@ def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, 
 
 def format_report(report: dict) -> str:
     """Markdown table of an ``evaluate`` report."""
-    lines = [f"{report['count']} held-out edits (seed {report['seed']}, {report['steps']} {report['sampler']} steps)",
+    lines = [f"{report['count']} held-out edits (seed {report['seed']}, {report['steps']} {report['sampler']} steps, "
+             f"text guidance {report['text_guidance']}, image guidance {report['image_guidance']})",
              "", "| edit | n | success | colour right | untouched >= 25 dB | median untouched PSNR |",
              "|---|---:|---:|---:|---:|---:|"]
     for edit, r in report["edits"].items():
