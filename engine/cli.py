@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--keep-size", action="store_true", help="resize outputs back to each input's size")
     edit.add_argument("--batch-size", type=int, default=1, help="images denoised together")
     edit.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
+    edit.add_argument("--cuda-graph", action="store_true",
+                      help="replay each network from a CUDA graph (onnxruntime/tensorrt, static-shape bundles)")
 
     create = sub.add_parser("create-model", help="write a random-weight model in diffusers format")
     create.add_argument("kind", choices=["tiny", "sd15", "shapes"])
@@ -155,6 +157,7 @@ def run_edit(args: argparse.Namespace) -> None:
     from engine.config import EditConfig
     from engine.images import open_image, save_image
     from engine.noise import resolve_seeds
+    from engine.backends import BUNDLE_BACKENDS
     from engine.pipeline import EditPipeline
 
     if args.batch_size < 1:
@@ -170,9 +173,12 @@ def run_edit(args: argparse.Namespace) -> None:
     targets = output_paths(args.images, args.output)
     for image in args.images:  # fail before the model loads: headers only, pixels are decoded per batch
         open_image(Path(image), args.max_pixels).close()
+    if args.cuda_graph and args.backend not in BUNDLE_BACKENDS:
+        raise InputError("--cuda-graph replays exported bundles: use --backend onnxruntime or tensorrt")
     pipe = EditPipeline.from_pretrained(
         args.model, backend=args.backend, device=args.device, dtype=args.dtype, config=args.config,
         max_image_pixels=args.max_pixels, progress=not args.quiet,
+        backend_options={"cuda_graph": True} if args.cuda_graph else None,
     )
     seeds = resolve_seeds(args.seed, len(args.images))
     for start in range(0, len(args.images), args.batch_size):

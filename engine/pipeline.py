@@ -242,6 +242,7 @@ class EditPipeline:
         text = self.encode_text(instructions)  # (B, 77, D)
         if guided:
             text = be.concat([text] + [self.null_embedding()] * (2 * b), 0)  # (3B, 77, D)
+        text = be.constant(text)  # the same every step
         timings["text_encode"] += time.perf_counter() - start
 
         start = time.perf_counter()

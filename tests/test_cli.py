@@ -47,6 +47,7 @@ def test_several_inputs_go_to_a_folder_with_per_image_seeds(tiny_model, tmp_path
         ("indivisible", "not divisible"),
         ("extension", "unknown image extension"),
         ("nomodel", "no such model folder"),
+        ("graph", "--cuda-graph replays exported bundles"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, message):
@@ -72,6 +73,8 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
         args[5] = str(tmp_path / "out.nope")
     elif case == "nomodel":
         args[7] = str(tmp_path / "no-model")
+    elif case == "graph":
+        args += ["--cuda-graph"]
     code, captured = run(args, capsys)
     assert code == 2 and "Traceback" not in captured.err
     # in-process, weight-loading bars of an earlier import may show; the error itself is one line

@@ -42,6 +42,33 @@ def test_sizes_outside_the_profile_state_the_range(ort_pipes, rgb_image):
         ort_pipes["fp32"].edit(rgb_image, "x", resolution=256)
 
 
+def test_io_binding_gives_the_same_pictures_and_uploads_the_text_once(onnx_bundles, ort_pipes, rgb_image):
+    """The GPU path (persistent bound buffers, in-place input updates) run on CPU buffers."""
+    bound = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", progress=False,
+                                         backend_options={"io_binding": True})
+    unet = bound.backend.bound["unet"]
+    kwargs = dict(steps=4, seed=2, resolution=None, output_type="np")
+    for size, prompt in ((64, "make it blue"), (32, "make it red"), (64, "make it blue")):  # shapes change, return
+        image = rgb_image.resize((size, size))
+        ref = ort_pipes["fp32"].edit(image, prompt, **kwargs).images
+        before = unet.copies
+        out = bound.edit(image, prompt, **kwargs).images
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        # first step binds 3 fresh buffers (new shapes) or updates 3 inputs; later steps skip the embeddings
+        assert unet.copies - before == 3 + 3 * 2
+    values = [v.data_ptr() for v in unet._inputs.values()]
+    bound.edit(rgb_image.resize((64, 64)), "make it blue", **kwargs)
+    assert [v.data_ptr() for v in unet._inputs.values()] == values  # same shapes: same buffers
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_work(onnx_bundles):
+    with pytest.raises(InputError, match="CUDA graphs run on a CUDA device"):
+        EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", backend_options={"cuda_graph": True})
+    with pytest.raises(InputError, match="static-shape bundle"):
+        EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", device="cuda",
+                                     backend_options={"cuda_graph": True})
+
+
 def test_text_embeddings_are_cached(ort_pipes, rgb_image):
     pipe = ort_pipes["fp32"]
     pipe.edit(rgb_image, "make it red", steps=1, seed=0, resolution=None)
@@ -82,7 +109,9 @@ def test_provider_choice():
     gpu = choose_providers("cuda:1", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     assert [p[0] if isinstance(p, tuple) else p for p in gpu] == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert gpu[1][1]["device_id"] == 1
+    assert gpu[1][1]["device_id"] == 1 and "enable_cuda_graph" not in gpu[1][1]
+    graphs = choose_providers("cuda", ["TensorrtExecutionProvider", "CUDAExecutionProvider"], cuda_graph=True)
+    assert graphs[0][1]["trt_cuda_graph_enable"] is True and graphs[1][1]["enable_cuda_graph"] == "1"
     with pytest.raises(InputError, match="no CUDA provider"):
         choose_providers("cuda", ["CPUExecutionProvider"])
     with pytest.raises(InputError, match="not available"):

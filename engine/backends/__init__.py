@@ -1,8 +1,9 @@
 """Backends run the networks named in ``engine.specs``; everything else is shared.
 
-A backend answers ``run(component, inputs) -> outputs`` keyed by the spec's tensor names, plus three
-array helpers the denoising loop needs: ``asarray`` (numpy -> backend array), ``to_numpy`` and
-``concat``. Each backend lives in its own module so its heavy imports stay there.
+A backend answers ``run(component, inputs) -> outputs`` keyed by the spec's tensor names, plus the
+array helpers the denoising loop needs: ``asarray`` (numpy -> backend array), ``to_numpy``, ``concat``
+and ``constant`` (an input that every step passes again unchanged, which a GPU backend keeps on the
+device). Each backend lives in its own module so its heavy imports stay there.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class Backend(Protocol):
 
     def concat(self, arrays: Sequence[Any], axis: int) -> Any: ...
 
+    def constant(self, array: Any) -> Any: ...
+
 
 def backend_module(name: str):
     """The module implementing backend ``name``; imported only when asked for."""
@@ -51,3 +54,9 @@ class HostArrays:
 
     def concat(self, arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
         return np.concatenate(arrays, axis=axis)
+
+    def constant(self, array: np.ndarray) -> np.ndarray:
+        """A read-only copy: passed again as the same object, it is known unchanged and not re-uploaded."""
+        array = np.array(array, copy=True)
+        array.flags.writeable = False
+        return array

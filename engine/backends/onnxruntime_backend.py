@@ -2,6 +2,13 @@
 
 Providers are picked once (TensorRT EP, then CUDA EP, then CPU, or as given), sessions are created
 once and reused across edits.
+
+On CPU, ``session.run`` reads the numpy inputs in place (no copies). On a GPU, sessions run through IO
+binding (``BoundSession``): every input has a device buffer that persists while its shape does, so a
+step copies only the new values into it; the text embeddings, the largest UNet input, are copied once
+per edit and then skipped while they are unchanged. Outputs are written into persistent device
+buffers. Because the bound addresses never change, ``cuda_graph=True`` (static-shape bundles) lets
+ORT's CUDA provider capture each session's kernels once and replay them.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+import numpy as np
 
 from engine.backends import HostArrays
 from engine.errors import InputError
@@ -39,8 +47,10 @@ def physical_cores() -> int:
     return max(1, min(count or available, available))
 
 
-def choose_providers(device: str, available: Sequence[str], requested: Sequence[str] | None = None) -> list:
-    """Execution providers for ``device``: the requested ones (checked), else the best available."""
+def choose_providers(device: str, available: Sequence[str], requested: Sequence[str] | None = None,
+                     cuda_graph: bool = False) -> list:
+    """Execution providers for ``device``: the requested ones (checked), else the best available.
+    ``cuda_graph`` turns on the CUDA (or TensorRT) provider's graph capture."""
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:
@@ -59,18 +69,76 @@ def choose_providers(device: str, available: Sequence[str], requested: Sequence[
     chosen: list = []
     for name in names:
         if name == "CUDAExecutionProvider":
-            chosen.append((name, {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}))
+            options = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+            chosen.append((name, {**options, "enable_cuda_graph": "1"} if cuda_graph else options))
         elif name == "TensorrtExecutionProvider":
-            chosen.append((name, {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True}))
+            options = {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True}
+            chosen.append((name, {**options, "trt_cuda_graph_enable": True} if cuda_graph else options))
         else:
             chosen.append(name)
     return chosen
 
 
-class OnnxRuntimeBackend(HostArrays):
-    """One InferenceSession per component, created once."""
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
 
-    def __init__(self, bundle: Bundle, providers: list, threads: int | None = None):
+
+class BoundSession:
+    """One session run through IO binding with persistent buffers on ``device`` ("cpu" or "cuda").
+
+    Inputs: a buffer per input, made for the first call and reused while the input's shape and dtype
+    stay the same; a call copies the new values into it in place, or nothing when the caller passes the
+    very array it passed last time (a read-only array, such as the text embeddings of an edit). Outputs:
+    the buffers ORT allocated on the first call for these shapes, bound for every later call. The
+    addresses therefore stay fixed while the shapes do, as CUDA graph replay requires.
+    """
+
+    def __init__(self, session, device: str, device_id: int = 0):
+        import onnxruntime as ort
+
+        self._ort, self.session, self.device, self.device_id = ort, session, device, device_id
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._binding = session.io_binding()
+        self._signature: tuple | None = None
+        self._inputs: dict[str, Any] = {}  # name -> OrtValue
+        self._last: dict[str, Any] = {}  # name -> the array last copied in (read-only ones only)
+        self.copies = 0  # input copies made, for tests and logs
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        arrays = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
+        signature = tuple((name, a.shape, a.dtype.str) for name, a in arrays.items())
+        if signature != self._signature:  # new shapes: new buffers, bound once
+            self._binding.clear_binding_inputs()
+            self._binding.clear_binding_outputs()
+            for name, array in arrays.items():
+                self._inputs[name] = self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+                self._binding.bind_ortvalue_input(name, self._inputs[name])
+            for name in self.output_names:
+                self._binding.bind_output(name, self.device, self.device_id)
+            self._last = {}
+            self.copies += len(arrays)
+        else:
+            for name, array in arrays.items():
+                if self._last.get(name) is not array:
+                    self._inputs[name].update_inplace(array)
+                    self.copies += 1
+        self._last = {name: a for name, a in arrays.items() if not a.flags.writeable}
+        self.session.run_with_iobinding(self._binding)
+        if signature != self._signature:  # keep the buffers ORT just allocated for the outputs
+            outputs = self._binding.get_outputs()
+            self._binding.clear_binding_outputs()
+            for name, value in zip(self.output_names, outputs):
+                self._binding.bind_ortvalue_output(name, value)
+            self._signature = signature
+        return dict(zip(self.output_names, self._binding.copy_outputs_to_cpu()))
+
+
+class OnnxRuntimeBackend(HostArrays):
+    """One InferenceSession per component, created once; run directly on CPU, through ``BoundSession`` on
+    a GPU (or wherever ``io_binding`` asks for it)."""
+
+    def __init__(self, bundle: Bundle, providers: list, threads: int | None = None, io_binding: bool | None = None):
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -80,7 +148,9 @@ class OnnxRuntimeBackend(HostArrays):
         options.intra_op_num_threads = threads or physical_cores()
         options.enable_mem_pattern = False  # shapes vary between edits; patterns would be re-planned each time
         options.log_severity_level = 3
-        self.on_gpu = any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers)
+        gpu = [p for p in providers if _provider_name(p) != "CPUExecutionProvider"]
+        self.on_gpu = bool(gpu)
+        device_id = gpu[0][1].get("device_id", 0) if gpu and isinstance(gpu[0], tuple) else 0
         self._sessions = {}
         for name in bundle.manifest["components"]:
             path = bundle.component_file(name)
@@ -89,26 +159,40 @@ class OnnxRuntimeBackend(HostArrays):
             except Exception as err:  # ORT raises its own exception types for unreadable graphs
                 raise InputError(f"{path}: onnxruntime cannot load this graph ({str(err).splitlines()[0]})") from None
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self._sessions.items()}
-        log.debug("onnxruntime providers: %s", self._sessions["unet"].get_providers())
+        self.bound: dict[str, BoundSession] = {}
+        if self.on_gpu if io_binding is None else io_binding:
+            device = "cuda" if self.on_gpu else "cpu"
+            self.bound = {name: BoundSession(s, device, device_id) for name, s in self._sessions.items()}
+        log.debug("onnxruntime providers: %s, io binding: %s", self._sessions["unet"].get_providers(), bool(self.bound))
 
     def has(self, component: str) -> bool:
         return component in self._sessions
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        if self.bound:
+            return self.bound[component].run(inputs)
         session = self._sessions[component]
         outputs = session.run(self._outputs[component], inputs)
         return dict(zip(self._outputs[component], outputs))
 
 
 def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, providers: Sequence[str] | None = None,
-         threads: int | None = None) -> OnnxRuntimeBackend:
-    """An OnnxRuntimeBackend for an ONNX bundle. ``dtype``, if given, must match the bundle's precision."""
+         threads: int | None = None, io_binding: bool | None = None, cuda_graph: bool = False) -> OnnxRuntimeBackend:
+    """An OnnxRuntimeBackend for an ONNX bundle. ``dtype``, if given, must match the bundle's precision.
+    ``io_binding`` defaults to on for GPUs; ``cuda_graph`` needs a GPU and a static-shape bundle."""
     import onnxruntime as ort
 
     if bundle.format != "onnx":
         raise InputError(f"{bundle.folder}: a {bundle.format} bundle; run it with backend={bundle.format!r}")
     _check_dtype(bundle, dtype)
-    return OnnxRuntimeBackend(bundle, choose_providers(device, ort.get_available_providers(), providers), threads)
+    if cuda_graph and not device.startswith("cuda"):
+        raise InputError(f"CUDA graphs run on a CUDA device, not {device!r}")
+    if cuda_graph and not bundle.profile.static:
+        raise InputError("CUDA graphs need a static-shape bundle: export with --static WxH --batch N")
+    if cuda_graph and io_binding is False:
+        raise InputError("CUDA graphs need io_binding (fixed device buffers)")
+    chosen = choose_providers(device, ort.get_available_providers(), providers, cuda_graph)
+    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding)
 
 
 def _check_dtype(bundle: Bundle, dtype: str | None) -> None:

@@ -120,6 +120,9 @@ class TorchBackend:
     def concat(self, arrays: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
         return torch.cat(list(arrays), dim=axis)
 
+    def constant(self, array: torch.Tensor) -> torch.Tensor:
+        return array  # already on the device
+
 
 def parse_device(device: str) -> torch.device:
     try:
