@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine import EditPipeline, InputError
-from engine.backends.onnxruntime_backend import choose_providers, physical_cores
+from engine.backends.onnxruntime_backend import BoundSession, choose_providers, physical_cores
 
 
 def psnr(a, b):
@@ -59,6 +59,30 @@ def test_io_binding_gives_the_same_pictures_and_uploads_the_text_once(onnx_bundl
     values = [v.data_ptr() for v in unet._inputs.values()]
     bound.edit(rgb_image.resize((64, 64)), "make it blue", **kwargs)
     assert [v.data_ptr() for v in unet._inputs.values()] == values  # same shapes: same buffers
+
+
+def test_bound_session_reuses_its_buffers_and_never_writes_into_the_callers_arrays():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "add",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n"]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = BoundSession(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), "cpu")
+    first = np.arange(4, dtype=np.float32)
+    first.flags.writeable = False  # a constant: uploaded once while it is passed again
+    np.testing.assert_array_equal(session.run({"a": first, "b": np.ones(4, np.float32)})["c"], first + 1)
+    buffers = [v.data_ptr() for v in session._inputs.values()]
+    np.testing.assert_array_equal(session.run({"a": first, "b": np.full(4, 2, np.float32)})["c"], first + 2)
+    assert session.copies == 3
+    second = np.full(4, 10, np.float32)
+    np.testing.assert_array_equal(session.run({"a": second, "b": np.zeros(4, np.float32)})["c"], second)
+    assert [v.data_ptr() for v in session._inputs.values()] == buffers and session.copies == 5
+    np.testing.assert_array_equal(first, np.arange(4))  # its old buffer was overwritten, not the array
+    np.testing.assert_array_equal(session.run({"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)})["c"], 2)
+    onnx.checker.check_model(model)
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_work(onnx_bundles):

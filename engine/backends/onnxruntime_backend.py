@@ -111,18 +111,17 @@ class BoundSession:
         if signature != self._signature:  # new shapes: new buffers, bound once
             self._binding.clear_binding_inputs()
             self._binding.clear_binding_outputs()
-            for name, array in arrays.items():
-                self._inputs[name] = self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+            for name, array in arrays.items():  # owned buffers (on CPU, from_numpy would wrap the caller's array)
+                self._inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                    array.shape, array.dtype, self.device, self.device_id)
                 self._binding.bind_ortvalue_input(name, self._inputs[name])
             for name in self.output_names:
                 self._binding.bind_output(name, self.device, self.device_id)
             self._last = {}
-            self.copies += len(arrays)
-        else:
-            for name, array in arrays.items():
-                if self._last.get(name) is not array:
-                    self._inputs[name].update_inplace(array)
-                    self.copies += 1
+        for name, array in arrays.items():
+            if self._last.get(name) is not array:
+                self._inputs[name].update_inplace(array)
+                self.copies += 1
         self._last = {name: a for name, a in arrays.items() if not a.flags.writeable}
         self.session.run_with_iobinding(self._binding)
         if signature != self._signature:  # keep the buffers ORT just allocated for the outputs
