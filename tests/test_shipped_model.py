@@ -38,8 +38,8 @@ def test_it_is_the_default_unless_the_environment_names_another(tiny_model, monk
 
 
 def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
-    """The README's example at its seed. Only the colour is asserted: this weak model also changes other
-    parts of the image (untouched-region PSNR about 17 dB here; the model card has the measured rates)."""
+    """The README's example at its seed. Only the colour is asserted: on this scene the model also turns the
+    square blue (untouched-region PSNR about 16 dB here; the model card has the measured rates)."""
     background, shapes = SCENE
     assert np.array_equal(np.asarray(draw(64, background, shapes)), np.asarray(Image.open(EXAMPLE).convert("RGB")))
     target = draw(64, background, [Shape(s.kind, "blue", s.box) if s.kind == "circle" else s for s in shapes])

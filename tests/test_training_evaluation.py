@@ -32,6 +32,8 @@ def test_damage_outside_the_region_fails_the_psnr_test():
 
 def test_nearest_colour_and_report():
     assert all(nearest_colour(np.asarray(rgb, float) + 10) == name for name, rgb in PALETTE.items())
-    report = {"count": 3, "seed": 1, "steps": 2, "sampler": "euler", "edits": {"remove": {
+    report = {"count": 3, "seed": 1, "steps": 2, "sampler": "euler", "text_guidance": 5.0, "image_guidance": 1.5,
+              "edits": {"remove": {
         "n": 3, "success": 66.7, "colour_correct": 100.0, "untouched_psnr_ok": 66.7, "median_untouched_psnr_db": 30.2}}}
-    assert "| remove | 3 | 66.7% | 100.0% | 66.7% | 30.2 dB |" in format_report(report)
+    table = format_report(report)
+    assert "| remove | 3 | 66.7% | 100.0% | 66.7% | 30.2 dB |" in table and "text guidance 5.0" in table
