@@ -83,6 +83,12 @@ def test_bound_session_reuses_its_buffers_and_never_writes_into_the_callers_arra
     np.testing.assert_array_equal(first, np.arange(4))  # its old buffer was overwritten, not the array
     np.testing.assert_array_equal(session.run({"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)})["c"], 2)
     onnx.checker.check_model(model)
+    graphed = BoundSession(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), "cpu",
+                           fixed=True)  # the CUDA graph mode's rule, checked on CPU buffers
+    graphed.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
+    graphed.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
+    with pytest.raises(InputError, match=r"captured for inputs a \(4,\), b \(4,\), this call has a \(2,\)"):
+        graphed.run({"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)})
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_work(onnx_bundles):

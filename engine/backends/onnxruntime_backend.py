@@ -93,10 +93,11 @@ class BoundSession:
     addresses therefore stay fixed while the shapes do, as CUDA graph replay requires.
     """
 
-    def __init__(self, session, device: str, device_id: int = 0):
+    def __init__(self, session, device: str, device_id: int = 0, fixed: bool = False):
         import onnxruntime as ort
 
         self._ort, self.session, self.device, self.device_id = ort, session, device, device_id
+        self.fixed = fixed  # CUDA graphs: a captured graph replays its first shapes' addresses, so no others
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._binding = session.io_binding()
@@ -108,6 +109,9 @@ class BoundSession:
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
         arrays = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
         signature = tuple((name, a.shape, a.dtype.str) for name, a in arrays.items())
+        if self.fixed and self._signature not in (None, signature):
+            raise InputError(f"a CUDA graph was captured for inputs {_shapes(self._signature)}, this call has "
+                             f"{_shapes(signature)}: CUDA graphs need the same shapes on every call")
         if signature != self._signature:  # new shapes: new buffers, bound once
             self._binding.clear_binding_inputs()
             self._binding.clear_binding_outputs()
@@ -133,11 +137,16 @@ class BoundSession:
         return dict(zip(self.output_names, self._binding.copy_outputs_to_cpu()))
 
 
+def _shapes(signature: tuple) -> str:
+    return ", ".join(f"{name} {tuple(shape)}" for name, shape, _ in signature)
+
+
 class OnnxRuntimeBackend(HostArrays):
     """One InferenceSession per component, created once; run directly on CPU, through ``BoundSession`` on
     a GPU (or wherever ``io_binding`` asks for it)."""
 
-    def __init__(self, bundle: Bundle, providers: list, threads: int | None = None, io_binding: bool | None = None):
+    def __init__(self, bundle: Bundle, providers: list, threads: int | None = None, io_binding: bool | None = None,
+                 cuda_graph: bool = False):
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -161,7 +170,7 @@ class OnnxRuntimeBackend(HostArrays):
         self.bound: dict[str, BoundSession] = {}
         if self.on_gpu if io_binding is None else io_binding:
             device = "cuda" if self.on_gpu else "cpu"
-            self.bound = {name: BoundSession(s, device, device_id) for name, s in self._sessions.items()}
+            self.bound = {name: BoundSession(s, device, device_id, cuda_graph) for name, s in self._sessions.items()}
         log.debug("onnxruntime providers: %s, io binding: %s", self._sessions["unet"].get_providers(), bool(self.bound))
 
     def has(self, component: str) -> bool:
@@ -191,7 +200,7 @@ def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, provider
     if cuda_graph and io_binding is False:
         raise InputError("CUDA graphs need io_binding (fixed device buffers)")
     chosen = choose_providers(device, ort.get_available_providers(), providers, cuda_graph)
-    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding)
+    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph)
 
 
 def _check_dtype(bundle: Bundle, dtype: str | None) -> None:

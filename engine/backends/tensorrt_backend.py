@@ -81,8 +81,7 @@ class EngineRunner:
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        self._uploaded: dict[str, tuple[int, int]] = {}  # name -> (id of the array last copied in, pointer)
-        self._keep: dict[str, np.ndarray] = {}
+        self._uploaded: dict[str, tuple[np.ndarray, int]] = {}  # name -> (array last copied in, its buffer)
         self.graph = None
 
     def _buffer(self, name: str, nbytes: int) -> int:
@@ -107,11 +106,11 @@ class EngineRunner:
             array = np.ascontiguousarray(given, dtype=self.dtypes[name])
             self.context.set_input_shape(name, array.shape)
             ptr = self._buffer(name, array.nbytes)
-            if self._uploaded.get(name) != (id(given), ptr) or given.flags.writeable:
+            last, last_ptr = self._uploaded.get(name, (None, 0))
+            if last is not given or last_ptr != ptr or given.flags.writeable:
                 _check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, self.stream))
             # a read-only array passed again (backend.constant: the text embeddings) is already there
-            self._uploaded[name] = (id(given), ptr)
-            self._keep[name] = given  # holds the object, so its id cannot be reused by another array
+            self._uploaded[name] = (given, ptr)
         results = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
