@@ -56,7 +56,8 @@ class HostArrays:
         return np.concatenate(arrays, axis=axis)
 
     def constant(self, array: np.ndarray) -> np.ndarray:
-        """A read-only copy: passed again as the same object, it is known unchanged and not re-uploaded."""
-        array = np.array(array, copy=True)
-        array.flags.writeable = False
-        return array
+        """A read-only view (no copy): passed again as the same object, it is known unchanged and not
+        re-uploaded."""
+        view = np.asarray(array).view()
+        view.flags.writeable = False
+        return view
