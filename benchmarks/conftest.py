@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("IP2P_BENCH_CACHE", Path.home() / ".cache" / "ip2p" / "bench"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
-GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "onnxruntime-fp16", "tensorrt-fp16")
+# "torch-kv2": the torch backend with token downsampling (kv_downsample=2), approximate by design
+CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-kv2-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
+GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-kv2-fp16", "onnxruntime-fp16", "tensorrt-fp16")
 BASELINE = "diffusers-fp16" if DEVICE == "cuda" else "diffusers-fp32"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -100,11 +101,14 @@ class Systems:
         from engine import EditPipeline
 
         name, precision = backend.rsplit("-", 1)
+        name, _, variant = name.partition("-")
         if name == "diffusers":
             return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]))
         if name == "torch":
+            options = {"kv_downsample": int(variant.removeprefix("kv"))} if variant else None
             return EngineRunner(EditPipeline.from_pretrained(self.model_dir(kind), device=self.device,
-                                                             dtype=DTYPES[precision], progress=False))
+                                                             dtype=DTYPES[precision], progress=False,
+                                                             backend_options=options))
         if name == "onnxruntime":
             if self.device == "cuda":
                 import onnxruntime

@@ -25,6 +25,7 @@ def test_suite_collects_quick_and_full_sets(tmp_path):
     assert quick.returncode == 0, quick.stderr
     assert "test_stage[sd15-512-unet_step-diffusers-fp32]" in quick.stdout
     assert "test_stage[tiny-64-edit-onnxruntime-fp16]" in quick.stdout
+    assert "test_stage[sd15-512-unet_step-torch-kv2-bf16]" in quick.stdout
     assert full.stdout.count("test_stage[") > quick.stdout.count("test_stage[")
 
 

@@ -48,6 +48,8 @@ def test_several_inputs_go_to_a_folder_with_per_image_seeds(tiny_model, tmp_path
         ("extension", "unknown image extension"),
         ("nomodel", "no such model folder"),
         ("graph", "--cuda-graph replays exported bundles"),
+        ("kv-backend", "--kv-downsample changes the torch UNet"),
+        ("kv-factor", "kv_downsample must be a whole number from 1 (exact) to 8, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, message):
@@ -75,6 +77,10 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
         args[7] = str(tmp_path / "no-model")
     elif case == "graph":
         args += ["--cuda-graph"]
+    elif case == "kv-backend":
+        args += ["--kv-downsample", "2", "--backend", "onnxruntime"]
+    elif case == "kv-factor":
+        args += ["--kv-downsample", "0"]
     code, captured = run(args, capsys)
     assert code == 2 and "Traceback" not in captured.err
     # in-process, weight-loading bars of an earlier import may show; the error itself is one line
