@@ -50,3 +50,18 @@ def test_report_refuses_other_files(tmp_path):
     path.write_text("{")
     with pytest.raises(InputError, match="not a pytest-benchmark JSON"):
         load_results(path)
+
+
+def test_only_one_system_per_model_stays_alive_besides_the_reference(tmp_path):
+    from benchmarks.conftest import REFERENCE, Systems
+
+    class Built(Systems):
+        def _build(self, kind, backend):
+            return (kind, backend)
+
+    systems = Built(tmp_path, "cpu")
+    for kind, backend in [("sd15", "diffusers-fp32"), ("sd15", REFERENCE), ("tiny", "torch-bf16")]:
+        systems.runner(kind, backend)
+    assert set(systems._runners) == {("sd15", "diffusers-fp32"), ("sd15", REFERENCE), ("tiny", "torch-bf16")}
+    systems.runner("sd15", "onnxruntime-fp32")
+    assert set(systems._runners) == {("sd15", "onnxruntime-fp32"), ("sd15", REFERENCE), ("tiny", "torch-bf16")}
