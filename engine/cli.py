@@ -194,10 +194,12 @@ def run_edit(args: argparse.Namespace) -> None:
         open_image(Path(image), args.max_pixels).close()
     if args.cuda_graph and args.backend not in BUNDLE_BACKENDS:
         raise InputError("--cuda-graph replays exported bundles: use --backend onnxruntime or tensorrt")
-    options = {"cuda_graph": True} if args.cuda_graph else kv_downsample_options(args)
+    options = kv_downsample_options(args) or {}
+    if args.cuda_graph:
+        options["cuda_graph"] = True
     pipe = EditPipeline.from_pretrained(
         args.model, backend=args.backend, device=args.device, dtype=args.dtype, config=args.config,
-        max_image_pixels=args.max_pixels, progress=not args.quiet, backend_options=options,
+        max_image_pixels=args.max_pixels, progress=not args.quiet, backend_options=options or None,
     )
     seeds = resolve_seeds(args.seed, len(args.images))
     for start in range(0, len(args.images), args.batch_size):

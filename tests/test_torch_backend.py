@@ -68,3 +68,15 @@ def test_pooled_keys_equal_attention_over_averaged_tokens():
 def test_bad_kv_downsample_is_refused(tiny_model, factor):
     with pytest.raises(InputError, match="kv_downsample must be a whole number"):
         EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"kv_downsample": factor})
+
+
+def test_a_unet_without_attention_in_its_down_blocks_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    from engine.backends.torch_backend import set_kv_downsampling
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(InputError, match="no attention in its down blocks"):
+        set_kv_downsampling(unet, 2)

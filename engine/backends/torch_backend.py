@@ -102,7 +102,9 @@ def set_kv_downsampling(unet: nn.Module, factor: int) -> None:
     """Token downsampling in the self-attentions of the UNet's finest attention level (64x64 tokens for
     SD 1.5 at 512 px, where nearly all attention time goes); every other attention stays exact."""
     down_types = unet.config.down_block_types
-    level = next(i for i, kind in enumerate(down_types) if "CrossAttn" in kind)
+    level = next((i for i, kind in enumerate(down_types) if "CrossAttn" in kind), None)
+    if level is None:
+        raise InputError(f"kv_downsample: this UNet has no attention in its down blocks ({', '.join(down_types)})")
     finest = (f"down_blocks.{level}.", f"up_blocks.{len(down_types) - 1 - level}.")
     unet.set_attn_processor({
         name: KeyValueDownsampling(factor if name.startswith(finest) and name.endswith(".attn1.processor") else 1)
