@@ -44,18 +44,28 @@ def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
     assert np.array_equal(np.asarray(draw(64, background, shapes)), np.asarray(Image.open(EXAMPLE).convert("RGB")))
     target = draw(64, background, [Shape(s.kind, "blue", s.box) if s.kind == "circle" else s for s in shapes])
     case = Case("recolour", draw(64, background, shapes), "make the circle blue", np.asarray(target),
-                shape_mask(64, shapes[0]), "blue")
+                shape_mask(64, shapes[0]), "blue", len(shapes))
     edited = default_pipe.edit(EXAMPLE, case.instruction, seed=0).images[0]
     result = score(case, np.asarray(edited))
     assert edited.size == (64, 64) and result.colour_ok and result.psnr > 12, result
 
 
-def test_eval_command_reports_every_edit_type(capsys):
+def test_eval_command_reports_every_edit_type(capsys, tmp_path):
+    import json
+
     from engine.cli import main
 
-    assert main(["-q", "eval", "--count", "6", "--steps", "8", "--batch-size", "6"]) == 0
+    out = tmp_path / "report.json"
+    assert main(["-q", "eval", "--count", "6", "--steps", "8", "--batch-size", "6", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert all(f"| {edit} | 2 |" in table for edit in ("recolour", "background", "remove"))
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    assert [c["edit"] for c in cases] == ["recolour", "background", "remove"] * 2
+    for edit, summary in report["edits"].items():  # the per-case rows add up to the table
+        mine = [c for c in cases if c["edit"] == edit]
+        assert summary["success"] == pytest.approx(100 * sum(c["success"] for c in mine) / len(mine))
+    assert all(c["region_pixels"] > 0 and c["shapes"] >= 1 for c in cases)
 
 
 def test_eval_bad_input_is_one_line(tmp_path, capsys):

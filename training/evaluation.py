@@ -38,6 +38,7 @@ class Case:
     target: np.ndarray  # (H, W, 3) uint8 ground truth
     region: np.ndarray  # (H, W) bool
     colour: str
+    shapes: int  # shapes in the input scene
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def held_out_cases(count: int, seed: int = HELD_OUT_SEED, size: int = 64) -> lis
             region = shape_mask(size, Shape(truth["shape"], "white", tuple(truth["box"])))
             colour = truth["colour"] if kind == "recolour" else background
         cases.append(Case(kind, draw(size, background, shapes), text,
-                          np.asarray(draw(size, new_background, new_shapes)), region, colour))
+                          np.asarray(draw(size, new_background, new_shapes)), region, colour, len(shapes)))
     return cases
 
 
@@ -99,8 +100,8 @@ def score(case: Case, edited: np.ndarray) -> Score:
 def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, batch_size: int = 16, steps: int = 20,
              sampler: str = "euler_ancestral", save_dir: str | Path | None = None, progress: bool = True,
              text_guidance: float = 7.5, image_guidance: float = 1.5) -> dict:
-    """Per-edit-type success rates (percent) of ``pipe`` (an EditPipeline) on ``count`` held-out cases;
-    ``save_dir`` gets a sheet per batch (inputs, edits, ground truth as rows)."""
+    """Per-edit-type success rates (percent) of ``pipe`` (an EditPipeline) on ``count`` held-out cases, and
+    each case's score under "cases"; ``save_dir`` gets a sheet per batch (inputs, edits, ground truth as rows)."""
     cases = held_out_cases(count, seed)
     scores: list[Score] = []
     for start in tqdm(range(0, len(cases), batch_size), desc="evaluating", unit="batch", disable=not progress):
@@ -124,6 +125,10 @@ def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, 
                 "untouched_psnr_ok": 100.0 * np.mean([s.psnr >= MIN_PSNR for s in mine]),
                 "median_untouched_psnr_db": float(np.median([s.psnr for s in mine])),
             }
+    report["cases"] = [{"edit": c.edit, "instruction": c.instruction, "colour": c.colour, "shapes": c.shapes,
+                        "region_pixels": int(c.region.sum()), "colour_ok": bool(s.colour_ok),
+                        "untouched_psnr_db": round(s.psnr, 2) if math.isfinite(s.psnr) else None,
+                        "success": bool(s.success)} for c, s in zip(cases, scores)]
     return report
 
 
