@@ -248,7 +248,7 @@ def run_export(args: argparse.Namespace) -> None:
         profile = Profile(batch=batch, height=side, width=side)
     options = ExportOptions(format=args.format, precision=args.precision, profile=profile, verify=args.verify,
                             force=args.force)
-    out, checks = export_bundle(args.model, args.out_dir, options, config=args.config)
+    out, checks = export_bundle(args.model, args.out_dir, options, config=args.config, progress=not args.quiet)
     for check in checks:
         print(check)
     log.info("wrote %s", out)
@@ -288,11 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             flags = {k: getattr(args, k) for k in ("base", "data", "output", "max_steps", "resolution", "batch_size",
                                                    "grad_accum", "lr", "mixed_precision", "checkpoint_every", "seed")}
-            log.info("wrote %s", train(load_config(args.config, flags), resume=args.resume))
+            log.info("wrote %s", train(load_config(args.config, flags), resume=args.resume, progress=not args.quiet))
         elif args.command == "synth":
             from training.synthetic import generate
 
-            log.info("wrote %s", generate(args.out_dir, args.count, seed=args.seed, size=args.size))
+            out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet)
+            log.info("wrote %s", out)
         elif args.command == "convert":
             from engine.checkpoints import resolve_model
             from engine.original_format import save_single_file

@@ -122,7 +122,7 @@ def decoder_is_fp16_safe(module, path: Path, vae_factor: int, profile: Profile) 
 
 
 def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,
-                  config: str | os.PathLike | None = None) -> tuple[Path, list[Check]]:
+                  config: str | os.PathLike | None = None, progress: bool = True) -> tuple[Path, list[Check]]:
     """Export ``model`` to ``out_dir``; returns the bundle folder and the verification results."""
     import torch
 
@@ -151,7 +151,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     checks: list[Check] = []
     components: dict[str, dict] = {}
     try:
-        for name in tqdm(list(specs.COMPONENTS), desc="exporting", unit="component"):
+        for name in tqdm(list(specs.COMPONENTS), desc="exporting", unit="component", disable=not progress):
             spec = specs.COMPONENTS[name]
             try:
                 entry, component_checks = _export_component(

@@ -127,3 +127,10 @@ def test_export_refuses_an_existing_output(tiny_model, tmp_path, capsys):
     (tmp_path / "bundle").mkdir()
     code, captured = run(["export", tiny_model, str(tmp_path / "bundle")], capsys)
     assert code == 2 and "already exists; pass --force" in captured.err
+
+
+def test_quiet_hides_progress_bars_of_long_commands(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "loud"), "--count", "3"]) == 0
+    assert "generating" in capsys.readouterr().err
+    assert main(["-q", "synth", str(tmp_path / "quiet"), "--count", "3"]) == 0
+    assert capsys.readouterr().err == ""

@@ -58,7 +58,7 @@ class Recipe:
             raise InputError(f"{source}: bad recipe option ({err})") from None
 
 
-def prepare(recipe: Recipe, folder: Path, seed: int) -> tuple[Path, Path]:
+def prepare(recipe: Recipe, folder: Path, seed: int, progress: bool = True) -> tuple[Path, Path]:
     """Run the stages not yet done in ``folder``; returns (base model, training data)."""
     from engine.random_models import create_model
     from training.synthetic import generate
@@ -66,13 +66,13 @@ def prepare(recipe: Recipe, folder: Path, seed: int) -> tuple[Path, Path]:
     data, base, vae_done = folder / "data", folder / "base", folder / "base" / "vae" / "vae_stage.json"
     if not (data / "metadata.jsonl").is_file():
         log.info("stage 1/3: %d synthetic pairs (seed %d)", recipe.synthetic.count, recipe.synthetic.seed)
-        generate(data, recipe.synthetic.count, recipe.synthetic.seed, recipe.synthetic.size)
+        generate(data, recipe.synthetic.count, recipe.synthetic.seed, recipe.synthetic.size, progress)
     if not (base / "model_index.json").is_file():
         log.info("stage 2/3: random-weight %s model", recipe.architecture)
         create_model(recipe.architecture, base, seed=seed)
     if not vae_done.is_file():
         log.info("stage 3/3: VAE, %d steps", recipe.vae.steps)
-        report = train_vae(base / "vae", data, recipe.vae, seed)
+        report = train_vae(base / "vae", data, recipe.vae, seed, progress)
         if report["holdout_psnr_db"] < recipe.vae.min_psnr:
             raise InputError(f"{base / 'vae'}: reconstruction PSNR {report['holdout_psnr_db']:.1f} dB is below "
                              f"min_psnr {recipe.vae.min_psnr} dB; train it longer (recipe.vae.steps) before the UNet")
@@ -97,7 +97,7 @@ def _load_images(data: Path, count: int) -> np.ndarray:
     return stack.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
-def train_vae(vae_dir: Path, data: Path, stage: VaeStage, seed: int) -> dict:
+def train_vae(vae_dir: Path, data: Path, stage: VaeStage, seed: int, progress: bool = True) -> dict:
     """Train the VAE in ``vae_dir`` in place (L1 reconstruction + small KL), set its latent scaling factor
     to 1/std of the latents (as Stable Diffusion's 0.18215 was chosen), and write vae_stage.json last."""
     import torch
@@ -114,7 +114,7 @@ def train_vae(vae_dir: Path, data: Path, stage: VaeStage, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     size, crop = train_set.shape[-1], min(stage.crop, train_set.shape[-1])
     started = time.perf_counter()
-    bar = tqdm(range(stage.steps), desc="VAE", unit="step")
+    bar = tqdm(range(stage.steps), desc="VAE", unit="step", disable=not progress)
     for _ in bar:
         pick = torch.randint(0, len(train_set), (stage.batch_size,), generator=gen)
         y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=gen))

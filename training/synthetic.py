@@ -108,7 +108,7 @@ def random_edit(
     return text, background, new, {"edit": "recolour", "shape": target.kind, "colour": colour, "box": list(target.box)}
 
 
-def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64) -> Path:
+def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, progress: bool = True) -> Path:
     """Write ``count`` pairs to ``out_dir`` (created; must not hold data already)."""
     out = Path(out_dir)
     if (out / "metadata.jsonl").exists():
@@ -118,7 +118,7 @@ def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
-    for i in tqdm(range(count), desc="generating", unit="pair"):
+    for i in tqdm(range(count), desc="generating", unit="pair", disable=not progress):
         background, shapes = random_scene(rng, size)
         text, new_background, new_shapes, truth = random_edit(rng, background, shapes)
         draw(size, background, shapes).save(out / "images" / f"{i:06d}_in.png")

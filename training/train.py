@@ -107,7 +107,7 @@ def _checkpoint_paths(output: Path) -> list[Path]:
     return sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def train(config: TrainConfig, resume: str | None = None) -> Path:
+def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
     """Fine-tune and write a diffusers-format InstructPix2Pix model to ``config.output``."""
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -116,7 +116,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from transformers import CLIPTextModel
 
     if config.recipe is not None:
-        base, data_dir = prepare(config.recipe, Path(config.output) / "recipe", config.seed)
+        base, data_dir = prepare(config.recipe, Path(config.output) / "recipe", config.seed, progress)
         config = dataclasses.replace(config, base=str(base), data=str(data_dir))
     data = PairedData(config.data, config.resolution)  # bad data fails before any model loads
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
@@ -150,7 +150,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     per_process = config.batch_size
     bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step",
-               disable=not accelerator.is_local_main_process)
+               disable=not (progress and accelerator.is_local_main_process))
     started, first_step, losses = time.perf_counter(), step, []
     while step < config.max_steps:
         for micro in range(config.grad_accum):
