@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--count", type=int, default=1000)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--min-shapes", type=int, default=1, help="at least this many shapes per scene (1-3)")
 
     convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
     convert.add_argument("model", help="diffusers-format model folder")
@@ -292,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "synth":
             from training.synthetic import generate
 
-            out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet)
+            out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet,
+                           min_shapes=args.min_shapes)
             log.info("wrote %s", out)
         elif args.command == "convert":
             from engine.checkpoints import resolve_model

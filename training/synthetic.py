@@ -62,11 +62,12 @@ def _draw_shape(pen: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
         pen.polygon([(left, bottom), ((left + right) / 2, top), (right, bottom)], fill=fill)
 
 
-def random_scene(rng: np.random.Generator, size: int) -> tuple[str, list[Shape]]:
-    """A background colour and 1-3 non-overlapping shapes of distinct kinds and colours, none the background's."""
+def random_scene(rng: np.random.Generator, size: int, min_shapes: int = 1) -> tuple[str, list[Shape]]:
+    """A background colour and ``min_shapes``-3 non-overlapping shapes of distinct kinds and colours, none the
+    background's (fewer only where 100 tries find no free place)."""
     colours = list(rng.permutation(list(PALETTE)))
     background = colours.pop()
-    kinds = list(rng.permutation(SHAPES))[: int(rng.integers(1, 4))]
+    kinds = list(rng.permutation(SHAPES))[: int(rng.integers(min_shapes, 4))]
     shapes: list[Shape] = []
     for kind in kinds:
         for _ in range(100):
@@ -108,18 +109,24 @@ def random_edit(
     return text, background, new, {"edit": "recolour", "shape": target.kind, "colour": colour, "box": list(target.box)}
 
 
-def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, progress: bool = True) -> Path:
-    """Write ``count`` pairs to ``out_dir`` (created; must not hold data already)."""
+def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, progress: bool = True,
+             min_shapes: int = 1) -> Path:
+    """Write ``count`` pairs to ``out_dir`` (created; must not hold data already), each scene holding at least
+    ``min_shapes`` shapes (2 or 3 focus the data on picking the named shape among several)."""
     out = Path(out_dir)
     if (out / "metadata.jsonl").exists():
         raise InputError(f"{out}: already holds a metadata.jsonl")
     if count < 1 or size < 16:
         raise InputError("count must be at least 1 and size at least 16")
+    if min_shapes not in (1, 2, 3):
+        raise InputError(f"min_shapes must be 1, 2 or 3, got {min_shapes}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for i in tqdm(range(count), desc="generating", unit="pair", disable=not progress):
-        background, shapes = random_scene(rng, size)
+        background, shapes = random_scene(rng, size, min_shapes)
+        while len(shapes) < min_shapes:
+            background, shapes = random_scene(rng, size, min_shapes)
         text, new_background, new_shapes, truth = random_edit(rng, background, shapes)
         draw(size, background, shapes).save(out / "images" / f"{i:06d}_in.png")
         draw(size, new_background, new_shapes).save(out / "images" / f"{i:06d}_out.png")
