@@ -38,8 +38,8 @@ def test_it_is_the_default_unless_the_environment_names_another(tiny_model, monk
 
 
 def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
-    """The README's example at its seed. Only the colour is asserted: on this scene the model also turns the
-    square blue (untouched-region PSNR about 16 dB here; the model card has the measured rates)."""
+    """The README's example at its seed: the circle turns blue and the rest stays as it was (at seed 0; over
+    seeds 0-9 the model card counts 5 such edits)."""
     background, shapes = SCENE
     assert np.array_equal(np.asarray(draw(64, background, shapes)), np.asarray(Image.open(EXAMPLE).convert("RGB")))
     target = draw(64, background, [Shape(s.kind, "blue", s.box) if s.kind == "circle" else s for s in shapes])
@@ -47,7 +47,7 @@ def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
                 shape_mask(64, shapes[0]), "blue", len(shapes))
     edited = default_pipe.edit(EXAMPLE, case.instruction, seed=0).images[0]
     result = score(case, np.asarray(edited))
-    assert edited.size == (64, 64) and result.colour_ok and result.psnr > 12, result
+    assert edited.size == (64, 64) and result.success, result
 
 
 def test_eval_command_reports_every_edit_type(capsys, tmp_path):
