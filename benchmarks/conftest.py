@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks import hardware
-from benchmarks.runners import NETWORK_STAGES, STAGES, DiffusersRunner, EngineRunner
+from benchmarks.runners import EDIT_STEPS, NETWORK_STAGES, STAGES, DiffusersRunner, EngineRunner
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ def cases(full: bool) -> list[Case]:
     out = [Case("tiny", 64, s, b) for b in backends for s in STAGES]
     if full:
         out += [Case("sd15", r, s, b) for b in backends for r in (256, 512) for s in STAGES]
-    else:
-        out += [Case("sd15", 512, "unet_step", b) for b in backends]
+    else:  # a GPU also runs the whole 20-step 512x512 edit
+        quick = ("unet_step", "edit") if DEVICE == "cuda" else ("unet_step",)
+        out += [Case("sd15", 512, s, b) for b in backends for s in quick]
     return out
 
 
@@ -67,6 +68,7 @@ class Systems:
 
     def __init__(self, cache: Path, device: str):
         self.cache, self.device = cache, device
+        self.edit_steps = EDIT_STEPS["cuda" if device.startswith("cuda") else "cpu"]
         self._runners: dict[tuple[str, str], Any] = {}
         self._flops: dict[tuple, int] = {}
         self._refs: dict[tuple, np.ndarray] = {}
@@ -112,12 +114,13 @@ class Systems:
         name, precision = backend.rsplit("-", 1)
         name, _, variant = name.partition("-")
         if name == "diffusers":
-            return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]))
+            return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]),
+                                   self.edit_steps)
         if name == "torch":
             options = {"kv_downsample": int(variant.removeprefix("kv"))} if variant else None
             return EngineRunner(EditPipeline.from_pretrained(self.model_dir(kind), device=self.device,
                                                              dtype=DTYPES[precision], progress=False,
-                                                             backend_options=options))
+                                                             backend_options=options), self.edit_steps)
         if name == "onnxruntime":
             if self.device == "cuda":
                 import onnxruntime
@@ -125,7 +128,8 @@ class Systems:
                 if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                     pytest.skip("onnxruntime has no CUDA provider here (install the gpu extra)")
             return EngineRunner(EditPipeline.from_pretrained(self.bundle_dir(kind, precision), backend="onnxruntime",
-                                                             device=self.device, progress=False))
+                                                             device=self.device, progress=False),
+                                self.edit_steps)
         if name == "tensorrt":
             pytest.skip("TensorRT bundles are benchmarked where TensorRT is installed: export with --format tensorrt")
         raise ValueError(backend)
@@ -173,10 +177,19 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS so far
 
 
+def edit_psnr(out: Any, ref: np.ndarray) -> float | None:
+    """PSNR in dB of edited images (float, [0, 1]) against the reference's for the same seed."""
+    if not isinstance(out, np.ndarray) or out.shape != ref.shape:
+        return None
+    from engine.images import psnr
+
+    return psnr(out, ref, peak=1.0)
+
+
 def relative_error(out: Any, ref: np.ndarray) -> float | None:
     if not isinstance(out, np.ndarray) or out.shape != ref.shape:
         return None
     return float(np.abs(out.astype(np.float32) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
-__all__ = ["Case", "NETWORK_STAGES", "Systems", "peak_memory_bytes", "relative_error", "BASELINE"]
+__all__ = ["Case", "NETWORK_STAGES", "Systems", "peak_memory_bytes", "relative_error", "edit_psnr", "BASELINE"]

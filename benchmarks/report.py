@@ -50,8 +50,9 @@ def markdown(rows: list[dict], machine: dict) -> str:
     rel = ratios(rows)
     device = rows[0].get("device", machine.get("cpu", {}).get("brand_raw", "?"))
     lines = [f"Device: {device}. Cells: median, ratio to {rows[0]['baseline']} in the same run, % of the "
-             "measured matmul peak for the backend's precision; accuracy is max relative error against "
-             "the float32 torch backend.", ""]
+             "measured matmul peak for the backend's precision; err: max relative error of a network stage "
+             "against the float32 torch backend; dB: PSNR of an edit against that backend's edit for the "
+             "same seed.", ""]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["model"], r["resolution"])].append(r)
@@ -74,8 +75,12 @@ def markdown(rows: list[dict], machine: dict) -> str:
                 cell += ")"
                 if r.get("accuracy_max_rel") is not None:
                     cell += f" err {r['accuracy_max_rel']:.0e}"
+                if r.get("psnr_db") is not None:
+                    cell += f" {r['psnr_db']:.0f} dB"
                 cells.append(cell)
-            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+            steps = next((r["edit_steps"] for r in members if r["stage"] == stage and "edit_steps" in r), None)
+            label = f"{stage} ({steps} steps)" if steps else stage
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from engine.samplers import ancestral_step
 STAGES = ("text_encode", "vae_encode", "unet_step", "guidance_sampler", "vae_decode", "edit")
 NETWORK_STAGES = ("text_encode", "vae_encode", "unet_step", "vae_decode")
 PROMPT = "make the circle blue"
-EDIT_STEPS = 4
+EDIT_STEPS = {"cpu": 4, "cuda": 20}  # end-to-end edit: a quick 4 on a CPU, the usual 20 on a GPU
 SIGMA, SIGMA_NEXT = 10.0, 8.0  # one mid-schedule step for the guidance + sampler stage
 
 
@@ -52,8 +52,8 @@ def guidance_and_step(latents, eps, noise):
 class EngineRunner:
     """Our EditPipeline on one backend: stages call the backend exactly as the denoising loop does."""
 
-    def __init__(self, pipe: EditPipeline):
-        self.pipe = pipe
+    def __init__(self, pipe: EditPipeline, edit_steps: int):
+        self.pipe, self.edit_steps = pipe, edit_steps
 
     def stage(self, name: str, resolution: int) -> Callable[[], Any]:
         pipe, be, model = self.pipe, self.pipe.backend, self.pipe.model
@@ -67,7 +67,8 @@ class EngineRunner:
                                                              "encoder_hidden_states": x["text"]})["noise_pred"]),
             "guidance_sampler": lambda: be.to_numpy(guidance_and_step(x["latents"], x["eps"], x["noise"])[1]),
             "vae_decode": lambda: be.to_numpy(be.run("vae_decoder", {"latents": x["latents"]})["images"]),
-            "edit": lambda: pipe.edit(raw["photo"], PROMPT, steps=EDIT_STEPS, seed=0, resolution=resolution),
+            "edit": lambda: pipe.edit(raw["photo"], PROMPT, steps=self.edit_steps, seed=0, resolution=resolution,
+                                      output_type="np").images,
         }
         return calls[name]
 
@@ -75,7 +76,7 @@ class EngineRunner:
 class DiffusersRunner:
     """diffusers' pipeline and its modules, called as its pipeline calls them."""
 
-    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, edit_steps: int):
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
@@ -83,7 +84,7 @@ class DiffusersRunner:
         ).to(device)
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.device, self.dtype = pipe, device, dtype
+        self.pipe, self.device, self.dtype, self.edit_steps = pipe, device, dtype, edit_steps
 
     def stage(self, name: str, resolution: int) -> Callable[[], Any]:
         from PIL import Image
@@ -113,7 +114,7 @@ class DiffusersRunner:
             "unet_step": lambda: pipe.unet(x["sample"], t, x["text"]).sample,
             "guidance_sampler": guidance_sampler,
             "vae_decode": lambda: pipe.vae.decode(x["latents"] / scale).sample,
-            "edit": lambda: pipe(PROMPT, image=photo, num_inference_steps=EDIT_STEPS,
+            "edit": lambda: pipe(PROMPT, image=photo, num_inference_steps=self.edit_steps, output_type="np",
                                  generator=torch.Generator(dev).manual_seed(0)).images,
         }
 

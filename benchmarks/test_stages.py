@@ -6,7 +6,7 @@ Quick set: ``pytest benchmarks --benchmark-only``; everything: add ``--full``. S
 import torch
 
 from benchmarks import hardware
-from benchmarks.conftest import BASELINE, DEVICE, NETWORK_STAGES, peak_memory_bytes, relative_error
+from benchmarks.conftest import BASELINE, DEVICE, NETWORK_STAGES, edit_psnr, peak_memory_bytes, relative_error
 
 
 def test_stage(benchmark, case, systems):
@@ -27,6 +27,10 @@ def test_stage(benchmark, case, systems):
     info.update(flops=flops, peak_flops=peak)
     if case.stage in NETWORK_STAGES:
         info["accuracy_max_rel"] = relative_error(out, systems.reference(case))
+    if case.stage == "edit":
+        info["edit_steps"] = systems.edit_steps
+        if not case.backend.startswith("diffusers"):  # same seed, same noise: only our backends are comparable
+            info["psnr_db"] = edit_psnr(out, systems.reference(case))
     stats = getattr(benchmark, "stats", None)
     if stats is not None and flops:
         info["percent_of_peak"] = 100.0 * flops / stats.stats.median / peak

@@ -31,15 +31,21 @@ def test_suite_collects_quick_and_full_sets(tmp_path):
 
 def test_one_tiny_case_runs_and_reports(tmp_path):
     results = tmp_path / "results.json"
-    done = run_pytest(["--benchmark-only", "-k", "tiny-64-text_encode-diffusers or tiny-64-text_encode-torch-fp32",
-                       f"--benchmark-json={results}", "-q"], tmp_path)
+    done = run_pytest(["--benchmark-only", "-k", "tiny-64-text_encode-diffusers or tiny-64-text_encode-torch-fp32 "
+                       "or tiny-64-edit-diffusers or tiny-64-edit-torch-bf16", f"--benchmark-json={results}", "-q"],
+                      tmp_path)
     assert done.returncode == 0, done.stdout[-3000:]
     rows, machine = load_results(results)
-    assert {r["backend"] for r in rows} == {"diffusers-fp32", "torch-fp32"}
+    assert {(r["stage"], r["backend"]) for r in rows} == {
+        ("text_encode", "diffusers-fp32"), ("text_encode", "torch-fp32"), ("edit", "diffusers-fp32"),
+        ("edit", "torch-bf16")}
     row = next(r for r in rows if r["backend"] == "torch-fp32")
     assert row["flops"] > 0 and row["peak_flops"] > 0 and row["accuracy_max_rel"] < 1e-5
+    edit = next(r for r in rows if r["backend"] == "torch-bf16")
+    assert edit["edit_steps"] == 4 and 20 < edit["psnr_db"] < 100  # bf16 against float32, same seed
+    assert "psnr_db" not in next(r for r in rows if r["stage"] == "edit" and r["backend"] == "diffusers-fp32")
     table = markdown(rows, machine)
-    assert "| text_encode |" in table and "1.00x" in table
+    assert "| text_encode |" in table and "1.00x" in table and "| edit (4 steps) |" in table
 
 
 def test_report_refuses_other_files(tmp_path):

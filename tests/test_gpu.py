@@ -1,0 +1,116 @@
+"""The torch pipeline and training on a CUDA GPU: the same pictures as on the CPU, flat memory, fp16 parity.
+Skipped, with the reason, where torch sees no CUDA GPU (run on one with ``pytest -m gpu``)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import EditPipeline
+from engine.images import psnr
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]
+
+DEVICE = "cuda"
+PROMPT = "make the circle blue"
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "shapes.png")
+
+
+def photo(height=48, width=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def edit(pipe, **kwargs):
+    args = dict(steps=6, seed=3, resolution=None, output_type="np")
+    return pipe.edit(photo(), PROMPT, **{**args, **kwargs}).images
+
+
+@pytest.fixture(scope="module")
+def cpu_pipe(tiny_model):
+    return EditPipeline.from_pretrained(tiny_model, progress=False)
+
+
+@pytest.mark.parametrize("dtype, min_db", [("float32", 40.0), ("float16", 30.0), ("bfloat16", 25.0)])
+def test_cuda_edit_matches_the_cpu_float32_edit(tiny_model, cpu_pipe, dtype, min_db):
+    """Same seed, same noise (drawn on the host): the GPU edit is the CPU float32 edit up to precision."""
+    gpu = EditPipeline.from_pretrained(tiny_model, device=DEVICE, dtype=dtype, progress=False)
+    ours = edit(gpu)
+    assert np.isfinite(ours).all()
+    assert psnr(ours, edit(cpu_pipe), peak=1.0) >= min_db
+
+
+def test_cuda_float32_matches_diffusers_on_cuda(tiny_model):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    ref = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False).to(DEVICE)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    gpu = EditPipeline.from_pretrained(tiny_model, device=DEVICE, progress=False)
+    f = gpu.model.vae_factor
+    latents = np.random.default_rng(1).standard_normal((1, 4, 48 // f, 64 // f)).astype(np.float32)
+    ours = edit(gpu, sampler="euler", latents=latents)
+    theirs = ref(PROMPT, image=photo(), num_inference_steps=6, latents=torch.from_numpy(latents).to(DEVICE),
+                 output_type="np").images
+    assert ours.shape == theirs.shape == (1, 48, 64, 3)
+    assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_cuda_memory_stays_flat_across_edits_of_varying_sizes(tiny_model):
+    gpu = EditPipeline.from_pretrained(tiny_model, device=DEVICE, dtype="float16", progress=False)
+    sizes = [(32, 48), (64, 64), (40, 96), (96, 40)]
+    after = []
+    for cycle in range(3):
+        for i, (h, w) in enumerate(sizes):
+            gpu.edit(photo(h, w, seed=i), f"edit {i}", steps=2, seed=cycle, resolution=None)
+        torch.cuda.synchronize()
+        after.append((torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
+    assert after[1] == after[2], after  # nothing held or grown once every size has run
+
+
+def test_kv_downsampling_runs_on_cuda_in_float16(tiny_model):
+    exact = EditPipeline.from_pretrained(tiny_model, device=DEVICE, dtype="float16", progress=False)
+    pooled = EditPipeline.from_pretrained(tiny_model, device=DEVICE, dtype="float16", progress=False,
+                                          backend_options={"kv_downsample": 2})
+    a, b = edit(exact, resolution=64), edit(pooled, resolution=64)
+    assert np.isfinite(b).all() and 0 < np.abs(a - b).max() < 0.5  # an approximation of the same edit
+
+
+def test_shipped_model_edits_the_example_the_same_on_cuda_float16():
+    cpu = EditPipeline.from_pretrained(progress=False)
+    gpu = EditPipeline.from_pretrained(device=DEVICE, dtype="float16", progress=False)
+    args = dict(steps=20, seed=0, output_type="np")
+    a = cpu.edit(EXAMPLE, PROMPT, **args).images
+    b = gpu.edit(EXAMPLE, PROMPT, **args).images
+    assert psnr(a, b, peak=1.0) >= 30.0
+
+
+def test_training_steps_run_on_cuda_with_mixed_precision(tiny_model, tmp_path):
+    from training.config import TrainConfig
+    from training.train import train
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = []
+    for i in range(8):
+        before = np.full((32, 32, 3), 128, np.uint8)
+        after = before.copy()
+        before[4 + i:16 + i, 8:20] = (220, 30, 30)
+        after[4 + i:16 + i, 8:20] = (30, 30, 220)
+        Image.fromarray(before).save(data / f"in{i}.png")
+        Image.fromarray(after).save(data / f"out{i}.png")
+        rows.append({"input_image": f"in{i}.png", "edit_prompt": "make the square blue", "edited_image": f"out{i}.png"})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = train(TrainConfig(base=tiny_model, data=str(data), output=str(tmp_path / "out"), resolution=32,
+                            batch_size=4, max_steps=6, log_every=3, checkpoint_every=0, mixed_precision="bf16",
+                            seed=0))
+    losses = [float(r.split(",")[1]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    pipe = EditPipeline.from_pretrained(out, device=DEVICE, dtype="float16", progress=False)
+    assert np.isfinite(edit(pipe)).all()
+    shutil.rmtree(out)
