@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import EditPipeline
+from engine import EditPipeline, InputError
 from engine.images import psnr
 
 pytestmark = [pytest.mark.gpu,
@@ -25,9 +25,9 @@ def photo(height=48, width=64, seed=0):
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
 
 
-def edit(pipe, **kwargs):
+def edit(pipe, prompt=PROMPT, **kwargs):
     args = dict(steps=6, seed=3, resolution=None, output_type="np")
-    return pipe.edit(photo(), PROMPT, **{**args, **kwargs}).images
+    return pipe.edit(photo(), prompt, **{**args, **kwargs}).images
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,70 @@ def test_training_steps_run_on_cuda_with_mixed_precision(tiny_model, tmp_path):
     pipe = EditPipeline.from_pretrained(out, device=DEVICE, dtype="float16", progress=False)
     assert np.isfinite(edit(pipe)).all()
     shutil.rmtree(out)
+
+
+def onnxruntime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+ort_on_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not onnxruntime_has_cuda(),
+                                 reason="needs a CUDA GPU and onnxruntime-gpu (this onnxruntime has no CUDA provider)")
+
+
+@pytest.fixture(scope="module")
+def static_bundle(tiny_model, tmp_path_factory):
+    """A fp32 bundle of one fixed shape (one 48x64 image), as CUDA graphs need."""
+    from engine.specs import Profile
+    from export.bundle import ExportOptions, export_bundle
+
+    profile = Profile(batch=(1, 1, 1), height=(48, 48, 48), width=(64, 64, 64))
+    return str(export_bundle(tiny_model, tmp_path_factory.mktemp("static") / "b",
+                             ExportOptions(precision="fp32", profile=profile))[0])
+
+
+@ort_on_cuda
+@pytest.mark.parametrize("precision, min_db", [("fp32", 40.0), ("fp16", 30.0)])
+def test_onnxruntime_on_cuda_matches_the_torch_edit(onnx_bundles, cpu_pipe, precision, min_db):
+    pipe = EditPipeline.from_pretrained(onnx_bundles[precision], backend="onnxruntime", device=DEVICE, progress=False)
+    assert pipe.backend._sessions["unet"].get_providers()[0] == "CUDAExecutionProvider"
+    assert pipe.backend.bound  # IO binding on a GPU
+    assert psnr(edit(pipe), edit(cpu_pipe), peak=1.0) >= min_db
+
+
+@ort_on_cuda
+def test_onnxruntime_on_cuda_keeps_its_device_buffers_and_uploads_the_text_once(onnx_bundles):
+    pipe = EditPipeline.from_pretrained(onnx_bundles["fp16"], backend="onnxruntime", device=DEVICE, progress=False)
+    unet = pipe.backend.bound["unet"]
+    edit(pipe)
+    buffers, before = [v.data_ptr() for v in unet._inputs.values()], unet.copies
+    edit(pipe, seed=4)
+    assert [v.data_ptr() for v in unet._inputs.values()] == buffers
+    assert unet.copies - before == 3 + 2 * 5  # step 1: all three inputs; steps 2-6: sample and timestep only
+
+
+@ort_on_cuda
+def test_onnxruntime_gpu_memory_stays_flat_across_edits_of_varying_sizes(onnx_bundles):
+    pipe = EditPipeline.from_pretrained(onnx_bundles["fp16"], backend="onnxruntime", device=DEVICE, progress=False)
+    sizes = [(32, 48), (64, 64), (40, 96), (96, 40), (128, 128)]
+    used = []
+    for cycle in range(3):
+        for i, (h, w) in enumerate(sizes):
+            pipe.edit(photo(h, w, seed=i), f"edit {i}", steps=2, seed=cycle, resolution=None)
+        free, total = torch.cuda.mem_get_info()
+        used.append(total - free)
+    assert used[2] - used[1] <= 4 * 2**20, used  # no growth once every size has run
+
+
+@ort_on_cuda
+def test_onnxruntime_cuda_graph_replays_a_static_bundle(static_bundle):
+    plain = EditPipeline.from_pretrained(static_bundle, backend="onnxruntime", device=DEVICE, progress=False)
+    graphed = EditPipeline.from_pretrained(static_bundle, backend="onnxruntime", device=DEVICE, progress=False,
+                                           backend_options={"cuda_graph": True})
+    options = graphed.backend._sessions["unet"].get_provider_options()["CUDAExecutionProvider"]
+    assert options["enable_cuda_graph"] == "1"
+    for seed, prompt in ((3, PROMPT), (5, "make it red"), (3, PROMPT)):  # capture, then replays
+        np.testing.assert_allclose(edit(graphed, prompt, seed=seed), edit(plain, prompt, seed=seed), atol=1e-4)
+    with pytest.raises(InputError, match="outside this bundle's profile: width 64-64, height 48-48"):
+        graphed.edit(photo(64, 64), PROMPT, steps=2, seed=0, resolution=None)

@@ -181,3 +181,13 @@ def test_full_edit_without_torch_or_diffusers(onnx_bundles, image_file, tmp_path
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0
+
+
+def test_the_tensorrt_provider_is_offered_only_where_tensorrt_loads():
+    from engine.backends.onnxruntime_backend import tensorrt_loadable, usable_providers
+
+    assert not tensorrt_loadable("libnvinfer-absent.so.10") and tensorrt_loadable("libc.so.6")
+    listed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]  # onnxruntime-gpu's list
+    assert usable_providers(listed, lambda: False) == listed[1:]
+    assert usable_providers(listed, lambda: True) == listed
+    assert usable_providers(["CPUExecutionProvider"], lambda: 1 / 0) == ["CPUExecutionProvider"]  # not probed

@@ -12,9 +12,10 @@ ORT's CUDA provider capture each session's kernels once and replay them.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +26,29 @@ from engine.manifest import Bundle
 log = logging.getLogger(__name__)
 
 PREFERENCE = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+TENSORRT_LIBRARY = "libnvinfer.so.10"  # what onnxruntime-gpu's TensorRT provider links against
+
+
+def tensorrt_loadable(library: str = TENSORRT_LIBRARY) -> bool:
+    """Whether TensorRT's runtime library loads here. onnxruntime-gpu lists its TensorRT provider whether
+    or not TensorRT is installed; chosen without it, session creation fails over to a default provider list
+    and drops our CUDA options."""
+    try:
+        import tensorrt  # noqa: F401  (the pip package loads its libraries from its own folder)
+    except ImportError:
+        pass
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+def usable_providers(available: Sequence[str], tensorrt_loads: Callable[[], bool] = tensorrt_loadable) -> list[str]:
+    """onnxruntime's available providers, less the TensorRT one where TensorRT itself cannot load."""
+    if "TensorrtExecutionProvider" in available and not tensorrt_loads():
+        return [p for p in available if p != "TensorrtExecutionProvider"]
+    return list(available)
 
 
 def physical_cores() -> int:
@@ -199,7 +223,10 @@ def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, provider
         raise InputError("CUDA graphs need a static-shape bundle: export with --static WxH --batch N")
     if cuda_graph and io_binding is False:
         raise InputError("CUDA graphs need io_binding (fixed device buffers)")
-    chosen = choose_providers(device, ort.get_available_providers(), providers, cuda_graph)
+    available = ort.get_available_providers()
+    chosen = choose_providers(device, available if providers else usable_providers(available), providers, cuda_graph)
+    if device.startswith("cuda") and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from pip's nvidia-* packages, where no system CUDA is installed
     return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph)
 
 
