@@ -23,7 +23,9 @@ CACHE = Path(os.environ.get("IP2P_BENCH_CACHE", Path.home() / ".cache" / "ip2p" 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # "torch-kv2": the torch backend with token downsampling (kv_downsample=2), approximate by design
 CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-kv2-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
-GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-kv2-fp16", "onnxruntime-fp16", "tensorrt-fp16")
+# "onnxruntime-graph": with CUDA graph capture/replay, for static-shape bundles (tiny's is one)
+GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-kv2-fp16", "onnxruntime-fp16",
+                "onnxruntime-graph-fp16", "tensorrt-fp16")
 BASELINE = "diffusers-fp16" if DEVICE == "cuda" else "diffusers-fp32"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 REFERENCE = "torch-fp32"  # FLOPs are counted and accuracies measured on it
@@ -63,6 +65,14 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", selected, ids=[str(c) for c in selected])
 
 
+def bundle_profile(kind: str):
+    """Shapes of the benchmark's bundles: one 64 px image for tiny (static), 256-512 px for sd15."""
+    from engine.specs import Profile
+
+    sides = (64, 64, 64) if kind == "tiny" else (256, 512, 512)
+    return Profile((1, 1, 1), sides, sides)
+
+
 class Systems:
     """Lazily built, shared systems under test, and everything measured once per session."""
 
@@ -85,15 +95,13 @@ class Systems:
 
     def bundle_dir(self, kind: str, precision: str) -> Path:
         from engine.manifest import is_bundle
-        from engine.specs import Profile
         from export.bundle import ExportOptions, export_bundle
 
         path = self.cache / f"{kind}-onnx-{precision}"
         if not is_bundle(path):
-            sides = (64, 64, 64) if kind == "tiny" else (256, 512, 512)
             log.warning("exporting the %s %s ONNX bundle to %s (once)", kind, precision, path)
             export_bundle(self.model_dir(kind), path, ExportOptions(precision=precision, force=True,
-                                                                    profile=Profile((1, 1, 1), sides, sides)))
+                                                                    profile=bundle_profile(kind)))
         return path
 
     def runner(self, kind: str, backend: str):
@@ -127,8 +135,14 @@ class Systems:
 
                 if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                     pytest.skip("onnxruntime has no CUDA provider here (install the gpu extra)")
-            return EngineRunner(EditPipeline.from_pretrained(self.bundle_dir(kind, precision), backend="onnxruntime",
-                                                             device=self.device, progress=False),
+            options = None
+            if variant == "graph":
+                if not bundle_profile(kind).static:
+                    pytest.skip(f"CUDA graphs need a static-shape bundle; the {kind} bundle spans several sizes")
+                options = {"cuda_graph": True}
+            bundle = self.bundle_dir(kind, precision)
+            return EngineRunner(EditPipeline.from_pretrained(bundle, backend="onnxruntime", device=self.device,
+                                                             progress=False, backend_options=options),
                                 self.edit_steps)
         if name == "tensorrt":
             pytest.skip("TensorRT bundles are benchmarked where TensorRT is installed: export with --format tensorrt")

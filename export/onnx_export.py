@@ -134,6 +134,33 @@ def convert_to_fp16(src: Path, dst: Path, external_over: int = EXTERNAL_DATA_BYT
         node_block_list=_timestep_nodes(model) if has_timestep else None,
         disable_shape_infer=True,
     )
+    drop_repeated_nodes(converted.graph)
     weight_bytes = sum(len(t.raw_data) for t in converted.graph.initializer)
     save_onnx(converted, dst, external=weight_bytes > external_over)
     return onnx_files(dst)
+
+
+def drop_repeated_nodes(graph: onnx.GraphProto) -> int:
+    """Remove nodes identical to an earlier one (same name, inputs, outputs and attributes), and repeated
+    value_info entries. onnxruntime's float16 converter before 1.32 adds one Cast back to float32 per use of
+    a float16 tensor by a float32-only node, all with one name and one output, which ONNX Runtime refuses
+    to load ("two nodes with same node name"). Returns the number of nodes removed."""
+    seen: set[bytes] = set()
+    nodes = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            nodes.append(node)
+    removed = len(graph.node) - len(nodes)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        infos, names = [], set()
+        for info in graph.value_info:
+            if info.name not in names:
+                names.add(info.name)
+                infos.append(info)
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+    return removed

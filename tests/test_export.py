@@ -133,3 +133,29 @@ def test_sd15_exports_and_verifies(tmp_path):
     manifest = read_bundle(bundle).manifest
     assert [f["path"] for f in manifest["components"]["unet"]["files"]] == ["unet.onnx", "unet.onnx.data"]
     assert all(c.passed for c in checks) and {c.component for c in checks} == set(COMPONENTS)
+
+
+def test_repeated_cast_nodes_of_older_float16_converters_are_dropped():
+    """onnxruntime < 1.32's float16 converter casts a tensor once per float32-only use, repeating one node."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.onnx_export import drop_repeated_nodes
+
+    cast = helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], to=TensorProto.FLOAT, name="x_cast_to_fp32_node")
+    graph = helper.make_graph(
+        [cast, helper.make_node("Relu", ["x_cast_to_fp32"], ["a"], name="relu"), cast,
+         helper.make_node("Neg", ["x_cast_to_fp32"], ["b"], name="neg")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "ab"],
+        value_info=[helper.make_tensor_value_info("x_cast_to_fp32", TensorProto.FLOAT, [2])] * 2)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(Exception, match="same node name"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert drop_repeated_nodes(model.graph) == 1 and len(model.graph.value_info) == 1
+    assert drop_repeated_nodes(model.graph) == 0
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = session.run(None, {"x": np.array([-1, 2], np.float16)})
+    np.testing.assert_array_equal(a, [0, 2])
+    np.testing.assert_array_equal(b, [1, -2])

@@ -44,7 +44,16 @@ def test_cuda_edit_matches_the_cpu_float32_edit(tiny_model, cpu_pipe, dtype, min
     assert psnr(ours, edit(cpu_pipe), peak=1.0) >= min_db
 
 
-def test_cuda_float32_matches_diffusers_on_cuda(tiny_model):
+@pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and matmuls (torch lets cuDNN use TF32 by default: about 1e-3 per pixel)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cuda_float32_matches_diffusers_on_cuda(tiny_model, no_tf32):
     from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
     ref = StableDiffusionInstructPix2PixPipeline.from_pretrained(
