@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("IP2P_BENCH_CACHE", Path.home() / ".cache" / "ip2p" / "bench"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# "torch-kv2": the torch backend with token downsampling (kv_downsample=2), approximate by design
-CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-kv2-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
-# "onnxruntime-graph": with CUDA graph capture/replay, for static-shape bundles (tiny's is one)
-GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-kv2-fp16", "onnxruntime-fp16",
-                "onnxruntime-graph-fp16", "tensorrt-fp16")
+# variants of a backend between its name and precision: "kv2" token downsampling (kv_downsample=2, approximate
+# by design), "compile" the UNet through torch.compile, "graph" onnxruntime's CUDA graphs (static bundles only)
+CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-compile-bf16", "torch-kv2-bf16",
+                "torch-kv2-compile-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
+GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-compile-fp16", "torch-kv2-fp16",
+                "onnxruntime-fp16", "onnxruntime-graph-fp16", "tensorrt-fp16")
 BASELINE = "diffusers-fp16" if DEVICE == "cuda" else "diffusers-fp32"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 REFERENCE = "torch-fp32"  # FLOPs are counted and accuracies measured on it
@@ -119,13 +120,17 @@ class Systems:
     def _build(self, kind: str, backend: str):
         from engine import EditPipeline
 
-        name, precision = backend.rsplit("-", 1)
-        name, _, variant = name.partition("-")
+        name, *variants, precision = backend.split("-")
         if name == "diffusers":
             return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]),
                                    self.edit_steps)
         if name == "torch":
-            options = {"kv_downsample": int(variant.removeprefix("kv"))} if variant else None
+            options = {}
+            for variant in variants:
+                if variant == "compile":
+                    options["compile"] = True
+                else:
+                    options["kv_downsample"] = int(variant.removeprefix("kv"))
             return EngineRunner(EditPipeline.from_pretrained(self.model_dir(kind), device=self.device,
                                                              dtype=DTYPES[precision], progress=False,
                                                              backend_options=options), self.edit_steps)
@@ -136,7 +141,7 @@ class Systems:
                 if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                     pytest.skip("onnxruntime has no CUDA provider here (install the gpu extra)")
             options = None
-            if variant == "graph":
+            if "graph" in variants:
                 if not bundle_profile(kind).static:
                     pytest.skip(f"CUDA graphs need a static-shape bundle; the {kind} bundle spans several sizes")
                 options = {"cuda_graph": True}

@@ -48,7 +48,8 @@ def test_several_inputs_go_to_a_folder_with_per_image_seeds(tiny_model, tmp_path
         ("extension", "unknown image extension"),
         ("nomodel", "no such model folder"),
         ("graph", "--cuda-graph replays exported bundles"),
-        ("kv-backend", "--kv-downsample changes the torch UNet"),
+        ("kv-backend", "--kv-downsample applies to the torch UNet: use it with --backend torch"),
+        ("compile-backend", "--compile applies to the torch UNet: use it with --backend torch"),
         ("kv-factor", "kv_downsample must be a whole number from 1 (exact) to 8, got 0"),
     ],
 )
@@ -79,6 +80,8 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
         args += ["--cuda-graph"]
     elif case == "kv-backend":
         args += ["--kv-downsample", "2", "--backend", "onnxruntime"]
+    elif case == "compile-backend":
+        args += ["--compile", "--backend", "onnxruntime"]
     elif case == "kv-factor":
         args += ["--kv-downsample", "0"]
     code, captured = run(args, capsys)

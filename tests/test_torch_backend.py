@@ -80,3 +80,27 @@ def test_a_unet_without_attention_in_its_down_blocks_is_refused():
                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     with pytest.raises(InputError, match="no attention in its down blocks"):
         set_kv_downsampling(unet, 2)
+
+
+def test_compiled_unet_gives_the_eager_pictures(tiny_model):
+    """torch.compile (inductor, weights frozen) runs the UNet; same edit up to float32 rounding."""
+    image = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)
+    compiled = EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"compile": True})
+    assert type(compiled.backend._modules["unet"][0]).__name__ == "OptimizedModule"
+    eager = EditPipeline.from_pretrained(tiny_model, progress=False)
+    kwargs = dict(steps=3, seed=0, resolution=None, output_type="np")
+    a = compiled.edit(image, "make it blue", **kwargs).images
+    np.testing.assert_allclose(a, eager.edit(image, "make it blue", **kwargs).images, atol=1e-4)
+    np.testing.assert_allclose(compiled.edit(image, "make it red", **{**kwargs, "seed": 1}).images,
+                               eager.edit(image, "make it red", **{**kwargs, "seed": 1}).images, atol=1e-4)
+
+
+def test_compile_is_refused_without_a_cpp_compiler_or_with_a_bad_value(tiny_model, monkeypatch):
+    import shutil
+
+    with pytest.raises(InputError, match="compile must be true or false"):
+        EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"compile": "yes"})
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(InputError, match="compile on a CPU needs a C.. compiler"):
+        EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"compile": True})
