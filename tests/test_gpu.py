@@ -1,7 +1,6 @@
 """The torch pipeline and training on a CUDA GPU: the same pictures as on the CPU, flat memory, fp16 parity.
 Skipped, with the reason, where torch sees no CUDA GPU (run on one with ``pytest -m gpu``)."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +121,6 @@ def test_training_steps_run_on_cuda_with_mixed_precision(tiny_model, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     pipe = EditPipeline.from_pretrained(out, device=DEVICE, dtype="float16", progress=False)
     assert np.isfinite(edit(pipe)).all()
-    shutil.rmtree(out)
 
 
 def onnxruntime_has_cuda() -> bool:

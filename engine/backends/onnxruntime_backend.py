@@ -1,7 +1,7 @@
 """ONNX Runtime backend: runs an exported bundle's graphs; numpy in, numpy out, no torch.
 
-Providers are picked once (TensorRT EP, then CUDA EP, then CPU, or as given), sessions are created
-once and reused across edits.
+Providers are picked once (TensorRT EP where TensorRT loads, then CUDA EP, then CPU, or as given),
+sessions are created once and reused across edits.
 
 On CPU, ``session.run`` reads the numpy inputs in place (no copies). On a GPU, sessions run through IO
 binding (``BoundSession``): every input has a device buffer that persists while its shape does, so a
