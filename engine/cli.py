@@ -25,6 +25,13 @@ def _resolution(value: str):
         raise argparse.ArgumentTypeError(f"expected an integer, 'none' or 'auto', got {value!r}") from None
 
 
+def _weights(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,2,3, got {value!r}") from None
+
+
 def _add_torch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-downsample", type=int, default=1, metavar="N",
                         help="torch backend: the finest level's self-attention reads keys and values pooled NxN "
@@ -136,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--min-shapes", type=int, default=1, help="at least this many shapes per scene (1-3)")
+    synth.add_argument("--shape-weights", type=_weights,
+                       help="relative shares of scenes with 1, 2 and 3 shapes, e.g. 1,2,3 (default: equal)")
 
     convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
     convert.add_argument("model", help="diffusers-format model folder")
@@ -301,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.synthetic import generate
 
             out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet,
-                           min_shapes=args.min_shapes)
+                           min_shapes=args.min_shapes, shape_weights=args.shape_weights)
             log.info("wrote %s", out)
         elif args.command == "convert":
             from engine.checkpoints import resolve_model

@@ -1,7 +1,9 @@
 """Training from nothing: the recipe's stages run in order, are checked, and are skipped once done."""
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine.errors import InputError
 from training.config import load_config
@@ -9,7 +11,7 @@ from training.train import train
 
 SMALL = """
 recipe:
-  synthetic: {count: 48, seed: 1, size: 64}
+  synthetic: {count: 48, seed: 1, size: 64, shape_weights: [0, 1, 1]}
   vae: {steps: 2, batch_size: 4, images: 60, holdout: 8, min_psnr: %s}
 resolution: 64
 batch_size: 4
@@ -27,13 +29,16 @@ def test_recipe_builds_data_base_and_vae_then_trains_a_loadable_model(tmp_path):
     path.write_text(SMALL % 0)
     out = train(load_config(path, {"output": str(tmp_path / "run")}))
     recipe = out / "recipe"
-    assert len((recipe / "data" / "metadata.jsonl").read_text().splitlines()) == 48
+    rows = [json.loads(line) for line in (recipe / "data" / "metadata.jsonl").read_text().splitlines()]
+    colours = [len(np.unique(np.asarray(Image.open(recipe / "data" / r["input_image"]).convert("RGB")).reshape(-1, 3), axis=0))
+               for r in rows]
+    assert len(rows) == 48 and min(colours) >= 3  # shape_weights [0, 1, 1]: background + 2 or 3 flat shapes
     report = json.loads((recipe / "base" / "vae" / "vae_stage.json").read_text())
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert report["steps"] == 2 and vae_config["scaling_factor"] == pytest.approx(report["scaling_factor"])
     assert vae_config["scaling_factor"] != 1.0  # measured on the data, not the architecture's placeholder
     saved = json.loads((out / "training_config.json").read_text())["config"]
-    assert saved["recipe"]["synthetic"]["count"] == 48 and saved["base"] == str(recipe / "base")
+    assert saved["recipe"]["synthetic"]["shape_weights"] == [0, 1, 1] and saved["base"] == str(recipe / "base")
     from safetensors.torch import load_file
 
     for component in ("unet", "vae", "text_encoder"):

@@ -48,3 +48,19 @@ def test_min_shapes_fills_every_scene(tmp_path):
     assert {r["truth"]["edit"] for r in rows} == {"recolour", "background", "remove"}
     with pytest.raises(InputError, match="min_shapes must be 1, 2 or 3"):
         generate(tmp_path / "bad", count=3, min_shapes=4)
+
+
+def _shape_counts(out) -> list[int]:
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    # flat colours: distinct colours = background + one per shape
+    return [len(np.unique(np.asarray(Image.open(out / r["input_image"]).convert("RGB")).reshape(-1, 3), axis=0)) - 1
+            for r in rows]
+
+
+def test_shape_weights_set_how_many_scenes_hold_one_two_or_three_shapes(tmp_path):
+    assert set(_shape_counts(generate(tmp_path / "three", 20, seed=2, shape_weights=(0, 0, 1), progress=False))) == {3}
+    counts = np.bincount(_shape_counts(generate(tmp_path / "mix", 300, seed=2, shape_weights=(1, 2, 3),
+                                                progress=False)), minlength=4)[1:]
+    assert abs(counts[0] / 300 - 1 / 6) < 0.07 and abs(counts[2] / 300 - 1 / 2) < 0.08, counts
+    with pytest.raises(InputError, match="shape_weights must be 3 weights"):
+        generate(tmp_path / "bad", count=3, shape_weights=(1, -1, 1))

@@ -26,6 +26,7 @@ class SyntheticData:
     count: int = 20000
     seed: int = 1  # evaluation uses other seeds (training/evaluation.py)
     size: int = 64
+    shape_weights: tuple[float, float, float] | None = None  # of 1, 2, 3 shapes per scene; None: equal
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def prepare(recipe: Recipe, folder: Path, seed: int, progress: bool = True) -> t
     data, base, vae_done = folder / "data", folder / "base", folder / "base" / "vae" / "vae_stage.json"
     if not (data / "metadata.jsonl").is_file():
         log.info("stage 1/3: %d synthetic pairs (seed %d)", recipe.synthetic.count, recipe.synthetic.seed)
-        generate(data, recipe.synthetic.count, recipe.synthetic.seed, recipe.synthetic.size, progress)
+        generate(data, recipe.synthetic.count, recipe.synthetic.seed, recipe.synthetic.size, progress,
+                 shape_weights=recipe.synthetic.shape_weights)
     if not (base / "model_index.json").is_file():
         log.info("stage 2/3: random-weight %s model", recipe.architecture)
         create_model(recipe.architecture, base, seed=seed)
