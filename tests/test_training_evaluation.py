@@ -37,3 +37,5 @@ def test_nearest_colour_and_report():
         "n": 3, "success": 66.7, "colour_correct": 100.0, "untouched_psnr_ok": 66.7, "median_untouched_psnr_db": 30.2}}}
     table = format_report(report)
     assert "| remove | 3 | 66.7% | 100.0% | 66.7% | 30.2 dB |" in table and "text guidance 5.0" in table
+    report["cases"] = [{"edit": "remove", "shapes": n, "success": ok} for n, ok in ((2, True), (3, True), (3, False))]
+    assert "| remove | 100% of 1 | 50% of 2 |" in format_report(report)

@@ -141,6 +141,18 @@ def format_report(report: dict) -> str:
     for edit, r in report["edits"].items():
         lines.append(f"| {edit} | {r['n']} | {r['success']:.1f}% | {r['colour_correct']:.1f}% | "
                      f"{r['untouched_psnr_ok']:.1f}% | {r['median_untouched_psnr_db']:.1f} dB |")
+    cases = report.get("cases", [])
+    if cases:  # where the failures are: scenes of several shapes ask the model to find the named one
+        counts = sorted({c["shapes"] for c in cases})
+        lines += ["", "Success by shapes in the scene:", "",
+                  "| edit | " + " | ".join(f"{n} shape{'s' * (n > 1)}" for n in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]
+        for edit in report["edits"]:
+            cells = []
+            for n in counts:
+                mine = [c["success"] for c in cases if c["edit"] == edit and c["shapes"] == n]
+                cells.append(f"{100.0 * np.mean(mine):.0f}% of {len(mine)}" if mine else "-")
+            lines.append(f"| {edit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
