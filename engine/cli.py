@@ -142,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--count", type=int, default=1000)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=64)
-    synth.add_argument("--min-shapes", type=int, default=1, help="at least this many shapes per scene (1-3)")
     synth.add_argument("--shape-weights", type=_weights,
                        help="relative shares of scenes with 1, 2 and 3 shapes, e.g. 1,2,3 (default: equal)")
 
@@ -310,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.synthetic import generate
 
             out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet,
-                           min_shapes=args.min_shapes, shape_weights=args.shape_weights)
+                           shape_weights=args.shape_weights)
             log.info("wrote %s", out)
         elif args.command == "convert":
             from engine.checkpoints import resolve_model

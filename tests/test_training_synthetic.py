@@ -39,17 +39,6 @@ def test_same_seed_same_data_and_no_overwrite(tmp_path):
         generate(a, 5)
 
 
-def test_min_shapes_fills_every_scene(tmp_path):
-    out = generate(tmp_path / "focus", count=30, seed=2, min_shapes=2, progress=False)
-    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    for row in rows:  # flat colours: distinct colours = background + one per shape
-        pixels = np.asarray(Image.open(out / row["input_image"]).convert("RGB")).reshape(-1, 3)
-        assert len(np.unique(pixels, axis=0)) - 1 >= 2
-    assert {r["truth"]["edit"] for r in rows} == {"recolour", "background", "remove"}
-    with pytest.raises(InputError, match="min_shapes must be 1, 2 or 3"):
-        generate(tmp_path / "bad", count=3, min_shapes=4)
-
-
 def _shape_counts(out) -> list[int]:
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     # flat colours: distinct colours = background + one per shape

@@ -62,13 +62,12 @@ def _draw_shape(pen: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
         pen.polygon([(left, bottom), ((left + right) / 2, top), (right, bottom)], fill=fill)
 
 
-def random_scene(rng: np.random.Generator, size: int, min_shapes: int = 1, count: int | None = None
-                 ) -> tuple[str, list[Shape]]:
-    """A background colour and ``count`` (else ``min_shapes``-3) non-overlapping shapes of distinct kinds and
+def random_scene(rng: np.random.Generator, size: int, count: int | None = None) -> tuple[str, list[Shape]]:
+    """A background colour and ``count`` (else 1-3, uniformly) non-overlapping shapes of distinct kinds and
     colours, none the background's (fewer only where 100 tries find no free place)."""
     colours = list(rng.permutation(list(PALETTE)))
     background = colours.pop()
-    kinds = list(rng.permutation(SHAPES))[: count or int(rng.integers(min_shapes, 4))]
+    kinds = list(rng.permutation(SHAPES))[: count or int(rng.integers(1, 4))]
     shapes: list[Shape] = []
     for kind in kinds:
         for _ in range(100):
@@ -111,17 +110,15 @@ def random_edit(
 
 
 def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, progress: bool = True,
-             min_shapes: int = 1, shape_weights: tuple[float, float, float] | None = None) -> Path:
-    """Write ``count`` pairs to ``out_dir`` (created; must not hold data already), each scene holding at least
-    ``min_shapes`` shapes, or, with ``shape_weights``, 1, 2 or 3 shapes in those relative proportions (more
-    scenes of several shapes focus the data on picking the named shape among them)."""
+             shape_weights: tuple[float, float, float] | None = None) -> Path:
+    """Write ``count`` pairs to ``out_dir`` (created; must not hold data already); with ``shape_weights`` its
+    scenes hold 1, 2 or 3 shapes in those relative proportions (more scenes of several shapes teach picking
+    the named shape among them), else 1-3 uniformly."""
     out = Path(out_dir)
     if (out / "metadata.jsonl").exists():
         raise InputError(f"{out}: already holds a metadata.jsonl")
     if count < 1 or size < 16:
         raise InputError("count must be at least 1 and size at least 16")
-    if min_shapes not in (1, 2, 3):
-        raise InputError(f"min_shapes must be 1, 2 or 3, got {min_shapes}")
     p = None
     if shape_weights is not None:
         if len(shape_weights) != 3 or min(shape_weights) < 0 or sum(shape_weights) <= 0:
@@ -133,9 +130,9 @@ def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 
     rows = []
     for i in tqdm(range(count), desc="generating", unit="pair", disable=not progress):
         wanted = None if p is None else int(rng.choice(3, p=p)) + 1
-        background, shapes = random_scene(rng, size, min_shapes, wanted)
-        while len(shapes) < (wanted or min_shapes):
-            background, shapes = random_scene(rng, size, min_shapes, wanted)
+        background, shapes = random_scene(rng, size, wanted)
+        while wanted is not None and len(shapes) < wanted:
+            background, shapes = random_scene(rng, size, wanted)
         text, new_background, new_shapes, truth = random_edit(rng, background, shapes)
         draw(size, background, shapes).save(out / "images" / f"{i:06d}_in.png")
         draw(size, new_background, new_shapes).save(out / "images" / f"{i:06d}_out.png")
