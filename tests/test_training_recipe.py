@@ -30,8 +30,8 @@ def test_recipe_builds_data_base_and_vae_then_trains_a_loadable_model(tmp_path):
     out = train(load_config(path, {"output": str(tmp_path / "run")}))
     recipe = out / "recipe"
     rows = [json.loads(line) for line in (recipe / "data" / "metadata.jsonl").read_text().splitlines()]
-    colours = [len(np.unique(np.asarray(Image.open(recipe / "data" / r["input_image"]).convert("RGB")).reshape(-1, 3), axis=0))
-               for r in rows]
+    pictures = [np.asarray(Image.open(recipe / "data" / r["input_image"]).convert("RGB")) for r in rows]
+    colours = [len(np.unique(picture.reshape(-1, 3), axis=0)) for picture in pictures]
     assert len(rows) == 48 and min(colours) >= 3  # shape_weights [0, 1, 1]: background + 2 or 3 flat shapes
     report = json.loads((recipe / "base" / "vae" / "vae_stage.json").read_text())
     vae_config = json.loads((out / "vae" / "config.json").read_text())
@@ -61,6 +61,9 @@ def test_recipe_options_are_checked(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("recipe: {vae: {stepz: 3}}\n")
     with pytest.raises(InputError, match="bad recipe option"):
+        load_config(path, {"output": "o"})
+    path.write_text("recipe: {synthetic: {shape_weights: [1, 2]}}\n")
+    with pytest.raises(InputError, match="bad.yaml: bad recipe option .*shape_weights must be 3 weights"):
         load_config(path, {"output": "o"})
     path.write_text("recipe: {colours: 3}\n")
     with pytest.raises(InputError, match="unknown recipe option"):

@@ -28,6 +28,11 @@ class SyntheticData:
     size: int = 64
     shape_weights: tuple[float, float, float] | None = None  # of 1, 2, 3 shapes per scene; None: equal
 
+    def __post_init__(self) -> None:
+        weights = self.shape_weights
+        if weights is not None and (len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"shape_weights must be 3 weights >= 0 with a positive sum, got {weights}")
+
 
 @dataclass(frozen=True)
 class VaeStage:
@@ -55,7 +60,7 @@ class Recipe:
         try:
             return Recipe(architecture=values.get("architecture", "shapes"),
                           synthetic=SyntheticData(**values.get("synthetic", {})), vae=VaeStage(**values.get("vae", {})))
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise InputError(f"{source}: bad recipe option ({err})") from None
 
 
