@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.images import psnr
+from training.synthetic import generate, shape_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,8 @@ class SyntheticData:
     shape_weights: tuple[float, float, float] | None = None  # of 1, 2, 3 shapes per scene; None: equal
 
     def __post_init__(self) -> None:
-        weights = self.shape_weights
-        if weights is not None and (len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"shape_weights must be 3 weights >= 0 with a positive sum, got {weights}")
+        if self.shape_weights is not None:
+            shape_probabilities(self.shape_weights)  # refused here, when the config loads
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,13 @@ class Recipe:
         try:
             return Recipe(architecture=values.get("architecture", "shapes"),
                           synthetic=SyntheticData(**values.get("synthetic", {})), vae=VaeStage(**values.get("vae", {})))
-        except (TypeError, ValueError) as err:
+        except (TypeError, InputError) as err:
             raise InputError(f"{source}: bad recipe option ({err})") from None
 
 
 def prepare(recipe: Recipe, folder: Path, seed: int, progress: bool = True) -> tuple[Path, Path]:
     """Run the stages not yet done in ``folder``; returns (base model, training data)."""
     from engine.random_models import create_model
-    from training.synthetic import generate
 
     data, base, vae_done = folder / "data", folder / "base", folder / "base" / "vae" / "vae_stage.json"
     if not (data / "metadata.jsonl").is_file():

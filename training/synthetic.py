@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -109,6 +110,13 @@ def random_edit(
     return text, background, new, {"edit": "recolour", "shape": target.kind, "colour": colour, "box": list(target.box)}
 
 
+def shape_probabilities(weights: Sequence[float]) -> np.ndarray:
+    """(3,) probabilities of 1, 2 and 3 shapes per scene from relative ``weights``."""
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise InputError(f"shape_weights must be 3 weights >= 0 (of 1, 2, 3 shapes) with a positive sum, got {weights}")
+    return np.asarray(weights, dtype=np.float64) / sum(weights)
+
+
 def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, progress: bool = True,
              shape_weights: tuple[float, float, float] | None = None) -> Path:
     """Write ``count`` pairs to ``out_dir`` (created; must not hold data already); with ``shape_weights`` its
@@ -119,12 +127,7 @@ def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 
         raise InputError(f"{out}: already holds a metadata.jsonl")
     if count < 1 or size < 16:
         raise InputError("count must be at least 1 and size at least 16")
-    p = None
-    if shape_weights is not None:
-        if len(shape_weights) != 3 or min(shape_weights) < 0 or sum(shape_weights) <= 0:
-            raise InputError(f"shape_weights must be 3 weights >= 0 (of 1, 2, 3 shapes) with a positive sum, "
-                             f"got {shape_weights}")
-        p = np.asarray(shape_weights, dtype=np.float64) / sum(shape_weights)
+    p = None if shape_weights is None else shape_probabilities(shape_weights)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
