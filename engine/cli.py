@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--shape-weights", type=_weights,
                        help="relative shares of scenes with 1, 2 and 3 shapes, e.g. 1,2,3 (default: equal)")
+    synth.add_argument("--edit-weights", type=_weights,
+                       help="relative shares of shape recolourings, background recolourings and removals, "
+                            "e.g. 4,2,3 (default: even among the edits a scene allows)")
 
     convert = sub.add_parser("convert", help="write a diffusers-format model as one original-layout checkpoint")
     convert.add_argument("model", help="diffusers-format model folder")
@@ -309,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.synthetic import generate
 
             out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet,
-                           shape_weights=args.shape_weights)
+                           shape_weights=args.shape_weights, edit_weights=args.edit_weights)
             log.info("wrote %s", out)
         elif args.command == "convert":
             from engine.checkpoints import resolve_model

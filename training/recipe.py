@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.images import psnr
-from training.synthetic import generate, shape_probabilities
+from training.synthetic import edit_probabilities, generate, shape_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,13 @@ class SyntheticData:
     seed: int = 1  # evaluation uses other seeds (training/evaluation.py)
     size: int = 64
     shape_weights: tuple[float, float, float] | None = None  # of 1, 2, 3 shapes per scene; None: equal
+    edit_weights: tuple[float, float, float] | None = None  # of recolour, background, remove; None: even
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # bad weights are refused here, when the config loads
         if self.shape_weights is not None:
-            shape_probabilities(self.shape_weights)  # refused here, when the config loads
+            shape_probabilities(self.shape_weights)
+        if self.edit_weights is not None:
+            edit_probabilities(self.edit_weights)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def prepare(recipe: Recipe, folder: Path, seed: int, progress: bool = True) -> t
     if not (data / "metadata.jsonl").is_file():
         log.info("stage 1/3: %d synthetic pairs (seed %d)", recipe.synthetic.count, recipe.synthetic.seed)
         generate(data, recipe.synthetic.count, recipe.synthetic.seed, recipe.synthetic.size, progress,
-                 shape_weights=recipe.synthetic.shape_weights)
+                 shape_weights=recipe.synthetic.shape_weights, edit_weights=recipe.synthetic.edit_weights)
     if not (base / "model_index.json").is_file():
         log.info("stage 2/3: random-weight %s model", recipe.architecture)
         create_model(recipe.architecture, base, seed=seed)

@@ -85,14 +85,23 @@ EDITS = ("recolour", "background", "remove")
 
 
 def random_edit(
-    rng: np.random.Generator, background: str, shapes: list[Shape], kind: str | None = None
+    rng: np.random.Generator, background: str, shapes: list[Shape], kind: str | None = None,
+    edit_p: np.ndarray | None = None,
 ) -> tuple[str, str, list[Shape], dict]:
     """(instruction, new background, new shapes, ground truth) for one random edit of a scene; ``kind``
-    (one of EDITS) fixes the edit type, else it is drawn (removal needs a scene of 2+ shapes)."""
+    (one of EDITS) fixes the edit type, else it is drawn (removal needs a scene of 2+ shapes), evenly or
+    with the probabilities ``edit_p`` (of EDITS, from ``weights_to_probabilities``)."""
     used = {background, *(s.colour for s in shapes)}
     free = [c for c in PALETTE if c not in used]
     if kind is None:
-        kind = rng.choice(list(EDITS) if len(shapes) > 1 else ["recolour", "background"])
+        allowed = list(EDITS) if len(shapes) > 1 else ["recolour", "background"]
+        if edit_p is None:
+            kind = rng.choice(allowed)
+        else:
+            p = edit_p[: len(allowed)]
+            if p.sum() == 0:  # a weight of 0 on recolouring and background: one-shape scenes still need an edit
+                p = np.ones(len(allowed))
+            kind = str(rng.choice(allowed, p=p / p.sum()))
     elif kind == "remove" and len(shapes) < 2:
         raise ValueError("removal needs a scene with at least two shapes")
     if kind == "background":
@@ -110,24 +119,38 @@ def random_edit(
     return text, background, new, {"edit": "recolour", "shape": target.kind, "colour": colour, "box": list(target.box)}
 
 
-def shape_probabilities(weights: Sequence[float]) -> np.ndarray:
-    """(3,) probabilities of 1, 2 and 3 shapes per scene from relative ``weights``."""
+def weights_to_probabilities(weights: Sequence[float], name: str, of: str) -> np.ndarray:
+    """(3,) probabilities from 3 relative ``weights``; ``name`` and ``of`` word the error."""
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise InputError(f"shape_weights must be 3 weights >= 0 (of 1, 2, 3 shapes) with a positive sum, got {weights}")
+        raise InputError(f"{name} must be 3 weights >= 0 (of {of}) with a positive sum, got {weights}")
     return np.asarray(weights, dtype=np.float64) / sum(weights)
 
 
+def shape_probabilities(weights: Sequence[float]) -> np.ndarray:
+    """(3,) probabilities of 1, 2 and 3 shapes per scene from relative ``weights``."""
+    return weights_to_probabilities(weights, "shape_weights", "1, 2, 3 shapes")
+
+
+def edit_probabilities(weights: Sequence[float]) -> np.ndarray:
+    """(3,) probabilities of recolouring a shape, recolouring the background and removing a shape (EDITS)."""
+    return weights_to_probabilities(weights, "edit_weights", "recolour, background, remove")
+
+
 def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, progress: bool = True,
-             shape_weights: tuple[float, float, float] | None = None) -> Path:
+             shape_weights: tuple[float, float, float] | None = None,
+             edit_weights: tuple[float, float, float] | None = None) -> Path:
     """Write ``count`` pairs to ``out_dir`` (created; must not hold data already); with ``shape_weights`` its
     scenes hold 1, 2 or 3 shapes in those relative proportions (more scenes of several shapes teach picking
-    the named shape among them), else 1-3 uniformly."""
+    the named shape among them), else 1-3 uniformly; with ``edit_weights`` the edits are recolourings,
+    background recolourings and removals in those relative proportions (a scene of one shape draws from the
+    first two), else evenly among those a scene allows."""
     out = Path(out_dir)
     if (out / "metadata.jsonl").exists():
         raise InputError(f"{out}: already holds a metadata.jsonl")
     if count < 1 or size < 16:
         raise InputError("count must be at least 1 and size at least 16")
     p = None if shape_weights is None else shape_probabilities(shape_weights)
+    edit_p = None if edit_weights is None else edit_probabilities(edit_weights)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
@@ -136,7 +159,7 @@ def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 
         background, shapes = random_scene(rng, size, wanted)
         while wanted is not None and len(shapes) < wanted:
             background, shapes = random_scene(rng, size, wanted)
-        text, new_background, new_shapes, truth = random_edit(rng, background, shapes)
+        text, new_background, new_shapes, truth = random_edit(rng, background, shapes, edit_p=edit_p)
         draw(size, background, shapes).save(out / "images" / f"{i:06d}_in.png")
         draw(size, new_background, new_shapes).save(out / "images" / f"{i:06d}_out.png")
         rows.append({"input_image": f"images/{i:06d}_in.png", "edit_prompt": text,
