@@ -135,5 +135,7 @@ def test_export_refuses_an_existing_output(tiny_model, tmp_path, capsys):
 def test_quiet_hides_progress_bars_of_long_commands(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "loud"), "--count", "3"]) == 0
     assert "generating" in capsys.readouterr().err
-    assert main(["-q", "synth", str(tmp_path / "quiet"), "--count", "3"]) == 0
+    assert main(["-q", "synth", str(tmp_path / "quiet"), "--count", "3", "--edit-weights", "0,1,0"]) == 0
     assert capsys.readouterr().err == ""
+    assert '"edit": "background"' in (tmp_path / "quiet" / "metadata.jsonl").read_text()
+    assert '"edit": "recolour"' not in (tmp_path / "quiet" / "metadata.jsonl").read_text()

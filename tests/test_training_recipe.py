@@ -65,6 +65,9 @@ def test_recipe_options_are_checked(tmp_path):
     path.write_text("recipe: {synthetic: {shape_weights: [1, 2]}}\n")
     with pytest.raises(InputError, match="bad.yaml: bad recipe option .*shape_weights must be 3 weights"):
         load_config(path, {"output": "o"})
+    path.write_text("recipe: {synthetic: {edit_weights: [1, -2, 1]}}\n")
+    with pytest.raises(InputError, match="bad.yaml: bad recipe option .*edit_weights must be 3 weights"):
+        load_config(path, {"output": "o"})
     path.write_text("recipe: {colours: 3}\n")
     with pytest.raises(InputError, match="unknown recipe option"):
         load_config(path, {"output": "o"})

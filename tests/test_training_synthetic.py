@@ -53,3 +53,22 @@ def test_shape_weights_set_how_many_scenes_hold_one_two_or_three_shapes(tmp_path
     assert abs(counts[0] / 300 - 1 / 6) < 0.07 and abs(counts[2] / 300 - 1 / 2) < 0.08, counts
     with pytest.raises(InputError, match="shape_weights must be 3 weights"):
         generate(tmp_path / "bad", count=3, shape_weights=(1, -1, 1))
+
+
+def _edits(out) -> list[str]:
+    return [json.loads(line)["truth"]["edit"] for line in (out / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_edit_weights_set_the_shares_of_recolouring_background_and_removal(tmp_path):
+    assert set(_edits(generate(tmp_path / "recolour", 20, seed=2, edit_weights=(1, 0, 0), progress=False))) == {"recolour"}
+    busy = generate(tmp_path / "remove", 20, seed=2, shape_weights=(0, 1, 1), edit_weights=(0, 0, 1), progress=False)
+    assert set(_edits(busy)) == {"remove"}
+    # removal needs two shapes: scenes of one shape fall back to the other two edits, evenly when both weigh 0
+    assert set(_edits(generate(tmp_path / "one", 30, seed=2, shape_weights=(1, 0, 0), edit_weights=(0, 0, 1),
+                               progress=False))) == {"recolour", "background"}
+    edits = _edits(generate(tmp_path / "mix", 600, seed=2, shape_weights=(0, 1, 1), edit_weights=(4, 2, 3),
+                            progress=False))
+    shares = [edits.count(kind) / 600 for kind in ("recolour", "background", "remove")]
+    assert abs(shares[0] - 4 / 9) < 0.06 and abs(shares[1] - 2 / 9) < 0.05 and abs(shares[2] - 3 / 9) < 0.06, shares
+    with pytest.raises(InputError, match="edit_weights must be 3 weights"):
+        generate(tmp_path / "bad", count=3, edit_weights=(0, 0, 0))
