@@ -90,7 +90,7 @@ def random_edit(
 ) -> tuple[str, str, list[Shape], dict]:
     """(instruction, new background, new shapes, ground truth) for one random edit of a scene; ``kind``
     (one of EDITS) fixes the edit type, else it is drawn (removal needs a scene of 2+ shapes), evenly or
-    with the probabilities ``edit_p`` (of EDITS, from ``weights_to_probabilities``)."""
+    with the probabilities ``edit_p`` (of EDITS, from ``edit_probabilities``)."""
     used = {background, *(s.colour for s in shapes)}
     free = [c for c in PALETTE if c not in used]
     if kind is None:
