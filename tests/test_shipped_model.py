@@ -39,7 +39,7 @@ def test_it_is_the_default_unless_the_environment_names_another(tiny_model, monk
 
 def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
     """The README's example at its seed: the circle turns blue and the rest stays as it was (at seed 0; over
-    seeds 0-9 the model card counts 9 such edits)."""
+    seeds 0-9 the model card counts 10 such edits)."""
     background, shapes = SCENE
     assert np.array_equal(np.asarray(draw(64, background, shapes)), np.asarray(Image.open(EXAMPLE).convert("RGB")))
     target = draw(64, background, [Shape(s.kind, "blue", s.box) if s.kind == "circle" else s for s in shapes])
