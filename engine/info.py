@@ -1,47 +1,57 @@
-"""A model's summary from its config files and weight headers, without loading a single weight."""
+"""A model's summary from its config files and weight headers, without loading a single weight; a bundle's
+from its manifest."""
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from pathlib import Path
 
+from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource
 from engine.config import read_model_config
-
-WEIGHT_FILES = {
-    "unet": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-}
+from engine.errors import InputError
+from engine.manifest import Bundle
 
 
-def weight_summary(path: Path) -> tuple[int, dict[str, int]]:
-    """(parameter count, parameters per dtype) from a safetensors header."""
-    from safetensors import safe_open
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), read without the library."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (struct.error, ValueError, OSError) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header
 
+
+def weight_summary(paths: tuple[Path, ...]) -> tuple[int, dict[str, int]]:
+    """(parameter count, parameters per dtype) from the headers of safetensors files."""
     counts: Counter = Counter()
-    with safe_open(str(path), framework="numpy") as f:
-        for key in f.keys():
-            tensor = f.get_slice(key)
+    for path in paths:
+        for tensor in safetensors_header(path).values():
             size = 1
-            for dim in tensor.get_shape():
+            for dim in tensor["shape"]:
                 size *= dim
-            counts[tensor.get_dtype()] += size
+            counts[tensor["dtype"]] += size
     return sum(counts.values()), dict(counts)
 
 
-def describe_model(folder: Path) -> str:
+def describe_model(source: ModelSource) -> str:
     """Human-readable lines: each component's class, parameters, dtypes and channels, then the scheduler."""
+    folder = source.folder
     model = read_model_config(folder)
     lines = [f"model: {folder}"]
-    for name, weights in WEIGHT_FILES.items():
+    for name in WEIGHTED_COMPONENTS:
         config = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
         cls = config.get("_class_name") or (config.get("architectures") or ["?"])[0]
-        path = folder / name / weights
-        if path.is_file():
-            total, dtypes = weight_summary(path)
-            params = f"{total / 1e6:.1f}M parameters ({', '.join(f'{k} {v / 1e6:.1f}M' for k, v in dtypes.items())})"
+        weights = source.weights(name)
+        variant = f"variant {weights.variant}, " if weights.variant else ""
+        if weights.safetensors:
+            total, dtypes = weight_summary(weights.files)
+            params = f"{variant}{total / 1e6:.1f}M parameters ({', '.join(f'{k} {v / 1e6:.1f}M' for k, v in dtypes.items())})"
         else:
-            params = "weights not in safetensors form"
+            params = f"{variant}weights in .bin form ({len(weights.files)} file(s), parameters not counted)"
         extra = ""
         if name == "unet":
             extra = f", channels {config['in_channels']} -> {config['out_channels']}, blocks {tuple(config['block_out_channels'])}"
@@ -50,12 +60,32 @@ def describe_model(folder: Path) -> str:
         elif name == "text_encoder":
             extra = f", hidden {model.text_dim}, {config.get('num_hidden_layers')} layers"
         lines.append(f"{name}: {cls}, {params}{extra}")
-    sched = model.scheduler
-    lines.append(
-        f"scheduler: {sched.get('_class_name')}, {sched.get('beta_schedule')} betas "
-        f"{sched.get('beta_start')}-{sched.get('beta_end')}, {sched.get('num_train_timesteps')} steps, "
-        f"{model.prediction_type}, steps_offset {sched.get('steps_offset', 0)}"
-    )
-    lines.append(f"default resolution: {model.default_resolution}, sides multiple of {model.downsampling}")
+    lines += _scheduler_lines(model)
     return "\n".join(lines)
 
+
+def describe_bundle(bundle: Bundle) -> str:
+    """Format, precision, profile, each component's files and size, and the scheduler, from the manifest."""
+    m = bundle.manifest
+    profile = bundle.profile
+    lines = [
+        f"bundle: {bundle.folder} ({m['format']}, {m['precision']}, from {m['source']['model']})",
+        f"profile: batch {':'.join(map(str, profile.batch))}, height {':'.join(map(str, profile.height))}, "
+        f"width {':'.join(map(str, profile.width))}{' (static)' if profile.static else ''}",
+    ]
+    for name, entry in m["components"].items():
+        size = sum(f["bytes"] for f in entry["files"])
+        lines.append(f"{name}: {entry['precision']}, {size / 1e6:.1f} MB, inputs "
+                     + ", ".join(f"{t['name']} {tuple(t['dims'])}" for t in entry["inputs"]))
+    lines += _scheduler_lines(bundle.model)
+    return "\n".join(lines)
+
+
+def _scheduler_lines(model) -> list[str]:
+    sched = model.scheduler
+    return [
+        f"scheduler: {sched.get('_class_name')}, {sched.get('beta_schedule')} betas "
+        f"{sched.get('beta_start')}-{sched.get('beta_end')}, {sched.get('num_train_timesteps')} steps, "
+        f"{model.prediction_type}, steps_offset {sched.get('steps_offset', 0)}",
+        f"default resolution: {model.default_resolution}, sides multiple of {model.downsampling}",
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.checkpoints import ModelSource, Weights
 from engine.config import read_model_config
 from engine.errors import InputError
 
@@ -96,20 +97,35 @@ def _convert(state: dict[str, np.ndarray], pairs, root: str) -> dict[str, np.nda
     return out
 
 
-def save_single_file(model_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Write ``model_dir``'s UNet, VAE and text encoder as one LDM-layout file, atomically: safetensors,
-    or a torch pickle ``{"state_dict": ...}`` for a ``.ckpt`` path."""
-    from safetensors.numpy import load_file, save_file
+def load_weights(weights: Weights) -> dict[str, np.ndarray]:
+    """One component's state dict as numpy arrays, from its safetensors files or (with torch) .bin pickles."""
+    state: dict[str, np.ndarray] = {}
+    for path in weights.files:
+        if weights.safetensors:
+            from safetensors.numpy import load_file
 
-    folder, target = Path(model_dir), Path(path)
+            state |= load_file(path)
+        else:
+            import torch
+
+            state |= {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+                      for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    return state
+
+
+def save_single_file(model: str | os.PathLike | ModelSource, path: str | os.PathLike) -> Path:
+    """Write a diffusers folder's UNet, VAE and text encoder as one LDM-layout file, atomically: safetensors,
+    or a torch pickle ``{"state_dict": ...}`` for a ``.ckpt`` path."""
+    from safetensors.numpy import save_file
+
+    source = model if isinstance(model, ModelSource) else ModelSource(folder=Path(model))
+    folder, target = source.folder, Path(path)
     read_model_config(folder)  # refuses anything that is not an InstructPix2Pix folder
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    state = _convert(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"), unet_key_map(unet_config),
-                     "model.diffusion_model")
-    state |= _convert(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"), vae_key_map(vae_config),
-                      "first_stage_model")
-    text = load_file(folder / "text_encoder" / "model.safetensors")
+    state = _convert(load_weights(source.weights("unet")), unet_key_map(unet_config), "model.diffusion_model")
+    state |= _convert(load_weights(source.weights("vae")), vae_key_map(vae_config), "first_stage_model")
+    text = load_weights(source.weights("text_encoder"))
     # transformers 5 saves CLIPTextModel without the "text_model." prefix that original checkpoints carry
     state |= {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in text.items()}
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -21,7 +21,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from engine import specs
-from engine.checkpoints import ModelSource, resolve_model
+from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, resolve_model
 from engine.config import read_model_config
 from engine.errors import ExportError, InputError
 from engine.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry, sha256_file, write_json_atomic
@@ -57,7 +57,7 @@ def weights_hash(source: ModelSource) -> str:
     if source.single_file is not None:
         files = [source.single_file]
     else:
-        files = sorted(p for name in ("unet", "vae", "text_encoder") for p in (source.folder / name).glob("*.safetensors"))
+        files = [p for name in WEIGHTED_COMPONENTS for p in source.weights(name).files]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + sha256_file(path).encode())
@@ -122,8 +122,10 @@ def decoder_is_fp16_safe(module, path: Path, vae_factor: int, profile: Profile) 
 
 
 def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,
-                  config: str | os.PathLike | None = None, progress: bool = True) -> tuple[Path, list[Check]]:
-    """Export ``model`` to ``out_dir``; returns the bundle folder and the verification results."""
+                  config: str | os.PathLike | None = None, variant: str | None = None,
+                  progress: bool = True) -> tuple[Path, list[Check]]:
+    """Export ``model`` (``variant``: its variant weight files, e.g. fp16) to ``out_dir``; returns the bundle
+    folder and the verification results."""
     import torch
 
     from engine.backends.torch_backend import load_networks, wrap_components
@@ -135,7 +137,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         from export.tensorrt_build import require_tensorrt
 
         require_tensorrt()
-    source = resolve_model(model, config)
+    source = resolve_model(model, config, variant)
     model_config = read_model_config(source.folder)
     profile = options.profile.check(model_config.downsampling)
     unet, vae, text_encoder = load_networks(source)

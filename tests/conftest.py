@@ -59,3 +59,51 @@ def model_copy(model: str, dest, unet_config: dict | None = None):
         path = copy / "unet" / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **unet_config}))
     return copy
+
+
+@pytest.fixture(scope="session")
+def saved_models(tiny_model, tmp_path_factory) -> dict[str, str]:
+    """The tiny model as users get models: written by the installed diffusers/transformers' own
+    ``save_pretrained``. ``ip2p``: a StableDiffusionInstructPix2PixPipeline (transformers 5 writes only
+    tokenizer.json); ``fp16``: the same in float16 as ``variant="fp16"`` files; ``bin``: .bin weights only;
+    ``full``: the timbrooks/instruct-pix2pix layout, with a safety checker and feature extractor;
+    ``sd``: a Stable Diffusion base (4-channel UNet) saved by StableDiffusionPipeline."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+
+    root, tiny = tmp_path_factory.mktemp("saved"), Path(tiny_model)
+    parts = dict(vae=AutoencoderKL.from_pretrained(tiny / "vae"),
+                 text_encoder=CLIPTextModel.from_pretrained(tiny / "text_encoder"),
+                 tokenizer=CLIPTokenizer.from_pretrained(tiny / "tokenizer"),
+                 scheduler=EulerAncestralDiscreteScheduler.from_pretrained(tiny / "scheduler"))
+    unet = UNet2DConditionModel.from_pretrained(tiny / "unet")
+    pipe = StableDiffusionInstructPix2PixPipeline(unet=unet, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False, **parts)
+    pipe.save_pretrained(root / "ip2p")
+    pipe.save_pretrained(root / "bin", safe_serialization=False)
+    text_dir = root / "bin" / "text_encoder"  # transformers 5 writes safetensors only; older versions wrote this
+    torch.save(parts["text_encoder"].state_dict(), text_dir / "pytorch_model.bin")
+    (text_dir / "model.safetensors").unlink()
+
+    checker_config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                                 num_hidden_layers=1, vocab_size=100),
+                                vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                                   num_hidden_layers=1, image_size=32, patch_size=8),
+                                projection_dim=16)
+    full = StableDiffusionInstructPix2PixPipeline(unet=unet, safety_checker=StableDiffusionSafetyChecker(checker_config),
+                                                  feature_extractor=CLIPImageProcessor(), **parts)
+    full.save_pretrained(root / "full")
+    assert json.loads((root / "full" / "model_index.json").read_text())["safety_checker"][0] == "stable_diffusion"
+
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    base_unet = UNet2DConditionModel(**{**config, "in_channels": 4})
+    StableDiffusionPipeline(unet=base_unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                            **parts).save_pretrained(root / "sd")
+    pipe.to(torch.float16).save_pretrained(root / "fp16", variant="fp16")  # last: casts the shared modules
+    return {name: str(root / name) for name in ("ip2p", "fp16", "bin", "full", "sd")}

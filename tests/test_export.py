@@ -159,3 +159,23 @@ def test_repeated_cast_nodes_of_older_float16_converters_are_dropped():
     a, b = session.run(None, {"x": np.array([-1, 2], np.float16)})
     np.testing.assert_array_equal(a, [0, 2])
     np.testing.assert_array_equal(b, [1, -2])
+
+
+def test_a_model_saved_by_the_libraries_exports_verified_and_runs_in_onnxruntime(saved_models, tiny_pipe,
+                                                                                 image_file, tmp_path, capsys):
+    """ip2p export --verify of a save_pretrained folder (tokenizer.json only, fp16 variant files), then the
+    bundle through the ONNX runtime: the same picture as torch."""
+    from engine import EditPipeline
+    from ip2p.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["-q", "export", saved_models["fp16"], str(out), "--variant", "fp16", "--batch", "1",
+                 "--resolution", "32:64:64", "--verify"]) == 0
+    assert "ok" in capsys.readouterr().out
+    bundle = read_bundle(out)
+    assert (bundle.tokenizer_dir / "tokenizer.json").is_file()
+    kwargs = dict(steps=4, seed=5, resolution=None, output_type="np")
+    torch_edit = EditPipeline.from_pretrained(saved_models["fp16"], variant="fp16", progress=False)
+    ref = torch_edit.edit(image_file, "make it blue", **kwargs).images
+    out_images = EditPipeline.from_pretrained(out, progress=False).edit(image_file, "make it blue", **kwargs).images
+    assert 10 * np.log10(1 / np.mean((ref - out_images) ** 2)) >= 40

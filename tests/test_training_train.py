@@ -167,3 +167,20 @@ def test_data_cursor_visits_every_example_once_per_epoch():
     assert sorted(first) == sorted(second) == list(range(7)) and first != second
     resumed = DataCursor(7, seed=1, position=9)
     assert [resumed.next_index() for _ in range(5)] == second[2:]
+
+
+def test_train_from_a_stable_diffusion_base_saved_by_diffusers(saved_models, pairs, tmp_path, image_file):
+    """``ip2p train --base`` on StableDiffusionPipeline.save_pretrained output (4-channel UNet, tokenizer.json
+    only); the trained model edits and ``ip2p info`` reads it."""
+    from engine import EditPipeline
+    from ip2p.cli import main
+
+    out = tmp_path / "trained"
+    assert main(["-q", "train", "--base", saved_models["sd"], "--data", pairs, "--output", str(out),
+                 "--max-steps", "1", "--resolution", "32", "--batch-size", "2", "--checkpoint-every", "0"]) == 0
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 8
+    pipe = EditPipeline.from_pretrained(out, progress=False)
+    edited = pipe.edit(image_file, "make the square blue", steps=2, seed=0, output_type="np").images
+    assert edited.shape[-1] == 3 and np.isfinite(edited).all()
+    assert main(["info", str(out)]) == 0

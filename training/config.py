@@ -12,6 +12,7 @@ from training.recipe import Recipe
 @dataclass(frozen=True)
 class TrainConfig:
     base: str = ""  # Stable Diffusion (4-channel) or InstructPix2Pix (8-channel) model
+    base_variant: str | None = None  # the base's weight variant to load ("fp16"); None: plain files, else the only one
     data: str = ""  # folder with metadata.jsonl
     output: str = ""
     max_steps: int = 1000  # optimiser steps; 0 saves the initialised model

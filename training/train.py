@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engine.checkpoints import resolve_model
+from engine.backends.torch_backend import load_component
+from engine.checkpoints import WEIGHT_SUFFIXES, ModelSource, resolve_model
 from engine.schedules import alphas_cumprod
 from engine.tokenizer import ClipTokenizer
 from training.conditioning import apply_dropout
@@ -110,22 +111,20 @@ def _checkpoint_paths(output: Path) -> list[Path]:
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
     """Fine-tune and write a diffusers-format InstructPix2Pix model to ``config.output``."""
     from accelerate import Accelerator
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel
 
     if config.recipe is not None:
         base, data_dir = prepare(config.recipe, Path(config.output) / "recipe", config.seed, progress)
         config = dataclasses.replace(config, base=str(base), data=str(data_dir))
     data = PairedData(config.data, config.resolution)  # bad data fails before any model loads
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
-    source = resolve_model(config.base)
+    source = resolve_model(config.base, variant=config.base_variant)
     folder, output = source.folder, Path(config.output)
     tokenizer = ClipTokenizer(folder / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(folder / "vae").requires_grad_(False).to(accelerator.device)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").requires_grad_(False).to(accelerator.device)
-    unet = expand_conv_in(UNet2DConditionModel.from_pretrained(folder / "unet")).train()
+    vae = load_component(source, "vae").requires_grad_(False).to(accelerator.device)
+    text_encoder = load_component(source, "text_encoder").requires_grad_(False).to(accelerator.device)
+    unet = expand_conv_in(load_component(source, "unet")).train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -194,7 +193,7 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
         final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(final.parameters())
-        _save_model(folder, final, output, config, losses)
+        _save_model(source, final, output, config, losses)
     return output
 
 
@@ -303,11 +302,18 @@ def _load_checkpoint(path: Path, unet, optimizer, lr_schedule, ema, cursor) -> i
     return int(state["step"])
 
 
-def _save_model(base: Path, unet, output: Path, config: TrainConfig, losses: list[float]) -> None:
-    """Diffusers format: the base's VAE, text encoder and tokenizer, the new UNet, an Euler-ancestral scheduler."""
+def _save_model(source: ModelSource, unet, output: Path, config: TrainConfig, losses: list[float]) -> None:
+    """Diffusers format: the base's VAE, text encoder (the weight files trained with) and tokenizer, the new
+    UNet, an Euler-ancestral scheduler."""
+    base = source.folder
     output.mkdir(parents=True, exist_ok=True)
-    for name in ("vae", "text_encoder", "tokenizer"):
-        shutil.copytree(base / name, output / name, dirs_exist_ok=True)
+    shutil.copytree(base / "tokenizer", output / "tokenizer", dirs_exist_ok=True)
+    for name in ("vae", "text_encoder"):
+        (output / name).mkdir(exist_ok=True)
+        kept = source.weights(name).files
+        for path in (base / name).iterdir():
+            if path.is_file() and (path in kept or path.suffix not in WEIGHT_SUFFIXES):
+                shutil.copy2(path, output / name / path.name)
     unet.save_pretrained(output / "unet")
     scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     scheduler["_class_name"] = "EulerAncestralDiscreteScheduler"

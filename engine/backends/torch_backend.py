@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import specs
-from engine.checkpoints import ModelSource
+from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource
 from engine.config import check_unet_channels
 from engine.errors import InputError
 
@@ -197,31 +197,38 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
-def _require_weights(folder: Path) -> None:
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise InputError(f"{folder}: no weights file (*.safetensors or *.bin)")
+def load_component(source: ModelSource, name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One network (``unet``, ``vae`` or ``text_encoder``) of a diffusers folder, from the weight files
+    ``source.weights`` picks: safetensors or .bin, plain or the asked-for variant, sharded or not."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    weights = source.weights(name)
+    folder = source.folder / name
+    if name == "text_encoder":
+        return CLIPTextModel.from_pretrained(folder, dtype=dtype, variant=weights.variant,
+                                             use_safetensors=weights.safetensors)
+    cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+    return cls.from_pretrained(folder, torch_dtype=dtype, variant=weights.variant, use_safetensors=weights.safetensors)
 
 
 def load_networks(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(unet, vae, text_encoder) from a diffusers folder or a single original checkpoint."""
-    from diffusers import AutoencoderKL, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import StableDiffusionInstructPix2PixPipeline
 
     if source.single_file is not None:
         try:
             pipe = StableDiffusionInstructPix2PixPipeline.from_single_file(
-                str(source.single_file), config=str(source.folder), local_files_only=True, torch_dtype=dtype
+                str(source.single_file), config=str(source.folder), local_files_only=True, torch_dtype=dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise InputError(f"{source.single_file}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
         check_unet_channels(pipe.unet.config.in_channels, source.single_file)
         return pipe.unet, pipe.vae, pipe.text_encoder
-    for name in ("unet", "vae", "text_encoder"):
-        _require_weights(source.folder / name)
-    unet = UNet2DConditionModel.from_pretrained(source.folder / "unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(source.folder / "vae", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(source.folder / "text_encoder", dtype=dtype)
-    return unet, vae, text_encoder
+    for name in WEIGHTED_COMPONENTS:
+        source.weights(name)  # every component's files are found (or named missing) before any loads
+    return tuple(load_component(source, name, dtype) for name in WEIGHTED_COMPONENTS)
 
 
 def check_compiler(device: torch.device) -> None:
