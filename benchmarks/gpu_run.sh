@@ -13,5 +13,5 @@ status=0
 python3 -m pytest tests/test_gpu.py -p no:cacheprovider -q -rs 2>&1 | tee "$out/tests.log" || status=1
 python3 -m pytest benchmarks --benchmark-only -p no:cacheprovider -q -rs \
     --benchmark-json="$out/results.json" "${@:2}" 2>&1 | tee "$out/bench.log" || status=1
-python3 -m engine.cli bench report "$out/results.json" -o "$out/report.md" && cat "$out/report.md" || status=1
+python3 -m ip2p bench report "$out/results.json" -o "$out/report.md" && cat "$out/report.md" || status=1
 exit $status

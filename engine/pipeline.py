@@ -1,6 +1,7 @@
 """EditPipeline: image + instruction in, edited image out. The one denoising loop, for every backend."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -15,11 +16,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from engine import images as imaging
-from engine.backends import BUNDLE_BACKENDS, Backend, backend_module
+from engine.backends import BUNDLE_BACKENDS, BUNDLE_RUNTIMES, Backend, backend_module
 from engine.checkpoints import resolve_model
 from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
 from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
+from engine.extras import available
 from engine.guidance import BRANCHES, guided_denoiser, uses_guidance
 from engine.noise import NoiseSource, resolve_seeds
 from engine.samplers import SAMPLERS
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MODEL_ENV = "IP2P_MODEL"  # the model used when none is named
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"  # shipped: trained by training/configs/shapes.yaml
+DEFAULT_BUNDLE = Path(__file__).parent / "models" / "shapes-onnx"  # the same model exported (fp16 ONNX)
+TORCH_STACK = ("torch", "diffusers", "transformers")  # what the torch backend imports
 TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 
 
@@ -66,34 +70,39 @@ class EditPipeline:
     def from_pretrained(
         cls,
         model: str | os.PathLike | None = None,
-        backend: str = "torch",
+        backend: str | None = None,
         device: str = "cpu",
         dtype: str | None = None,
         *,
         config: str | os.PathLike | None = None,
+        variant: str | None = None,
         backend_options: dict | None = None,
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
     ) -> "EditPipeline":
         """Load a diffusers folder, hub id or single .ckpt/.safetensors file with ``backend="torch"``
         (``config`` names the diffusers folder or hub id that supplies a single file's configs and
-        tokenizer), or an exported bundle with ``backend="onnxruntime"``/``"tensorrt"``. ``dtype``
-        defaults to float32 for torch and to the bundle's precision for bundles. With no ``model``: $IP2P_MODEL,
-        else the shipped shapes model (engine/models/shapes)."""
-        model = model or os.environ.get(MODEL_ENV) or default_model()
+        tokenizer; ``variant`` picks variant weight files such as fp16), or an exported bundle with
+        ``backend="onnxruntime"``/``"tensorrt"``. ``backend=None`` is the bundle's own runtime for a bundle,
+        else torch. ``dtype`` defaults to float32 for torch and to the bundle's precision for bundles.
+        With no ``model``: $IP2P_MODEL, else the shipped shapes model (its ONNX bundle where torch is
+        not installed or a bundle backend is asked for)."""
+        model = model or os.environ.get(MODEL_ENV) or default_model(backend)
+        bundle = read_bundle(model) if is_bundle(model) else None
+        backend = backend or (BUNDLE_RUNTIMES.get(bundle.format, "onnxruntime") if bundle else "torch")
         module = backend_module(backend)
         options = backend_options or {}
-        if is_bundle(model):
+        check_options(module, backend, options)
+        if bundle is not None:
             if backend not in BUNDLE_BACKENDS:
                 raise InputError(f"{model}: an exported bundle; run it with backend 'onnxruntime' or 'tensorrt'")
-            bundle = read_bundle(model)
             runner = module.load(bundle, device=device, dtype=dtype, **options)
             return cls(runner, bundle.model, ClipTokenizer(bundle.tokenizer_dir),
                        null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile,
                        max_image_pixels=max_image_pixels, progress=progress)
         if backend in BUNDLE_BACKENDS:
             raise InputError(f"{model}: backend {backend!r} runs exported bundles; export it first with `ip2p export`")
-        source = resolve_model(model, config)
+        source = resolve_model(model, config, variant)
         model_config = read_model_config(source.folder)
         tokenizer = ClipTokenizer(source.folder / "tokenizer")
         runner = module.load(source, device=device, dtype=dtype or "float32", **options)
@@ -299,12 +308,25 @@ class EditPipeline:
         return decoded
 
 
-def default_model() -> Path:
-    """The shipped model, trained by the project on synthetic shapes edits."""
-    if not (DEFAULT_MODEL / "model_index.json").is_file():
-        raise InputError(f"no model given and the shipped model is missing from {DEFAULT_MODEL}: "
+def default_model(backend: str | None = None) -> Path:
+    """The shipped model, trained by the project on synthetic shapes edits: its diffusers folder for the
+    torch backend, its fp16 ONNX bundle for the bundle backends; with no backend named, the folder where
+    torch is installed, else the bundle."""
+    wants_bundle = backend in BUNDLE_BACKENDS or (backend is None and not available(*TORCH_STACK))
+    path = DEFAULT_BUNDLE if wants_bundle else DEFAULT_MODEL
+    if not (path / ("manifest.json" if wants_bundle else "model_index.json")).is_file():
+        raise InputError(f"no model given and the shipped model is missing from {path}: "
                          f"pass a model, or set {MODEL_ENV}")
-    return DEFAULT_MODEL
+    return path
+
+
+def check_options(module, backend: str, options: dict) -> None:
+    """Refuse backend options that ``backend`` does not take, naming them, before anything loads."""
+    taken = set(inspect.signature(module.load).parameters) - {"source", "bundle", "device", "dtype"}
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise InputError(f"backend {backend!r} does not take option {', '.join(unknown)} "
+                         f"(it takes: {', '.join(sorted(taken)) or 'none'})")
 
 
 def _instructions_for(instruction: str | Sequence[str], count: int) -> list[str]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import main
+from ip2p.cli import main
 
 
 def run(args, capsys):
@@ -93,7 +93,7 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
 
 
 def test_console_script_exit_code_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "edit", str(tmp_path / "x.png"), "-p", "x",
+    done = subprocess.run([sys.executable, "-m", "ip2p", "edit", str(tmp_path / "x.png"), "-p", "x",
                            "-o", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().endswith("no such image file")

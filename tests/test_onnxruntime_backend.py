@@ -150,7 +150,7 @@ def test_provider_choice():
 
 
 def test_cli_edit_with_a_bundle(onnx_bundles, image_file, tmp_path):
-    from engine.cli import main
+    from ip2p.cli import main
 
     out = tmp_path / "out.png"
     assert main(["-q", "edit", image_file, "-p", "x", "-o", str(out), "--model", onnx_bundles["fp16"],

@@ -7,7 +7,6 @@ device). Each backend lives in its own module so its heavy imports stay there.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ BACKENDS = {
     "tensorrt": "engine.backends.tensorrt_backend",  # runs exported TensorRT bundles
 }
 BUNDLE_BACKENDS = ("onnxruntime", "tensorrt")
+BUNDLE_RUNTIMES = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}  # a bundle's format -> the backend that runs it
 
 
 class Backend(Protocol):
@@ -38,9 +38,11 @@ class Backend(Protocol):
 
 def backend_module(name: str):
     """The module implementing backend ``name``; imported only when asked for."""
+    from engine.extras import import_extra
+
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return importlib.import_module(BACKENDS[name])
+    return import_extra(BACKENDS[name], f"the {name} backend")
 
 
 class HostArrays:

@@ -1,0 +1,109 @@
+"""Training's commands: ``train`` (needs the train extra), ``synth`` (procedural data) and ``eval`` (held-out
+shapes edits, on any backend)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from engine.cli import add_model_options, add_torch_options, torch_options
+from engine.errors import InputError
+
+log = logging.getLogger("ip2p")
+
+
+def _weights(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,2,3, got {value!r}") from None
+
+
+def add_train_arguments(trainer: argparse.ArgumentParser) -> None:
+    trainer.add_argument("--config", help="YAML file with any TrainConfig option")
+    trainer.add_argument("--base", help="Stable Diffusion or InstructPix2Pix model to start from")
+    trainer.add_argument("--base-variant", help="the base's weight variant to load, e.g. fp16")
+    trainer.add_argument("--data", help="folder with metadata.jsonl")
+    trainer.add_argument("--output", help="where the trained model (and checkpoints/) go")
+    trainer.add_argument("--max-steps", type=int)
+    trainer.add_argument("--resolution", type=int)
+    trainer.add_argument("--batch-size", type=int)
+    trainer.add_argument("--grad-accum", type=int)
+    trainer.add_argument("--lr", type=float)
+    trainer.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    trainer.add_argument("--checkpoint-every", type=int)
+    trainer.add_argument("--seed", type=int)
+    trainer.add_argument("--resume", help="'latest' or a checkpoint folder")
+
+
+def add_synth_arguments(synth: argparse.ArgumentParser) -> None:
+    synth.add_argument("out_dir")
+    synth.add_argument("--count", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--shape-weights", type=_weights,
+                       help="relative shares of scenes with 1, 2 and 3 shapes, e.g. 1,2,3 (default: equal)")
+    synth.add_argument("--edit-weights", type=_weights,
+                       help="relative shares of shape recolourings, background recolourings and removals, "
+                            "e.g. 4,2,3 (default: even among the edits a scene allows)")
+
+
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    from engine.samplers import SAMPLERS
+
+    evaluate.add_argument("model", nargs="?", help="model folder or bundle (default: as for edit)")
+    add_model_options(evaluate)
+    evaluate.add_argument("--count", type=int, default=300, help="held-out edits, split evenly over edit types")
+    evaluate.add_argument("--seed", type=int, help="held-out set seed (default: one training never uses)")
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--sampler", default="euler_ancestral", choices=sorted(SAMPLERS))
+    evaluate.add_argument("--text-guidance", type=float, default=7.5)
+    evaluate.add_argument("--image-guidance", type=float, default=1.5)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--json", help="also write the report as JSON here")
+    add_torch_options(evaluate)
+    evaluate.add_argument("--save-dir", help="write input/edit/truth sheets here")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from engine.extras import import_extra
+
+    load_config = import_extra("training.config", "ip2p train", extra="train").load_config
+    train = import_extra("training.train", "ip2p train", extra="train").train
+    flags = {k: getattr(args, k) for k in ("base", "base_variant", "data", "output", "max_steps", "resolution",
+                                           "batch_size", "grad_accum", "lr", "mixed_precision", "checkpoint_every",
+                                           "seed")}
+    log.info("wrote %s", train(load_config(args.config, flags), resume=args.resume, progress=not args.quiet))
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from training.synthetic import generate
+
+    out = generate(args.out_dir, args.count, seed=args.seed, size=args.size, progress=not args.quiet,
+                   shape_weights=args.shape_weights, edit_weights=args.edit_weights)
+    log.info("wrote %s", out)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from engine.manifest import write_json_atomic
+    from engine.pipeline import EditPipeline
+    from training.evaluation import HELD_OUT_SEED, evaluate, format_report
+
+    if args.count < 1 or args.batch_size < 1 or args.steps < 1:
+        raise InputError("--count, --batch-size and --steps must be at least 1")
+    pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                        variant=args.variant, progress=False, backend_options=torch_options(args))
+    report = evaluate(pipe, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
+                      args.steps, args.sampler, args.save_dir, progress=not args.quiet,
+                      text_guidance=args.text_guidance, image_guidance=args.image_guidance)
+    print(format_report(report))
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+        log.info("wrote %s", args.json)
+
+
+COMMANDS = {
+    "train": (add_train_arguments, run_train),
+    "synth": (add_synth_arguments, run_synth),
+    "eval": (add_eval_arguments, run_eval),
+}
