@@ -80,6 +80,9 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Ra
             optimize=True,
             verbose=False,
         )
+    # torch's record of its symbolic ranges is printed from a set, in an order that varies between runs:
+    # without it, exporting the same weights with the same tool versions gives the same bytes
+    program.model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     program.save(str(path), external_data=external)  # weights go to <name>.onnx.data when external

@@ -5,18 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.pipeline import DEFAULT_MODEL, MODEL_ENV, EditPipeline
+from engine.pipeline import DEFAULT_BUNDLE, DEFAULT_MODEL, MODEL_ENV, EditPipeline, default_model
 from training.evaluation import Case, score
 from training.synthetic import Shape, draw, shape_mask
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 SCENE = ("yellow", [Shape("circle", "red", (6, 8, 28, 30)), Shape("square", "green", (38, 6, 58, 26)),
                     Shape("triangle", "purple", (22, 36, 46, 60))])
-
-
-@pytest.fixture(scope="module")
-def default_pipe():
-    return EditPipeline.from_pretrained(progress=False)
 
 
 def test_weights_are_small_float16_safetensors():
@@ -37,9 +32,11 @@ def test_it_is_the_default_unless_the_environment_names_another(tiny_model, monk
     assert EditPipeline.from_pretrained(progress=False).model.text_dim == 32
 
 
-def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
-    """The README's example at its seed: the circle turns blue and the rest stays as it was (at seed 0; over
-    seeds 0-9 the model card counts 10 such edits)."""
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_quickstart_edit_makes_the_circle_blue(backend):
+    """The README's example at its seed, from the model folder and from its shipped bundle: the circle turns
+    blue and the rest stays as it was (at seed 0; over seeds 0-9 the model card counts 10 such edits)."""
+    default_pipe = EditPipeline.from_pretrained(backend=backend, progress=False)
     background, shapes = SCENE
     assert np.array_equal(np.asarray(draw(64, background, shapes)), np.asarray(Image.open(EXAMPLE).convert("RGB")))
     target = draw(64, background, [Shape(s.kind, "blue", s.box) if s.kind == "circle" else s for s in shapes])
@@ -53,7 +50,7 @@ def test_the_quickstart_edit_makes_the_circle_blue(default_pipe):
 def test_eval_command_reports_every_edit_type(capsys, tmp_path):
     import json
 
-    from engine.cli import main
+    from ip2p.cli import main
 
     out = tmp_path / "report.json"
     assert main(["-q", "eval", "--count", "6", "--steps", "8", "--batch-size", "6", "--json", str(out)]) == 0
@@ -69,9 +66,35 @@ def test_eval_command_reports_every_edit_type(capsys, tmp_path):
 
 
 def test_eval_bad_input_is_one_line(tmp_path, capsys):
-    from engine.cli import main
+    from ip2p.cli import main
 
     assert main(["eval", str(tmp_path / "nowhere"), "--count", "3"]) == 2
     assert main(["eval", "--count", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("ip2p: error:") == 2 and "Traceback" not in err
+
+
+def test_the_bundle_is_the_shipped_model_exported_reproducibly(tmp_path):
+    """engine/models/shapes-onnx is `ip2p export` of the shipped weights (README's command); with the tool
+    versions it was made with, exporting again gives the same bytes."""
+    import torch
+
+    from engine.checkpoints import resolve_model
+    from engine.manifest import read_bundle
+    from export.bundle import ExportOptions, export_bundle, tool_versions, weights_hash
+    from engine.specs import Profile
+
+    bundle = read_bundle(DEFAULT_BUNDLE)
+    assert bundle.manifest["source"]["weights_sha256"] == weights_hash(resolve_model(DEFAULT_MODEL))
+    assert bundle.manifest["precision"] == "fp16" and default_model("onnxruntime") == DEFAULT_BUNDLE
+    assert default_model() == DEFAULT_MODEL and default_model("torch") == DEFAULT_MODEL  # torch is installed here
+    made_with = {k: bundle.manifest["tools"][k] for k in ("torch", "onnx", "onnxruntime")}
+    if made_with != {k: tool_versions()[k] for k in made_with}:
+        pytest.skip(f"the bundle was exported with {made_with}; byte equality holds only for the same versions")
+    profile = Profile(batch=(1, 1, 16), height=(32, 64, 512), width=(32, 64, 512))
+    again, _ = export_bundle(DEFAULT_MODEL, tmp_path / "again", ExportOptions(precision="fp16", profile=profile),
+                             progress=False)
+    fresh = read_bundle(again).manifest["components"]
+    for name, entry in bundle.manifest["components"].items():
+        assert [f["sha256"] for f in fresh[name]["files"]] == [f["sha256"] for f in entry["files"]], name
+    assert torch.__version__ == made_with["torch"]
