@@ -69,3 +69,23 @@ def test_commands_that_need_torch_name_the_extra(runtime_env, tmp_path):
         assert done.returncode == 2 and len(lines) == 1, (args, done.stderr)
         assert lines[0].startswith("ip2p: error: ") and f"pip install 'ip2p-engine{extra}'" in lines[0], lines[0]
     assert not (tmp_path / "b").exists() and not (tmp_path / "o.png").exists()
+
+
+def test_the_runtime_imports_nothing_from_the_other_parts():
+    """engine/ never imports export/, training/, benchmarks/ or the ip2p assembler, not even lazily."""
+    import ast
+
+    others = ("export", "training", "benchmarks", "ip2p")
+    for path in (ROOT / "engine").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in others], f"{path}: imports {names}"
+
+
+def test_a_command_imports_only_the_part_that_owns_it(tmp_path):
+    script = ("import sys; from ip2p.cli import main; code = main(['-q', 'edit', 'missing.png', '-p', 'x', "
+              "'-o', 'o.png']); print(code, sorted({m.split('.')[0] for m in sys.modules} & "
+              "{'export', 'training', 'benchmarks', 'torch'}))")
+    done = run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
