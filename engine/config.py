@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 from engine.errors import InputError
+from engine.guidance import GuidanceOptions
 from engine.samplers import SAMPLERS
 
 Resolution = Union[int, None, Literal["auto"]]
@@ -92,6 +93,7 @@ class EditConfig:
     resolution: Resolution = "auto"
     keep_size: bool = False
     output_type: Literal["pil", "np"] = "pil"
+    guidance: GuidanceOptions = GuidanceOptions()  # exact by default; interval and adaptive rule approximate
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:

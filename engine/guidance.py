@@ -1,18 +1,43 @@
-"""Three-way classifier-free guidance (Brooks et al. 2022, eq. 3) as a wrapper around the UNet.
+"""Three-way classifier-free guidance (Brooks et al. 2022, eq. 3), and the policies that decide, step by step
+and image by image, which of its three UNet branches to evaluate.
 
-Array-agnostic: works on torch tensors and numpy arrays alike. The UNet is evaluated once per step at
-batch 3B, branches in the order (instruction, image), ("", image), ("", zero image latent).
+Eq. 3, eps = e_u + s_T (e_c - e_i) + s_I (e_i - e_u), is the weighted sum
+eps = s_T e_c + (s_I - s_T) e_i + (1 - s_I) e_u, branches (instruction, image), ("", image),
+("", zero image latent). A branch whose weight is 0 needs no UNet rows (exact): with s_I = 1 the third,
+with s_T = s_I the second, with both 1 only the first. The approximate policies drop a branch once its
+term stops mattering and stand in a kept branch for it:
+
+- the guidance interval (Kynkaanniemi et al. 2024, arXiv 2404.07724) guides only for sigma in (lo, hi];
+  outside it eps = e_c;
+- adaptive guidance (Castillo et al. 2023, arXiv 2312.12487), extended to three branches: once
+  cos(e_i, e_u) passes a threshold, e_u is taken as e_i (the image term s_I (e_i - e_u) is spent) and
+  the ("", zero) rows stop; once cos(e_c, e_i) passes it, e_i is taken as e_c and the ("", image) rows
+  stop. Per image: one image's decision never changes another's rows.
+
+Array-agnostic: the combination works on torch tensors and numpy arrays alike.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from engine.errors import InputError
+
+COND, IMAGE, UNCOND = 0, 1, 2  # branch indices, in the order of the batched UNet call
 BRANCHES = 3
+ALL = (COND, IMAGE, UNCOND)
 
 
-def uses_guidance(text_scale: float, image_scale: float) -> bool:
-    """With both scales 1, eq. 3 reduces to the conditional branch: batch B suffices."""
-    return not (text_scale == 1 and image_scale == 1)
+def branch_weights(text_scale: float, image_scale: float) -> tuple[float, float, float]:
+    """The weights of (e_c, e_i, e_u) in eq. 3: (s_T, s_I - s_T, 1 - s_I); they sum to 1."""
+    return (float(text_scale), float(image_scale) - float(text_scale), 1.0 - float(image_scale))
+
+
+def needed_branches(text_scale: float, image_scale: float) -> tuple[int, ...]:
+    """The branches with a non-zero weight: all that eq. 3 needs, exactly."""
+    return tuple(k for k, w in enumerate(branch_weights(text_scale, image_scale)) if w != 0)
 
 
 def combine_guidance(eps_cond: Any, eps_image: Any, eps_uncond: Any, text_scale: float, image_scale: float) -> Any:
@@ -20,31 +45,151 @@ def combine_guidance(eps_cond: Any, eps_image: Any, eps_uncond: Any, text_scale:
     return eps_uncond + text_scale * (eps_cond - eps_image) + image_scale * (eps_image - eps_uncond)
 
 
+def combine(outputs: dict[int, Any], weights: Sequence[float]) -> Any:
+    """Eq. 3 from the branches evaluated: all three as written; otherwise the weighted sum over those given,
+    a missing branch standing for itself only where its weight is 0 (checked by the plans)."""
+    if len(outputs) == BRANCHES:
+        s_t, s_i = weights[COND], weights[COND] + weights[IMAGE]
+        return combine_guidance(outputs[COND], outputs[IMAGE], outputs[UNCOND], s_t, s_i)
+    total = None
+    for k, out in outputs.items():
+        if weights[k] != 0:
+            total = out * weights[k] if total is None else total + out * weights[k]
+    return total
+
+
+def substitute(branches: tuple[int, ...], weights: Sequence[float]) -> tuple[float, float, float]:
+    """Weights over the evaluated ``branches`` after standing e_c in for a missing e_i, and e_i (or e_c)
+    for a missing e_u: the approximation of the adaptive policy and the interval."""
+    w = list(weights)
+    if UNCOND not in branches:
+        w[IMAGE if IMAGE in branches else COND] += w[UNCOND]
+        w[UNCOND] = 0.0
+    if IMAGE not in branches:
+        w[COND] += w[IMAGE]
+        w[IMAGE] = 0.0
+    return (w[0], w[1], w[2])
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """How much of eq. 3 to evaluate. The defaults are exact; every other setting is an approximation.
+
+    ``interval``: guide only for sigma in (lo, hi] (None: always); ``adaptive_threshold``: the cosine
+    similarity past which a branch's term counts as converged and its rows stop (None: never)."""
+
+    interval: tuple[float, float] | None = None
+    adaptive_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval is not None:
+            lo, hi = self.interval
+            if not 0 <= lo < hi:
+                raise InputError(f"guidance interval must be (lo, hi] with 0 <= lo < hi, got {self.interval}")
+        if self.adaptive_threshold is not None and not 0 < self.adaptive_threshold <= 1:
+            raise InputError(f"adaptive guidance threshold must be in (0, 1], got {self.adaptive_threshold}")
+
+    @property
+    def exact(self) -> bool:
+        return self.interval is None and self.adaptive_threshold is None
+
+
+class GuidancePlan:
+    """Per image, which branches each step evaluates, and with what weights they combine.
+
+    ``branches(sigma)`` is asked before each UNet call; ``observe(outputs)`` after it, with each image's
+    evaluated branch outputs as numpy arrays (used by the adaptive rule only)."""
+
+    def __init__(self, count: int, text_scale: float, image_scale: float, options: GuidanceOptions = GuidanceOptions(),
+                 all_branches: bool = False):
+        self.weights = branch_weights(text_scale, image_scale)
+        self.options, self.all_branches = options, all_branches
+        self.needed = ALL if all_branches else needed_branches(text_scale, image_scale)
+        self._dropped: list[set[int]] = [set() for _ in range(count)]  # adaptive: converged branches per image
+
+    def branches(self, sigma: float) -> list[tuple[int, ...]]:
+        """The branches each image evaluates at this step."""
+        if self.all_branches:  # static engines take exactly 3B rows
+            return [ALL] * len(self._dropped)
+        interval = self.options.interval
+        if interval is not None and not interval[0] < sigma <= interval[1]:
+            return [(COND,)] * len(self._dropped)
+        return [tuple(k for k in self.needed if k not in dropped) for dropped in self._dropped]
+
+    def weights_for(self, branches: tuple[int, ...]) -> tuple[float, float, float]:
+        return self.weights if set(self.needed) <= set(branches) else substitute(branches, self.weights)
+
+    def observe(self, outputs: list[dict[int, np.ndarray]]) -> None:
+        """Adaptive guidance: stop a branch of an image once its term has converged (cosine >= threshold)."""
+        threshold = self.options.adaptive_threshold
+        if threshold is None:
+            return
+        for dropped, out in zip(self._dropped, outputs):
+            if IMAGE in out and UNCOND in out and cosine(out[IMAGE], out[UNCOND]) >= threshold:
+                dropped.add(UNCOND)
+            if COND in out and IMAGE in out and cosine(out[COND], out[IMAGE]) >= threshold:
+                dropped.add(IMAGE)
+                dropped.add(UNCOND)  # e_u without e_i would stand in for nothing: the text term is spent too
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+Groups = list[tuple[list[int], tuple[int, ...]]]  # (image indices, the branches they evaluate), in call order
+RowsUNet = Callable[[Any, float, Groups], list[dict[int, Any]]]  # -> per group {branch: (len(indices), 4, h, w)}
+
+
+def group_images(branches: list[tuple[int, ...]]) -> Groups:
+    """Images that evaluate the same branches, together (first appearance first): one group when all agree."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, b in enumerate(branches):
+        groups.setdefault(b, []).append(i)
+    return [(indices, b) for b, indices in groups.items()]
+
+
 def guided_denoiser(
-    unet: Callable[[Any, float], Any],
+    unet: RowsUNet,
     timestep_of: Callable[[float], float],
-    text_scale: float,
-    image_scale: float,
+    plan: GuidancePlan,
+    concat: Callable[[list[Any]], Any],
     prediction_type: str = "epsilon",
-    all_branches: bool = False,
+    to_numpy: Callable[[Any], np.ndarray] | None = None,
 ) -> Callable[[Any, float], Any]:
-    """Turn ``unet(scaled_x, t) -> model output`` (batch 3B, or B without guidance) into ``D(x, sigma)``.
+    """Turn ``unet(scaled_x, t, groups) -> per group {branch: output}`` into ``D(x, sigma)``.
 
     ``x`` is in k-diffusion's parametrisation (x0 + sigma * eps); the UNet sees x / sqrt(sigma^2 + 1).
-    ``all_branches`` keeps batch 3B even when both scales are 1 (static-shape engines accept only 3B).
+    Each step ``plan`` says which branches each image evaluates; ``concat`` joins arrays along the batch;
+    ``to_numpy`` lets the plan observe the outputs (only the adaptive rule needs it).
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    guided = all_branches or uses_guidance(text_scale, image_scale)
 
     def denoise(x: Any, sigma: float) -> Any:
         c_in = 1.0 / (sigma**2 + 1) ** 0.5
-        out = unet(x * c_in, timestep_of(sigma))  # (3B or B, 4, h, w)
-        if guided:
-            b = x.shape[0]
-            out = combine_guidance(out[:b], out[b : 2 * b], out[2 * b :], text_scale, image_scale)
+        groups = group_images(plan.branches(sigma))
+        outputs = unet(x * c_in, timestep_of(sigma), groups)
+        if plan.options.adaptive_threshold is not None and to_numpy is not None:
+            plan.observe(_per_image(groups, outputs, to_numpy, x.shape[0]))
+        parts = [combine(out, plan.weights_for(b)) for (_, b), out in zip(groups, outputs)]
+        if len(parts) == 1:
+            out = parts[0]  # (B, 4, h, w), images in order
+        else:
+            order = np.argsort(np.concatenate([indices for indices, _ in groups]), kind="stable")
+            out = concat(parts)[order.tolist()]
         if prediction_type == "epsilon":
             return x - out * sigma
         return x * (c_in * c_in) - out * (sigma * c_in)  # v-prediction (Salimans & Ho 2022)
 
     return denoise
+
+
+def _per_image(groups: Groups, outputs: list[dict[int, Any]], to_numpy, count: int) -> list[dict[int, np.ndarray]]:
+    per_image: list[dict[int, np.ndarray]] = [{} for _ in range(count)]
+    for (indices, _), out in zip(groups, outputs):
+        for k, value in out.items():
+            host = to_numpy(value)
+            for j, i in enumerate(indices):
+                per_image[i][k] = host[j]
+    return per_image

@@ -22,7 +22,7 @@ from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
 from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.extras import available
-from engine.guidance import BRANCHES, guided_denoiser, uses_guidance
+from engine.guidance import COND, UNCOND, GuidanceOptions, GuidancePlan, Groups, guided_denoiser
 from engine.noise import NoiseSource, resolve_seeds
 from engine.samplers import SAMPLERS
 from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
@@ -39,11 +39,15 @@ TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 
 @dataclass
 class EditResult:
-    """Edited images (PIL, or float32 (B, H, W, 3) in [0, 1]), the seed of each, and seconds per stage."""
+    """Edited images (PIL, or float32 (B, H, W, 3) in [0, 1]), the seed of each, seconds per stage, and the
+    work done per image: UNet rows evaluated (a 20-step edit with all three branches: 60) and their
+    MAC-weighted sum, in whole-UNet rows (the same while every row runs the whole UNet)."""
 
     images: list[Image.Image] | np.ndarray | list[np.ndarray]
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    unet_evaluations: list[int] = field(default_factory=list)
+    unet_work: list[float] = field(default_factory=list)
 
 
 class EditPipeline:
@@ -122,6 +126,8 @@ class EditPipeline:
         resolution: Resolution = "auto",
         keep_size: bool = False,
         output_type: str = "pil",
+        guidance_interval: tuple[float, float] | None = None,
+        adaptive_guidance: float | None = None,
     ) -> EditResult:
         """Edit one image or a list. ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's
         own (512 for SD 1.5), ``None`` keeps the input size. ``latents``: unit-variance initial noise
@@ -134,6 +140,7 @@ class EditPipeline:
             resolution=resolution,
             keep_size=keep_size,
             output_type=output_type,
+            guidance=GuidanceOptions(interval=guidance_interval, adaptive_threshold=adaptive_guidance),
         )
         batch = list(image) if isinstance(image, (list, tuple)) else [image]
         return self.run(batch, instruction, config, seed=seed, latents=latents)
@@ -168,6 +175,7 @@ class EditPipeline:
         timings["preprocess"] = time.perf_counter() - start
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
+        evaluations = [0] * len(images)
         max_batch = self.profile.batch[2] if self.profile else len(images)
         chunks = [  # (offset in the group, members): a bundle's profile caps images per call
             (start, group[start : start + max_batch]) for group in groups.values()
@@ -178,11 +186,11 @@ class EditPipeline:
         for start, members in chunks:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
-            edited = self._edit_batch(
+            edited, rows = self._edit_batch(
                 pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings
             )
-            for i, out in zip(members, edited):
-                outputs[i] = out
+            for i, out, count in zip(members, edited, rows):
+                outputs[i], evaluations[i] = out, count
 
         start = time.perf_counter()
         if config.keep_size:
@@ -197,7 +205,8 @@ class EditPipeline:
         else:
             result = outputs
         timings["postprocess"] = time.perf_counter() - start
-        return EditResult(images=result, seeds=seeds, timings=dict(timings))
+        return EditResult(images=result, seeds=seeds, timings=dict(timings), unet_evaluations=evaluations,
+                          unet_work=[float(n) for n in evaluations])
 
     def _check_size(self, size: tuple[int, int], count: int) -> None:
         """Refuse a size outside an exported bundle's profile, stating the allowed range."""
@@ -240,24 +249,20 @@ class EditPipeline:
         latents: np.ndarray | None,
         config: EditConfig,
         timings: dict[str, float],
-    ) -> np.ndarray:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1]."""
+    ) -> tuple[np.ndarray, list[int]]:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1], and the UNet rows each image
+        took."""
         be, b = self.backend, len(instructions)
         static = self.profile is not None and self.profile.static  # static engines take exactly 3B rows
-        guided = static or uses_guidance(config.text_guidance, config.image_guidance)
-        copies = BRANCHES if guided else 1
+        plan = GuidancePlan(b, config.text_guidance, config.image_guidance, config.guidance, all_branches=static)
 
         start = time.perf_counter()
         text = self.encode_text(instructions)  # (B, 77, D)
-        if guided:
-            text = be.concat([text] + [self.null_embedding()] * (2 * b), 0)  # (3B, 77, D)
-        text = be.constant(text)  # the same every step
+        null = self.null_embedding() if set(plan.needed) != {COND} else None  # (1, 77, D)
         timings["text_encode"] += time.perf_counter() - start
 
         start = time.perf_counter()
         image_latents = be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]  # (B, 4, h, w)
-        if guided:
-            image_latents = be.concat([image_latents, image_latents, image_latents * 0], 0)  # (3B, 4, h, w)
         timings["image_encode"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -273,17 +278,48 @@ class EditPipeline:
             initial = latents
         x = be.asarray(initial) * schedule.init_noise_sigma  # (B, 4, h, w)
 
-        def unet(x_in: Any, t: float) -> Any:
-            sample = be.concat([be.concat([x_in] * copies, 0), image_latents], 1)  # (3B, 8, h, w)
-            timestep = be.asarray(np.full(copies * b, t, dtype=np.float32))
-            return be.run(UNET.name, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text})[
-                "noise_pred"
-            ]
+        def take(array: Any, indices: list[int]) -> Any:
+            """Rows ``indices`` of a (B, ...) array; the array itself when they are all of them in order."""
+            return array if len(indices) == b else be.concat([array[i : i + 1] for i in indices], 0)
 
-        denoiser = guided_denoiser(
-            unet, schedule.timestep, config.text_guidance, config.image_guidance, self.model.prediction_type,
-            all_branches=static,
-        )
+        conditioning: dict[tuple, tuple[Any, Any]] = {}  # per grouping: (text rows, image latent rows), reused
+
+        def rows_for(groups: Groups) -> tuple[Any, Any]:
+            """(N, 77, D) text and (N, 4, h, w) image latents of the rows ``groups`` asks for, branch-major per
+            group: the same objects every step they are asked for (a GPU backend uploads them once)."""
+            key = tuple((tuple(indices), branches) for indices, branches in groups)
+            if key not in conditioning:
+                texts, images = [], []
+                for indices, branches in groups:
+                    for k in branches:
+                        texts.append(take(text, indices) if k == COND else be.concat([null] * len(indices), 0))
+                        latent = take(image_latents, indices)
+                        images.append(latent * 0 if k == UNCOND else latent)
+                conditioning[key] = (be.constant(be.concat(texts, 0)), be.concat(images, 0))
+            return conditioning[key]
+
+        evaluations = [0] * b  # UNet rows per image, over the whole edit
+
+        def unet(x_in: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
+            text_rows, image_rows = rows_for(groups)
+            xs = [take(x_in, indices) for indices, branches in groups for _ in branches]
+            sample = be.concat([be.concat(xs, 0), image_rows], 1)  # (N, 8, h, w)
+            n = sample.shape[0]
+            out = be.run(UNET.name, {"sample": sample, "timestep": be.asarray(np.full(n, t, dtype=np.float32)),
+                                     "encoder_hidden_states": text_rows})["noise_pred"]  # (N, 4, h, w)
+            outputs, offset = [], 0
+            for indices, branches in groups:
+                group = {}
+                for k in branches:
+                    group[k] = out[offset : offset + len(indices)]
+                    offset += len(indices)
+                for i in indices:
+                    evaluations[i] += len(branches)
+                outputs.append(group)
+            return outputs
+
+        denoiser = guided_denoiser(unet, schedule.timestep, plan, lambda parts: be.concat(parts, 0),
+                                   self.model.prediction_type, to_numpy=be.to_numpy)
         extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
         with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
             x = sampler.sample(denoiser, x, schedule.sigmas, callback=lambda *_: bar.update(), **extra)
@@ -293,7 +329,7 @@ class EditPipeline:
         start = time.perf_counter()
         decoded = self._decode(x)
         timings["decode"] += time.perf_counter() - start
-        return imaging.from_model_output(decoded)
+        return imaging.from_model_output(decoded), evaluations
 
     def _decode(self, latents: Any) -> np.ndarray:
         """(B, 3, H, W) decoded pixels; a reduced-precision overflow is retried with the float32 decoder."""

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.guidance import combine_guidance, guided_denoiser, uses_guidance
+from engine.guidance import (ALL, COND, IMAGE, UNCOND, GuidanceOptions, GuidancePlan, branch_weights, combine,
+                             combine_guidance, group_images, guided_denoiser, needed_branches)
+from engine.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,15 @@ def test_batched_guidance_equals_three_separate_calls(unet):
     torch.testing.assert_close(batched, naive, rtol=1e-4, atol=1e-5)
 
 
-def test_both_scales_one_runs_batch_b_only():
-    batches = []
-
-    def unet(x, t):
-        batches.append(x.shape[0])
-        return np.ones_like(x)
-
-    x = np.zeros((2, 4, 3, 3), dtype=np.float32)
-    guided_denoiser(unet, lambda s: 0.0, 1.0, 1.0)(x, 1.0)
-    assert batches == [2]
-    assert not uses_guidance(1.0, 1.0) and uses_guidance(1.0, 1.5) and uses_guidance(7.5, 1.0)
+@pytest.mark.parametrize("s_t, s_i, needed", [(7.5, 1.5, ALL), (7.5, 1.0, (COND, IMAGE)), (1.5, 1.5, (COND, UNCOND)),
+                                              (1.0, 1.0, (COND,)), (0.0, 1.0, (IMAGE,))])
+def test_eq3_as_a_weighted_sum_needs_only_the_branches_it_weights(s_t, s_i, needed):
+    rng = np.random.default_rng(0)
+    e = {k: rng.standard_normal(6) for k in ALL}
+    weights = branch_weights(s_t, s_i)
+    assert sum(weights) == pytest.approx(1.0) and needed_branches(s_t, s_i) == needed
+    exact = combine_guidance(e[COND], e[IMAGE], e[UNCOND], s_t, s_i)
+    np.testing.assert_allclose(combine({k: e[k] for k in needed}, weights), exact, rtol=1e-12, atol=1e-12)
 
 
 def test_image_guidance_below_one_keeps_text_guidance():
@@ -60,19 +60,63 @@ def test_image_guidance_below_one_keeps_text_guidance():
     np.testing.assert_allclose(high, 0 + 7.5 * 0.5 + 0.5 * 0.5)
 
 
-def test_denoiser_three_way_batches_and_v_prediction():
+def fake_unet(values, seen):
+    """A UNet stand-in: branch k of image i predicts values[k] + i; records the rows it was asked for."""
+    def unet(x, t, groups):
+        seen.append((t, groups))
+        return [{k: np.stack([np.full(x.shape[1:], values[k] + i) for i in indices]) for k in branches}
+                for indices, branches in groups]
+    return unet
+
+
+def test_denoiser_combines_the_branches_and_v_prediction():
     seen = []
-
-    def unet(x, t):
-        seen.append((x.shape[0], t))
-        return np.concatenate([np.full((1, 1), 3.0), np.full((1, 1), 2.0), np.full((1, 1), 1.0)])
-
+    plan = GuidancePlan(1, 2.0, 1.5)
+    unet = fake_unet({COND: 3.0, IMAGE: 2.0, UNCOND: 1.0}, seen)
     x = np.full((1, 1), 4.0)
-    denoised = guided_denoiser(unet, lambda s: 42.0, 2.0, 1.5)(x, 3.0)
+    denoised = guided_denoiser(unet, lambda s: 42.0, plan, np.concatenate)(x, 3.0)
     eps = combine_guidance(3.0, 2.0, 1.0, 2.0, 1.5)
-    assert seen == [(1, 42.0)]  # the UNet callable gets x once; it returns all three branches
+    assert seen == [(42.0, [([0], ALL)])]
     np.testing.assert_allclose(denoised, 4.0 - 3.0 * eps)
-    v = guided_denoiser(unet, lambda s: 0.0, 2.0, 1.5, prediction_type="v_prediction")(x, 3.0)
+    v = guided_denoiser(unet, lambda s: 0.0, plan, np.concatenate, prediction_type="v_prediction")(x, 3.0)
     np.testing.assert_allclose(v, 4.0 / 10 - eps * 3.0 / 10**0.5)
     with pytest.raises(ValueError):
-        guided_denoiser(unet, lambda s: 0.0, 1, 1, prediction_type="sample")
+        guided_denoiser(unet, lambda s: 0.0, plan, np.concatenate, prediction_type="sample")
+
+
+def test_static_engines_evaluate_every_branch_even_when_exact_needs_one():
+    plan = GuidancePlan(2, 1.0, 1.0, all_branches=True)
+    assert plan.branches(5.0) == [ALL, ALL] and plan.weights_for(ALL) == (1.0, 0.0, 0.0)
+
+
+def test_the_interval_guides_only_inside_it():
+    plan = GuidancePlan(2, 7.5, 1.5, GuidanceOptions(interval=(1.0, 10.0)))
+    assert plan.branches(14.6) == [(COND,)] * 2 and plan.branches(10.0) == [ALL] * 2
+    assert plan.branches(1.0) == [(COND,)] * 2
+    assert plan.weights_for((COND,)) == (1.0, 0.0, 0.0)  # eps = e_c outside the interval
+    with pytest.raises(InputError, match="lo < hi"):
+        GuidanceOptions(interval=(3.0, 1.0))
+
+
+def test_adaptive_guidance_drops_converged_branches_per_image():
+    plan = GuidancePlan(2, 7.5, 1.5, GuidanceOptions(adaptive_threshold=0.99))
+    same, other = np.ones(8), np.linspace(-1, 1, 8)
+    # image 0: e_i == e_u (the image term is spent); image 1: nothing has converged
+    plan.observe([{COND: other, IMAGE: same, UNCOND: same}, {COND: other, IMAGE: same, UNCOND: -same}])
+    assert plan.branches(5.0) == [(COND, IMAGE), ALL]
+    w = plan.weights_for((COND, IMAGE))
+    assert w == pytest.approx((7.5, 1.5 - 7.5 + 1 - 1.5, 0.0))  # e_u taken as e_i
+    plan.observe([{COND: same, IMAGE: same}, {COND: other, IMAGE: same, UNCOND: -same}])
+    assert plan.branches(5.0) == [(COND,), ALL] and plan.weights_for((COND,)) == pytest.approx((1.0, 0.0, 0.0))
+    assert group_images(plan.branches(5.0)) == [([0], (COND,)), ([1], ALL)]
+
+
+def test_per_image_rows_come_back_in_image_order():
+    seen = []
+    plan = GuidancePlan(3, 7.5, 1.5, GuidanceOptions(adaptive_threshold=0.5))
+    plan._dropped[1] |= {IMAGE, UNCOND}  # image 1 has converged, 0 and 2 have not
+    unet = fake_unet({COND: 3.0, IMAGE: 2.0, UNCOND: 1.0}, seen)
+    x = np.zeros((3, 2))
+    out = guided_denoiser(unet, lambda s: 0.0, plan, np.concatenate)(x, 1.0)  # x - eps * sigma
+    assert seen[0][1] == [([0, 2], ALL), ([1], (COND,))]
+    np.testing.assert_allclose(-out[:, 0], [combine_guidance(3, 2, 1, 7.5, 1.5), 4.0, combine_guidance(5, 4, 3, 7.5, 1.5)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from engine.guidance import guided_denoiser
+from engine.guidance import COND, GuidancePlan, guided_denoiser
 from engine.random_models import SD15_SCHEDULER
 from engine.samplers import SAMPLERS, ancestral_step
 
@@ -16,10 +16,16 @@ def eps_model(x, t):
     return 0.6 * torch.tanh(x) + 0.2 * torch.cos(x * 3.0 + float(t) / 300.0)
 
 
+def unguided(model, timestep_of, count=SHAPE[0]):
+    """D(x, sigma) of a model without guidance (both scales 1: the conditional branch alone)."""
+    return guided_denoiser(lambda x, t, groups: [{COND: model(x, t)}], timestep_of, GuidancePlan(count, 1.0, 1.0),
+                           lambda parts: parts[0])
+
+
 def run_ours(name, config, steps, noise, step_noise_seed=None):
     sampler = SAMPLERS[name]
     schedule = sampler.schedule(config, steps)
-    denoiser = guided_denoiser(eps_model, schedule.timestep, 1.0, 1.0)
+    denoiser = unguided(eps_model, schedule.timestep)
     extra = {}
     if sampler.stochastic:
         gen = torch.Generator().manual_seed(step_noise_seed)
@@ -79,7 +85,7 @@ def test_samplers_run_on_numpy_arrays():
     rng = np.random.default_rng(0)
     for name, sampler in SAMPLERS.items():
         schedule = sampler.schedule(SD15_SCHEDULER, 5)
-        denoiser = guided_denoiser(lambda x, t: np.tanh(x) * 0.5, schedule.timestep, 1.0, 1.0)
+        denoiser = unguided(lambda x, t: np.tanh(x) * 0.5, schedule.timestep)
         extra = {"noise_sampler": lambda: rng.standard_normal(SHAPE).astype(np.float32)} if sampler.stochastic else {}
         x = rng.standard_normal(SHAPE).astype(np.float32) * schedule.init_noise_sigma
         out = sampler.sample(denoiser, x, schedule.sigmas, **extra)
@@ -89,7 +95,7 @@ def test_samplers_run_on_numpy_arrays():
 def test_callback_sees_every_step(noise):
     seen = []
     schedule = SAMPLERS["euler"].schedule(SD15_SCHEDULER, 6)
-    denoiser = guided_denoiser(eps_model, schedule.timestep, 1.0, 1.0)
+    denoiser = unguided(eps_model, schedule.timestep)
     SAMPLERS["euler"].sample(denoiser, noise, schedule.sigmas, callback=lambda i, x, d: seen.append(i))
     assert seen == list(range(6))
 
