@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from engine.errors import InputError
+
+if TYPE_CHECKING:
+    from engine.config import EditConfig
 
 log = logging.getLogger("ip2p")
 
@@ -59,9 +62,42 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "(default: the plain files, else the only variant there is)")
 
 
-def add_edit_arguments(edit: argparse.ArgumentParser) -> None:
+def _interval(value: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI sigmas such as 1.0:15, got {value!r}") from None
+    return lo, hi
+
+
+def add_edit_options(parser: argparse.ArgumentParser) -> None:
+    """How one edit runs: preset, steps, sampler, guidance scales and the guidance savings (edit and eval)."""
+    from engine.presets import PRESETS
     from engine.samplers import SAMPLERS
 
+    parser.add_argument("--preset", default="exact", choices=list(PRESETS),
+                        help="a measured combination of the savings below (default exact: the full edit's pictures)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 20, or the preset's; 100 is the paper's)")
+    parser.add_argument("--text-guidance", type=float, help="s_T of eq. 3 (default 7.5)")
+    parser.add_argument("--image-guidance", type=float, help="s_I of eq. 3 (default 1.5; 1 saves a third of the UNet)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default euler_ancestral, or the preset's")
+    parser.add_argument("--guidance-interval", type=_interval, metavar="LO:HI",
+                        help="guide only while sigma is in (LO, HI], else the instruction branch alone (approximate)")
+    parser.add_argument("--adaptive-guidance", type=float, metavar="COS",
+                        help="stop a guidance branch of an image once its cosine similarity to the next passes COS, "
+                             "about 0.99 (approximate)")
+
+
+def edit_config(args: argparse.Namespace, **fixed) -> "EditConfig":
+    """The EditConfig of ``--preset`` with the options given on the command line, and ``fixed``."""
+    from engine.presets import preset_config
+
+    return preset_config(args.preset, fixed, steps=args.steps, text_guidance=args.text_guidance,
+                         image_guidance=args.image_guidance, sampler=args.sampler,
+                         guidance_interval=args.guidance_interval, adaptive_guidance=args.adaptive_guidance)
+
+
+def add_edit_arguments(edit: argparse.ArgumentParser) -> None:
     edit.add_argument("images", nargs="+", help="input image files")
     edit.add_argument("-p", "--prompt", required=True, help="the edit instruction (may be empty)")
     edit.add_argument("-o", "--output", required=True, help="output file (one image) or folder (several)")
@@ -69,10 +105,7 @@ def add_edit_arguments(edit: argparse.ArgumentParser) -> None:
                       "(default: $IP2P_MODEL, else the shipped shapes model)")
     edit.add_argument("--config", help="diffusers folder or hub id for a single-file checkpoint's configs")
     add_model_options(edit)
-    edit.add_argument("--steps", type=int, default=20, help="denoising steps (100 reproduces the paper)")
-    edit.add_argument("--text-guidance", type=float, default=7.5)
-    edit.add_argument("--image-guidance", type=float, default=1.5)
-    edit.add_argument("--sampler", default="euler_ancestral", choices=sorted(SAMPLERS))
+    add_edit_options(edit)
     edit.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
     edit.add_argument("--resolution", type=_resolution, default="auto", help="long side in pixels, 'auto' or 'none'")
     edit.add_argument("--keep-size", action="store_true", help="resize outputs back to each input's size")
@@ -128,7 +161,6 @@ def output_paths(images: Sequence[str], output: str) -> list[Path]:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from engine.config import EditConfig
     from engine.images import open_image, save_image
     from engine.noise import resolve_seeds
     from engine.backends import BUNDLE_BACKENDS
@@ -136,14 +168,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    config = EditConfig(
-        steps=args.steps,
-        text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance,
-        sampler=args.sampler,
-        resolution=args.resolution,
-        keep_size=args.keep_size,
-    )
+    config = edit_config(args, resolution=args.resolution, keep_size=args.keep_size)
     targets = output_paths(args.images, args.output)
     for image in args.images:  # fail before the model loads: headers only, pixels are decoded per batch
         open_image(Path(image), args.max_pixels).close()
@@ -164,7 +189,7 @@ def run_edit(args: argparse.Namespace) -> None:
             save_image(image, target)
             log.info("wrote %s (seed %d)", target, seed)
         timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-        log.info("timings: %s", timings)
+        log.info("timings: %s; %d UNet evaluations per image", timings, max(result.unet_evaluations))
 
 
 def run_info(args: argparse.Namespace) -> None:

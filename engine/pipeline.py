@@ -22,8 +22,9 @@ from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
 from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.extras import available
-from engine.guidance import COND, UNCOND, GuidanceOptions, GuidancePlan, Groups, guided_denoiser
+from engine.guidance import COND, UNCOND, GuidancePlan, Groups, guided_denoiser
 from engine.noise import NoiseSource, resolve_seeds
+from engine.presets import preset_config
 from engine.samplers import SAMPLERS
 from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
 from engine.tokenizer import ClipTokenizer
@@ -117,10 +118,11 @@ class EditPipeline:
         image: imaging.ImageInput | Sequence[imaging.ImageInput],
         instruction: str | Sequence[str],
         *,
-        steps: int = 20,
-        text_guidance: float = 7.5,
-        image_guidance: float = 1.5,
-        sampler: str = "euler_ancestral",
+        preset: str = "exact",
+        steps: int | None = None,
+        text_guidance: float | None = None,
+        image_guidance: float | None = None,
+        sampler: str | None = None,
         seed: int | Sequence[int] | None = None,
         latents: Any = None,
         resolution: Resolution = "auto",
@@ -129,18 +131,17 @@ class EditPipeline:
         guidance_interval: tuple[float, float] | None = None,
         adaptive_guidance: float | None = None,
     ) -> EditResult:
-        """Edit one image or a list. ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's
-        own (512 for SD 1.5), ``None`` keeps the input size. ``latents``: unit-variance initial noise
-        (B, 4, H/8, W/8), scaled by the scheduler's init_noise_sigma as diffusers does."""
-        config = EditConfig(
-            steps=steps,
-            text_guidance=text_guidance,
-            image_guidance=image_guidance,
-            sampler=sampler,
-            resolution=resolution,
-            keep_size=keep_size,
-            output_type=output_type,
-            guidance=GuidanceOptions(interval=guidance_interval, adaptive_threshold=adaptive_guidance),
+        """Edit one image or a list. ``preset`` sets steps, sampler and guidance savings (``engine.presets``);
+        a setting given here overrides it (None: the preset's; exact: 20 euler_ancestral steps, s_T 7.5,
+        s_I 1.5). ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's own (512 for
+        SD 1.5), ``None`` keeps the input size. ``latents``: unit-variance initial noise (B, 4, H/8, W/8),
+        scaled by the scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
+        only for sigma inside it; ``adaptive_guidance``: the cosine past which a branch stops (both
+        approximate)."""
+        config = preset_config(
+            preset, dict(resolution=resolution, keep_size=keep_size, output_type=output_type),
+            steps=steps, text_guidance=text_guidance, image_guidance=image_guidance, sampler=sampler,
+            guidance_interval=guidance_interval, adaptive_guidance=adaptive_guidance,
         )
         batch = list(image) if isinstance(image, (list, tuple)) else [image]
         return self.run(batch, instruction, config, seed=seed, latents=latents)

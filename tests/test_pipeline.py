@@ -26,8 +26,10 @@ def random_images(n, height=32, width=48, seed=0):
     return [Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("scales", [(7.5, 1.5), (1.0, 1.0), (3.0, 0.5)])
+@pytest.mark.parametrize("scales", [(7.5, 1.5), (7.5, 1.0), (1.5, 1.5), (1.0, 1.0), (3.0, 0.5)])
 def test_matches_diffusers_on_non_square_batch(tiny_pipe, diffusers_pipe, scales):
+    """Diffusers evaluates three branches whenever it guides; we skip those eq. 3 weights with 0 (s_I = 1: the
+    ("", zero) rows; s_T = s_I: the ("", image) rows) and get its pictures to float rounding."""
     images = random_images(2)
     latents = np.random.default_rng(1).standard_normal((2, 4, 16, 24)).astype(np.float32)
     ours = tiny_pipe.edit(
@@ -43,6 +45,8 @@ def test_matches_diffusers_on_non_square_batch(tiny_pipe, diffusers_pipe, scales
                          output_type="np", guidance_scale=scales[0], image_guidance_scale=scales[1]).images
     assert ours.images.shape == ref.shape == (2, 32, 48, 3)
     assert np.abs(ours.images - ref).max() < 1e-3
+    rows = {(7.5, 1.5): 3, (7.5, 1.0): 2, (1.5, 1.5): 2, (1.0, 1.0): 1}[scales]
+    assert ours.unet_evaluations == [4 * rows] * 2 and ours.unet_work == [4.0 * rows] * 2
 
 
 def test_batch_item_equals_single_edit_with_its_seed(tiny_pipe):
@@ -141,3 +145,28 @@ def test_default_resolution_comes_from_the_model_config(tiny_model, tmp_path):
     pipe = EditPipeline.from_pretrained(str(copy), progress=False)
     assert pipe.model.default_resolution == 32
     assert pipe.edit(random_images(1)[0], "x", steps=1, seed=0).images[0].size == (64, 64)  # multiple of 64
+
+
+def test_adaptive_guidance_decides_per_image_without_touching_the_others(tiny_pipe):
+    """An image whose branches converge stops evaluating them; its batch neighbour gets the pixels it gets
+    alone (to float rounding: the UNet's batch shrinks around it)."""
+    images = random_images(2, seed=3)
+    kwargs = dict(steps=8, sampler="euler", seed=[5, 6], resolution=None, output_type="np")
+    exact = tiny_pipe.edit(images, INSTRUCTIONS, **kwargs)
+    assert exact.unet_evaluations == [24, 24]
+    loose = tiny_pipe.edit(images, INSTRUCTIONS, adaptive_guidance=0.2, **kwargs)  # random weights: low threshold
+    assert max(loose.unet_evaluations) < 24
+    for i in range(2):
+        alone = tiny_pipe.edit(images[i], INSTRUCTIONS[i], adaptive_guidance=0.2, **{**kwargs, "seed": 5 + i})
+        assert alone.unet_evaluations == [loose.unet_evaluations[i]]
+        np.testing.assert_allclose(loose.images[i], alone.images[0], atol=1e-5)
+
+
+def test_guidance_interval_counts_its_rows(tiny_pipe):
+    image = random_images(1)[0]
+    from engine.samplers import SAMPLERS
+
+    sigmas = SAMPLERS["euler"].schedule(tiny_pipe.model.scheduler, 6).sigmas
+    lo, hi = float(sigmas[4]), float(sigmas[1])  # guide at steps 2, 3 and 4 of 6
+    result = tiny_pipe.edit(image, "x", steps=6, sampler="euler", seed=0, guidance_interval=(lo, hi))
+    assert result.unet_evaluations == [3 * 3 + 3 * 1]

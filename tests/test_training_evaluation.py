@@ -33,9 +33,11 @@ def test_damage_outside_the_region_fails_the_psnr_test():
 def test_nearest_colour_and_report():
     assert all(nearest_colour(np.asarray(rgb, float) + 10) == name for name, rgb in PALETTE.items())
     report = {"count": 3, "seed": 1, "steps": 2, "sampler": "euler", "text_guidance": 5.0, "image_guidance": 1.5,
+              "unet_evaluations_per_edit": 6.0,
               "edits": {"remove": {
         "n": 3, "success": 66.7, "colour_correct": 100.0, "untouched_psnr_ok": 66.7, "median_untouched_psnr_db": 30.2}}}
     table = format_report(report)
+    assert "6.0 UNet evaluations per edit" in table
     assert "| remove | 3 | 66.7% | 100.0% | 66.7% | 30.2 dB |" in table and "text guidance 5.0" in table
     report["cases"] = [{"edit": "remove", "shapes": n, "success": ok} for n, ok in ((2, True), (3, True), (3, False))]
     assert "| remove | 100% of 1 | 50% of 2 |" in format_report(report)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from engine.cli import add_model_options, add_torch_options, torch_options
+from engine.cli import add_edit_options, add_model_options, add_torch_options, edit_config, torch_options
 from engine.errors import InputError
 
 log = logging.getLogger("ip2p")
@@ -49,16 +49,11 @@ def add_synth_arguments(synth: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
-    from engine.samplers import SAMPLERS
-
     evaluate.add_argument("model", nargs="?", help="model folder or bundle (default: as for edit)")
     add_model_options(evaluate)
     evaluate.add_argument("--count", type=int, default=300, help="held-out edits, split evenly over edit types")
     evaluate.add_argument("--seed", type=int, help="held-out set seed (default: one training never uses)")
-    evaluate.add_argument("--steps", type=int, default=20)
-    evaluate.add_argument("--sampler", default="euler_ancestral", choices=sorted(SAMPLERS))
-    evaluate.add_argument("--text-guidance", type=float, default=7.5)
-    evaluate.add_argument("--image-guidance", type=float, default=1.5)
+    add_edit_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--json", help="also write the report as JSON here")
     add_torch_options(evaluate)
@@ -89,13 +84,13 @@ def run_eval(args: argparse.Namespace) -> None:
     from engine.pipeline import EditPipeline
     from training.evaluation import HELD_OUT_SEED, evaluate, format_report
 
-    if args.count < 1 or args.batch_size < 1 or args.steps < 1:
-        raise InputError("--count, --batch-size and --steps must be at least 1")
+    if args.count < 1 or args.batch_size < 1:
+        raise InputError("--count and --batch-size must be at least 1")
+    config = edit_config(args)
     pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                         variant=args.variant, progress=False, backend_options=torch_options(args))
-    report = evaluate(pipe, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
-                      args.steps, args.sampler, args.save_dir, progress=not args.quiet,
-                      text_guidance=args.text_guidance, image_guidance=args.image_guidance)
+    report = evaluate(pipe, config, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
+                      args.save_dir, progress=not args.quiet)
     print(format_report(report))
     if args.json:
         write_json_atomic(Path(args.json), report)

@@ -8,6 +8,7 @@ neither. Works with any backend the pipeline runs, torch or an exported bundle.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from engine.images import psnr
 from training.synthetic import EDITS, PALETTE, Shape, draw, random_edit, random_scene, shape_mask
 
 if TYPE_CHECKING:
+    from engine.config import EditConfig
     from engine.pipeline import EditPipeline
 
 HELD_OUT_SEED = 1_000_003  # training data uses small seeds (the shipped model: 1)
@@ -97,24 +99,30 @@ def score(case: Case, edited: np.ndarray) -> Score:
     return Score(colour_ok, quality)
 
 
-def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, batch_size: int = 16, steps: int = 20,
-             sampler: str = "euler_ancestral", save_dir: str | Path | None = None, progress: bool = True,
-             text_guidance: float = 7.5, image_guidance: float = 1.5) -> dict:
-    """Per-edit-type success rates (percent) of ``pipe`` (an EditPipeline) on ``count`` held-out cases, and
-    each case's score under "cases"; ``save_dir`` gets a sheet per batch (inputs, edits, ground truth as rows)."""
+def evaluate(pipe: "EditPipeline", config: "EditConfig", count: int = 300, seed: int = HELD_OUT_SEED,
+             batch_size: int = 16, save_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Per-edit-type success rates (percent) of ``pipe`` (an EditPipeline) editing with ``config`` (at the
+    scenes' own size) on ``count`` held-out cases, the UNet work per edit, and each case's score under
+    "cases"; ``save_dir`` gets a sheet per batch (inputs, edits, ground truth as rows)."""
+    config = dataclasses.replace(config, resolution=None, keep_size=False, output_type="pil")
     cases = held_out_cases(count, seed)
     scores: list[Score] = []
+    evaluations: list[int] = []
     for start in tqdm(range(0, len(cases), batch_size), desc="evaluating", unit="batch", disable=not progress):
         batch = cases[start : start + batch_size]
-        edited = pipe.edit([c.image for c in batch], [c.instruction for c in batch], steps=steps, sampler=sampler,
-                           text_guidance=text_guidance, image_guidance=image_guidance,
-                           seed=[seed + start + i for i in range(len(batch))], resolution=None).images
-        arrays = [np.asarray(im.convert("RGB")) for im in edited]
+        result = pipe.run([c.image for c in batch], [c.instruction for c in batch], config,
+                          seed=[seed + start + i for i in range(len(batch))])
+        arrays = [np.asarray(im.convert("RGB")) for im in result.images]
         scores += [score(c, a) for c, a in zip(batch, arrays)]
+        evaluations += result.unet_evaluations
         if save_dir is not None:
             _save_sheet(Path(save_dir) / f"batch-{start // batch_size:03d}.png", batch, arrays)
-    report = {"count": len(cases), "seed": seed, "steps": steps, "sampler": sampler,
-              "text_guidance": text_guidance, "image_guidance": image_guidance, "edits": {}}
+    guidance = config.guidance
+    report = {"count": len(cases), "seed": seed, "steps": config.steps, "sampler": config.sampler,
+              "text_guidance": config.text_guidance, "image_guidance": config.image_guidance,
+              "guidance_interval": list(guidance.interval) if guidance.interval else None,
+              "adaptive_guidance": guidance.adaptive_threshold,
+              "unet_evaluations_per_edit": float(np.mean(evaluations)), "edits": {}}
     for edit in EDITS:
         mine = [s for c, s in zip(cases, scores) if c.edit == edit]
         if mine:
@@ -134,8 +142,12 @@ def evaluate(pipe: "EditPipeline", count: int = 300, seed: int = HELD_OUT_SEED, 
 
 def format_report(report: dict) -> str:
     """Markdown table of an ``evaluate`` report."""
+    approximations = "".join(
+        f", {name} {report[key]}" for key, name in (("guidance_interval", "guidance interval"),
+                                                    ("adaptive_guidance", "adaptive guidance")) if report.get(key))
     lines = [f"{report['count']} held-out edits (seed {report['seed']}, {report['steps']} {report['sampler']} steps, "
-             f"text guidance {report['text_guidance']}, image guidance {report['image_guidance']})",
+             f"text guidance {report['text_guidance']}, image guidance {report['image_guidance']}{approximations}; "
+             f"{report['unet_evaluations_per_edit']:.1f} UNet evaluations per edit)",
              "", "| edit | n | success | colour right | untouched >= 25 dB | median untouched PSNR |",
              "|---|---:|---:|---:|---:|---:|"]
     for edit, r in report["edits"].items():

@@ -1,0 +1,32 @@
+"""Named combinations of the ways an edit does less work, chosen from measurements (docs/savings.md).
+
+``exact`` is the default: the pictures of the full three-branch edit, at no more UNet rows than eq. 3
+weights. The others trade a measured amount of edit quality for less UNet work. Their thresholds were
+tuned on the shipped shapes model and may not transfer to photo models: check your own edits.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from engine.config import EditConfig
+from engine.errors import InputError
+from engine.guidance import GuidanceOptions
+
+PRESETS: dict[str, dict] = {
+    "exact": {},
+}
+
+
+def preset_config(preset: str = "exact", fixed: dict | None = None, **settings) -> EditConfig:
+    """The EditConfig of ``preset``, with every setting given (not None) taking precedence over it, and the
+    fields no preset sets (``fixed``: resolution, keep_size, output_type) as given."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    guidance = values.pop("guidance", GuidanceOptions())
+    interval, adaptive = settings.pop("guidance_interval", None), settings.pop("adaptive_guidance", None)
+    if interval is not None or adaptive is not None:
+        guidance = dataclasses.replace(guidance, **{k: v for k, v in (("interval", interval),
+                                                                       ("adaptive_threshold", adaptive)) if v is not None})
+    values.update({k: v for k, v in settings.items() if v is not None})
+    return EditConfig(**values, **(fixed or {}), guidance=guidance)
