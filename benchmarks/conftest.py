@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import hardware
+from engine.presets import PRESETS
 from benchmarks.runners import EDIT_STEPS, NETWORK_STAGES, STAGES, DiffusersRunner, EngineRunner
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("IP2P_BENCH_CACHE", Path.home() / ".cache" / "ip2p" / "bench"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # variants of a backend between its name and precision: "kv2" token downsampling (kv_downsample=2, approximate
-# by design), "compile" the UNet through torch.compile, "graph" onnxruntime's CUDA graphs (static bundles only)
+# by design), "compile" the UNet through torch.compile, "graph" onnxruntime's CUDA graphs (static bundles only),
+# a preset name (balanced, fast: the edit stage runs that preset)
 CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-compile-bf16", "torch-kv2-bf16",
                 "torch-kv2-compile-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
 GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-compile-fp16", "torch-kv2-fp16",
@@ -54,9 +56,8 @@ def cases(full: bool) -> list[Case]:
     out = [Case("tiny", 64, s, b) for b in backends for s in STAGES]
     if full:
         out += [Case("sd15", r, s, b) for b in backends for r in (256, 512) for s in STAGES]
-    else:  # a GPU also runs the whole 20-step 512x512 edit
-        quick = ("unet_step", "edit") if DEVICE == "cuda" else ("unet_step",)
-        out += [Case("sd15", 512, s, b) for b in backends for s in quick]
+    else:  # the UNet step and the whole 512x512 edit
+        out += [Case("sd15", 512, s, b) for b in backends for s in ("unet_step", "edit")]
     return out
 
 
@@ -124,6 +125,9 @@ class Systems:
         if name == "diffusers":
             return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]),
                                    self.edit_steps)
+        presets = [v for v in variants if v in PRESETS]
+        preset = presets[0] if presets else "exact"
+        variants = [v for v in variants if v not in PRESETS]
         if name == "torch":
             options = {}
             for variant in variants:
@@ -133,7 +137,7 @@ class Systems:
                     options["kv_downsample"] = int(variant.removeprefix("kv"))
             return EngineRunner(EditPipeline.from_pretrained(self.model_dir(kind), device=self.device,
                                                              dtype=DTYPES[precision], progress=False,
-                                                             backend_options=options), self.edit_steps)
+                                                             backend_options=options), self.edit_steps, preset)
         if name == "onnxruntime":
             if self.device == "cuda":
                 import onnxruntime
@@ -148,7 +152,7 @@ class Systems:
             bundle = self.bundle_dir(kind, precision)
             return EngineRunner(EditPipeline.from_pretrained(bundle, backend="onnxruntime", device=self.device,
                                                              progress=False, backend_options=options),
-                                self.edit_steps)
+                                self.edit_steps, preset)
         if name == "tensorrt":
             pytest.skip("TensorRT bundles are benchmarked where TensorRT is installed: export with --format tensorrt")
         raise ValueError(backend)

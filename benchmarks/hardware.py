@@ -23,6 +23,15 @@ def device_name(device: str) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def cpu_capability() -> dict:
+    """What the CPU does natively, recorded beside every CPU figure: torch's kernel level (AVX2, AVX512, ...)
+    and whether bf16 and fp16 compute in hardware (else they are emulated, many times slower than fp32)."""
+    from engine.cpu import native_dtype
+
+    return {"torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_dtype("bfloat16"), "native_fp16": native_dtype("float16")}
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))

@@ -50,10 +50,21 @@ def guidance_and_step(latents, eps, noise):
 
 
 class EngineRunner:
-    """Our EditPipeline on one backend: stages call the backend exactly as the denoising loop does."""
+    """Our EditPipeline on one backend: stages call the backend exactly as the denoising loop does. The
+    edit runs ``edit_steps`` steps exactly, or a preset (engine/presets.py) with its own steps."""
 
-    def __init__(self, pipe: EditPipeline, edit_steps: int):
-        self.pipe, self.edit_steps = pipe, edit_steps
+    def __init__(self, pipe: EditPipeline, edit_steps: int, preset: str = "exact"):
+        from engine.presets import preset_config
+
+        self.pipe, self.preset = pipe, preset
+        self.edit_steps = edit_steps if preset == "exact" else preset_config(preset).steps
+        self.unet_evaluations = 3 * self.edit_steps  # until an edit has run and counted them
+
+    def _edit(self, photo: np.ndarray, resolution: int) -> np.ndarray:
+        result = self.pipe.edit(photo, PROMPT, preset=self.preset, steps=self.edit_steps, seed=0,
+                                resolution=resolution, output_type="np")
+        self.unet_evaluations = result.unet_evaluations[0]
+        return result.images
 
     def stage(self, name: str, resolution: int) -> Callable[[], Any]:
         pipe, be, model = self.pipe, self.pipe.backend, self.pipe.model
@@ -67,8 +78,7 @@ class EngineRunner:
                                                              "encoder_hidden_states": x["text"]})["noise_pred"]),
             "guidance_sampler": lambda: be.to_numpy(guidance_and_step(x["latents"], x["eps"], x["noise"])[1]),
             "vae_decode": lambda: be.to_numpy(be.run("vae_decoder", {"latents": x["latents"]})["images"]),
-            "edit": lambda: pipe.edit(raw["photo"], PROMPT, steps=self.edit_steps, seed=0, resolution=resolution,
-                                      output_type="np").images,
+            "edit": lambda: self._edit(raw["photo"], resolution),
         }
         return calls[name]
 

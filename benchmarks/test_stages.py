@@ -21,6 +21,8 @@ def test_stage(benchmark, case, systems):
     info.update(model=case.model, resolution=case.resolution, stage=case.stage, backend=case.backend,
                 baseline=BASELINE, device=hardware.device_name(DEVICE), versions=hardware.versions(),
                 peak_memory_bytes=peak_memory_bytes(DEVICE))
+    if DEVICE == "cpu":
+        info["cpu"] = hardware.cpu_capability()
     flops = systems.flops(case)
     # fp16 on a CPU has no fast matmul to measure (ONNX Runtime computes much of it in fp32): use fp32's peak
     peak = systems.peak(precision if precision == "bf16" or DEVICE == "cuda" else "fp32")
@@ -28,7 +30,9 @@ def test_stage(benchmark, case, systems):
     if case.stage in NETWORK_STAGES:
         info["accuracy_max_rel"] = relative_error(out, systems.reference(case))
     if case.stage == "edit":
-        info["edit_steps"] = systems.edit_steps
+        info["edit_steps"] = runner.edit_steps
+        info["preset"] = getattr(runner, "preset", "exact")
+        info["unet_evaluations"] = getattr(runner, "unet_evaluations", 3 * runner.edit_steps)
         if not case.backend.startswith("diffusers"):  # same seed, same noise: only our backends are comparable
             info["psnr_db"] = edit_psnr(out, systems.reference(case))
     stats = getattr(benchmark, "stats", None)

@@ -182,6 +182,9 @@ class EditPipeline:
             (start, group[start : start + max_batch]) for group in groups.values()
             for start in range(0, len(group), max_batch)
         ]
+        if self.profile is not None and self.profile.static and not config.guidance.exact:
+            raise InputError("the guidance interval and adaptive guidance change the UNet rows from step to step; "
+                             "this static-shape bundle always runs all three branches: export without --static")
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))
         for start, members in chunks:

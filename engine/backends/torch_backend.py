@@ -19,6 +19,7 @@ from torch import nn
 from engine import specs
 from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource
 from engine.config import check_unet_channels
+from engine.cpu import cpu_precision
 from engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ def check_compiler(device: torch.device) -> None:
 
 def load(source: ModelSource, device: str = "cpu", dtype: str = "float32", kv_downsample: int = 1,
          compile: bool = False) -> TorchBackend:
-    """A TorchBackend for a model on ``device`` in ``dtype`` ("float32", "float16" or "bfloat16").
+    """A TorchBackend for a model on ``device`` in ``dtype`` ("float32", "float16" or "bfloat16"; on a CPU that
+    only emulates the reduced precision, float32, which is faster there, with a warning).
     ``kv_downsample`` 2 or more trades exactness for speed (``set_kv_downsampling``); 1 is exact.
     ``compile`` runs the UNet through ``torch.compile`` (same results up to rounding, compiled per shape)."""
     if dtype not in DTYPES:
@@ -250,6 +252,10 @@ def load(source: ModelSource, device: str = "cpu", dtype: str = "float32", kv_do
     if not isinstance(compile, bool):
         raise InputError(f"compile must be true or false, got {compile!r}")
     dev = parse_device(device)
+    if dev.type == "cpu":
+        dtype, why = cpu_precision(dtype)
+        if why:
+            log.warning("%s (torch kernels: %s)", why, torch.backends.cpu.get_cpu_capability())
     if compile:
         check_compiler(dev)
     unet, vae, text_encoder = load_networks(source, DTYPES[dtype])
