@@ -51,6 +51,9 @@ def test_several_inputs_go_to_a_folder_with_per_image_seeds(tiny_model, tmp_path
         ("kv-backend", "--kv-downsample applies to the torch UNet: use it with --backend torch"),
         ("compile-backend", "--compile applies to the torch UNet: use it with --backend torch"),
         ("kv-factor", "kv_downsample must be a whole number from 1 (exact) to 8, got 0"),
+        ("interval", "guidance interval must be (lo, hi] with 0 <= lo < hi"),
+        ("adaptive", "adaptive guidance threshold must be in (0, 1]"),
+        ("steps", "steps must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, message):
@@ -58,7 +61,7 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
     Image.new("RGB", (64, 64), (10, 20, 30)).save(image)
     out = tmp_path / "out.png"
     out.write_bytes(b"precious")
-    args = ["edit", str(image), "-p", "x", "-o", str(out), "--model", tiny_model, "--steps", "1"]
+    args = ["edit", str(image), "-p", "x", "-o", str(out), "--model", tiny_model, "--steps", "0" if case == "steps" else "1"]
     if case == "missing":
         args[1] = str(tmp_path / "nope.png")
     elif case == "corrupt":
@@ -84,6 +87,10 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
         args += ["--compile", "--backend", "onnxruntime"]
     elif case == "kv-factor":
         args += ["--kv-downsample", "0"]
+    elif case == "interval":
+        args += ["--guidance-interval", "5:1"]
+    elif case == "adaptive":
+        args += ["--adaptive-guidance", "1.5"]
     code, captured = run(args, capsys)
     assert code == 2 and "Traceback" not in captured.err
     # in-process, weight-loading bars of an earlier import may show; the error itself is one line
@@ -139,3 +146,17 @@ def test_quiet_hides_progress_bars_of_long_commands(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert '"edit": "background"' in (tmp_path / "quiet" / "metadata.jsonl").read_text()
     assert '"edit": "recolour"' not in (tmp_path / "quiet" / "metadata.jsonl").read_text()
+
+
+def test_edit_options_reach_the_pipeline(tiny_model, tmp_path, capsys, caplog):
+    """--image-guidance 1 costs two UNet rows a step, the interval one outside it; the log line says so."""
+    import logging
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(image)
+    base = ["edit", str(image), "-p", "x", "-o", str(tmp_path / "o.png"), "--model", tiny_model, "--steps", "3"]
+    for extra, rows in ((["--image-guidance", "1"], 6), (["--guidance-interval", "100:200"], 3), ([], 9)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ip2p"):
+            assert main(base + extra) == 0
+        assert f"{rows} UNet evaluations per image" in caplog.text, extra
