@@ -1,0 +1,116 @@
+"""What each way of doing less work costs in edit quality: ``ip2p eval`` over the three held-out shapes sets
+(3 x 300 edits) for every setting, success per edit type against UNet evaluations per edit, as a markdown
+table and a Pareto plot (``ip2p bench savings OUT_DIR``; docs/savings.md holds the latest)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from engine.config import EditConfig
+from engine.guidance import GuidanceOptions
+from engine.manifest import write_json_atomic
+from engine.presets import PRESETS, preset_config
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SEEDS = (1_000_003, 1_000_004, 1_000_005)
+
+
+def _adaptive(threshold: float, **settings) -> EditConfig:
+    return EditConfig(**settings, guidance=GuidanceOptions(adaptive_threshold=threshold))
+
+
+SETTINGS: dict[str, EditConfig] = {  # every option on its own, then combinations; presets are added below
+    "adaptive 0.995": _adaptive(0.995),
+    "adaptive 0.99": _adaptive(0.99),
+    "adaptive 0.98": _adaptive(0.98),
+    "interval (0.5, inf)": EditConfig(guidance=GuidanceOptions(interval=(0.5, 1e9))),
+    "interval (1, inf)": EditConfig(guidance=GuidanceOptions(interval=(1.0, 1e9))),
+    "interval (2, inf)": EditConfig(guidance=GuidanceOptions(interval=(2.0, 1e9))),
+    "10 steps": EditConfig(steps=10),
+    "8 steps": EditConfig(steps=8),
+    "6 steps": EditConfig(steps=6),
+    "dpmpp_2m 10 steps": EditConfig(steps=10, sampler="dpmpp_2m"),
+    "dpmpp_2m 8 steps": EditConfig(steps=8, sampler="dpmpp_2m"),
+    "dpmpp_2m 6 steps": EditConfig(steps=6, sampler="dpmpp_2m"),
+    "adaptive 0.99, 10 steps": _adaptive(0.99, steps=10),
+    "adaptive 0.98, 10 steps": _adaptive(0.98, steps=10),
+    "adaptive 0.99, 8 steps": _adaptive(0.99, steps=8),
+    "adaptive 0.99, 6 steps": _adaptive(0.99, steps=6),
+    "adaptive 0.99, dpmpp_2m 8 steps": _adaptive(0.99, steps=8, sampler="dpmpp_2m"),
+}
+
+
+def all_settings() -> dict[str, EditConfig]:
+    return {**{f"preset {name}": preset_config(name) for name in PRESETS}, **SETTINGS}
+
+
+def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 300,
+              progress: bool = True) -> dict[str, dict]:
+    """Evaluate each setting on the three held-out sets of ``count`` edits; one JSON per setting in ``out_dir``
+    (a rerun skips those already there). Returns {name: summary}."""
+    from training.evaluation import evaluate
+
+    settings = all_settings()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for name in tqdm(names or list(settings), desc="settings", unit="setting", disable=not progress):
+        path = out_dir / (name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
+        if path.is_file():
+            summaries[name] = json.loads(path.read_text())
+            continue
+        start = time.perf_counter()
+        reports = [evaluate(pipe, settings[name], count, seed, progress=False) for seed in HELD_OUT_SEEDS]
+        summary = {
+            "name": name, "seconds": time.perf_counter() - start,
+            "unet_evaluations_per_edit": sum(r["unet_evaluations_per_edit"] for r in reports) / len(reports),
+            "success": {e: sum(r["edits"][e]["success"] for r in reports) / len(reports) for e in reports[0]["edits"]},
+            "per_set": [{e: r["edits"][e]["success"] for e in r["edits"]} for r in reports],
+            "settings": {k: v for k, v in reports[0].items() if k not in ("cases", "edits", "seed", "count")},
+        }
+        write_json_atomic(path, summary)
+        log.info("%s: %.1f UNet evaluations per edit, success %s", name, summary["unet_evaluations_per_edit"],
+                 {e: round(v, 1) for e, v in summary["success"].items()})
+        summaries[name] = summary
+    return summaries
+
+
+def savings_table(summaries: dict[str, dict], baseline: str = "preset exact") -> str:
+    """Markdown: work and success per edit type, each with its difference from ``baseline``."""
+    base = summaries[baseline]
+    edits = list(base["success"])
+    lines = ["| setting | UNet evaluations per edit | " + " | ".join(edits) + " |",
+             "|---|---:|" + "---:|" * len(edits)]
+    for name, s in sorted(summaries.items(), key=lambda kv: -kv[1]["unet_evaluations_per_edit"]):
+        work = s["unet_evaluations_per_edit"]
+        cells = [f"{s['success'][e]:.1f}% ({s['success'][e] - base['success'][e]:+.1f})" for e in edits]
+        lines.append(f"| {name} | {work:.1f} ({work / base['unet_evaluations_per_edit']:.2f}x) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def savings_plot(summaries: dict[str, dict], path: Path) -> None:
+    """Success per edit type against UNet evaluations per edit, one marker per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edits = list(next(iter(summaries.values()))["success"])
+    fig, axes = plt.subplots(1, len(edits), figsize=(5 * len(edits), 4.2), sharey=True)
+    for ax, edit in zip(axes, edits):
+        for name, s in summaries.items():
+            preset = name.startswith("preset")
+            ax.scatter(s["unet_evaluations_per_edit"], s["success"][edit], marker="*" if preset else "o",
+                       s=140 if preset else 30, color="C3" if preset else "C0")
+            ax.annotate(name.removeprefix("preset "), (s["unet_evaluations_per_edit"], s["success"][edit]),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_title(edit)
+        ax.set_xlabel("UNet evaluations per edit")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out success (%, 900 edits)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)

@@ -1,0 +1,22 @@
+"""benchmarks/savings.py: the sweep of savings against held-out success, its table and plot."""
+import json
+
+from benchmarks.savings import all_settings, run_sweep, savings_plot, savings_table
+
+
+def test_a_small_sweep_writes_work_and_success_per_setting(tiny_pipe, tmp_path):
+    names = ["6 steps", "adaptive 0.99, 6 steps"]
+    summaries = run_sweep(tiny_pipe, tmp_path, names, count=3, progress=False)
+    assert summaries["6 steps"]["unet_evaluations_per_edit"] == 18
+    assert summaries["adaptive 0.99, 6 steps"]["unet_evaluations_per_edit"] <= 18
+    assert set(summaries["6 steps"]["success"]) == {"recolour", "background", "remove"}
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == ["6_steps.json", "adaptive_0.99_6_steps.json"]
+    saved = json.loads((tmp_path / "6_steps.json").read_text())
+    assert saved["settings"]["steps"] == 6 and len(saved["per_set"]) == 3
+    assert run_sweep(tiny_pipe, tmp_path, names, count=3, progress=False) == summaries  # kept, not rerun
+    table = savings_table(summaries, baseline="6 steps")
+    assert "| 6 steps | 18.0 (1.00x) |" in table and "(+0.0)" in table
+    savings_plot(summaries, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert {"preset exact", "adaptive 0.99", "dpmpp_2m 6 steps"} <= set(all_settings())
