@@ -191,3 +191,15 @@ def test_the_tensorrt_provider_is_offered_only_where_tensorrt_loads():
     assert usable_providers(listed, lambda: False) == listed[1:]
     assert usable_providers(listed, lambda: True) == listed
     assert usable_providers(["CPUExecutionProvider"], lambda: 1 / 0) == ["CPUExecutionProvider"]  # not probed
+
+
+@pytest.mark.parametrize("options", [dict(image_guidance=1.0), dict(text_guidance=1.5, image_guidance=1.5),
+                                     dict(adaptive_guidance=0.2), dict(guidance_interval=(1.0, 100.0))])
+def test_bundles_take_the_rows_each_saving_asks_for(tiny_pipe, ort_pipes, rgb_image, options):
+    """Dynamic bundles run any UNet row count from B to 3B: the savings give torch's pictures and work."""
+    kwargs = dict(steps=6, seed=3, resolution=None, output_type="np", **options)
+    images = [rgb_image, rgb_image.transpose(0)]
+    ref = tiny_pipe.edit(images, ["make it blue", "add snow"], **kwargs)
+    out = ort_pipes["fp32"].edit(images, ["make it blue", "add snow"], **kwargs)
+    assert out.unet_evaluations == ref.unet_evaluations and max(out.unet_evaluations) < 18
+    assert psnr(out.images, ref.images) >= 40
