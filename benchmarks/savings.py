@@ -101,13 +101,17 @@ def savings_plot(summaries: dict[str, dict], path: Path) -> None:
 
     edits = list(next(iter(summaries.values()))["success"])
     fig, axes = plt.subplots(1, len(edits), figsize=(5 * len(edits), 4.2), sharey=True)
+    floor = 70.0  # settings below it are drawn on the floor (their values are in the table)
     for ax, edit in zip(axes, edits):
         for name, s in summaries.items():
             preset = name.startswith("preset")
-            ax.scatter(s["unet_evaluations_per_edit"], s["success"][edit], marker="*" if preset else "o",
-                       s=140 if preset else 30, color="C3" if preset else "C0")
-            ax.annotate(name.removeprefix("preset "), (s["unet_evaluations_per_edit"], s["success"][edit]),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+            work, success = s["unet_evaluations_per_edit"], s["success"][edit]
+            ax.scatter(work, max(success, floor), marker="*" if preset else ("o" if success >= floor else "v"),
+                       s=160 if preset else 25, color="C3" if preset else "C0", zorder=3 if preset else 2)
+            if preset:
+                ax.annotate(name.removeprefix("preset "), (work, success), fontsize=8, xytext=(4, -10),
+                            textcoords="offset points", color="C3")
+        ax.set_ylim(floor - 2, 101)
         ax.set_title(edit)
         ax.set_xlabel("UNet evaluations per edit")
         ax.grid(alpha=0.3)
