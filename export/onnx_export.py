@@ -80,13 +80,22 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Ra
             optimize=True,
             verbose=False,
         )
-    # torch's record of its symbolic ranges is printed from a set, in an order that varies between runs:
-    # without it, exporting the same weights with the same tool versions gives the same bytes
-    program.model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
+    make_reproducible(program.model)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     program.save(str(path), external_data=external)  # weights go to <name>.onnx.data when external
     return onnx_files(path)
+
+
+def make_reproducible(model) -> None:
+    """Drop what torch's exporter records of the run rather than the graph, so that the same weights and
+    tool versions give the same bytes: each node's stack trace (absolute paths and line numbers of the
+    exporting code) and the symbolic ranges (printed from a set, in an order that varies between runs)."""
+    import onnx_ir
+
+    model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:

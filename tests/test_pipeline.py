@@ -124,7 +124,7 @@ def test_fp16_overflow_falls_back_to_fp32_decoder(tiny_model, tmp_path, caplog):
     model = broken_copy(tiny_model, tmp_path, 1e4)  # activations over fp16's 65504; GroupNorm rescales in fp32
     image = random_images(1)[0]
     fp32 = EditPipeline.from_pretrained(model, progress=False).edit(image, "x", steps=2, seed=0, output_type="np")
-    fp16 = EditPipeline.from_pretrained(model, dtype="float16", progress=False)
+    fp16 = EditPipeline.from_pretrained(model, dtype="float16", progress=False, backend_options={"keep_dtype": True})
     out = fp16.edit(image, "x", steps=2, seed=0, output_type="np")
     assert "decoding again in float32" in caplog.text
     assert np.isfinite(out.images).all() and np.abs(out.images - fp32.images).mean() < 0.05

@@ -240,11 +240,12 @@ def check_compiler(device: torch.device) -> None:
 
 
 def load(source: ModelSource, device: str = "cpu", dtype: str = "float32", kv_downsample: int = 1,
-         compile: bool = False) -> TorchBackend:
+         compile: bool = False, keep_dtype: bool = False) -> TorchBackend:
     """A TorchBackend for a model on ``device`` in ``dtype`` ("float32", "float16" or "bfloat16"; on a CPU that
     only emulates the reduced precision, float32, which is faster there, with a warning).
     ``kv_downsample`` 2 or more trades exactness for speed (``set_kv_downsampling``); 1 is exact.
-    ``compile`` runs the UNet through ``torch.compile`` (same results up to rounding, compiled per shape)."""
+    ``compile`` runs the UNet through ``torch.compile`` (same results up to rounding, compiled per shape).
+    ``keep_dtype`` runs ``dtype`` even where the CPU only emulates it (to reproduce its rounding, not for speed)."""
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if not isinstance(kv_downsample, int) or isinstance(kv_downsample, bool) or not 1 <= kv_downsample <= 8:
@@ -252,7 +253,7 @@ def load(source: ModelSource, device: str = "cpu", dtype: str = "float32", kv_do
     if not isinstance(compile, bool):
         raise InputError(f"compile must be true or false, got {compile!r}")
     dev = parse_device(device)
-    if dev.type == "cpu":
+    if dev.type == "cpu" and not keep_dtype:
         dtype, why = cpu_precision(dtype)
         if why:
             log.warning("%s (torch kernels: %s)", why, torch.backends.cpu.get_cpu_capability())
