@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from benchmarks import hardware
-from engine.presets import PRESETS
 from benchmarks.runners import EDIT_STEPS, NETWORK_STAGES, STAGES, DiffusersRunner, EngineRunner
+from engine.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # by design), "compile" the UNet through torch.compile, "graph" onnxruntime's CUDA graphs (static bundles only),
 # a preset name (balanced, fast: the edit stage runs that preset)
 CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-compile-bf16", "torch-kv2-bf16",
-                "torch-kv2-compile-bf16", "onnxruntime-fp32", "onnxruntime-fp16")
+                "torch-kv2-compile-bf16", "onnxruntime-fp32", "onnxruntime-fp16", "torch-balanced-bf16",
+                "torch-fast-bf16", "onnxruntime-fast-fp32")
 GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-compile-fp16", "torch-kv2-fp16",
-                "onnxruntime-fp16", "onnxruntime-graph-fp16", "tensorrt-fp16")
+                "onnxruntime-fp16", "onnxruntime-graph-fp16", "tensorrt-fp16", "torch-balanced-fp16",
+                "torch-fast-fp16", "onnxruntime-fast-fp16")
 BASELINE = "diffusers-fp16" if DEVICE == "cuda" else "diffusers-fp32"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 REFERENCE = "torch-fp32"  # FLOPs are counted and accuracies measured on it
@@ -50,15 +52,20 @@ def pytest_addoption(parser):
                      help="every stage on tiny and sd15 at 256 and 512 (the default is the quick set)")
 
 
+def preset_of(backend: str) -> str | None:
+    return next((v for v in backend.split("-")[1:-1] if v in PRESETS), None)
+
+
 def cases(full: bool) -> list[Case]:
-    """Backend by backend per model, so that only one system of a model besides the reference is alive."""
+    """Backend by backend per model, so that only one system of a model besides the reference is alive.
+    A preset backend differs from its exact one only in the edit, so it runs only the edit stage."""
     backends = GPU_BACKENDS if DEVICE == "cuda" else CPU_BACKENDS
     out = [Case("tiny", 64, s, b) for b in backends for s in STAGES]
     if full:
         out += [Case("sd15", r, s, b) for b in backends for r in (256, 512) for s in STAGES]
     else:  # the UNet step and the whole 512x512 edit
         out += [Case("sd15", 512, s, b) for b in backends for s in ("unet_step", "edit")]
-    return out
+    return [c for c in out if c.stage == "edit" or preset_of(c.backend) is None]
 
 
 def pytest_generate_tests(metafunc):
@@ -125,8 +132,7 @@ class Systems:
         if name == "diffusers":
             return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]),
                                    self.edit_steps)
-        presets = [v for v in variants if v in PRESETS]
-        preset = presets[0] if presets else "exact"
+        preset = preset_of(backend) or "exact"
         variants = [v for v in variants if v not in PRESETS]
         if name == "torch":
             options = {}

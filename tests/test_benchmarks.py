@@ -26,23 +26,32 @@ def test_suite_collects_quick_and_full_sets(tmp_path):
     assert "test_stage[sd15-512-unet_step-diffusers-fp32]" in quick.stdout
     assert "test_stage[tiny-64-edit-onnxruntime-fp16]" in quick.stdout
     assert "test_stage[sd15-512-unet_step-torch-kv2-bf16]" in quick.stdout
+    assert "test_stage[sd15-512-edit-torch-fast-bf16]" in quick.stdout  # every CPU backend times the whole edit
+    assert "test_stage[sd15-512-edit-onnxruntime-fp32]" in quick.stdout
+    assert "unet_step-torch-fast-bf16" not in quick.stdout  # a preset changes only the edit
     assert full.stdout.count("test_stage[") > quick.stdout.count("test_stage[")
 
 
 def test_one_tiny_case_runs_and_reports(tmp_path):
     results = tmp_path / "results.json"
     done = run_pytest(["--benchmark-only", "-k", "tiny-64-text_encode-diffusers or tiny-64-text_encode-torch-fp32 "
-                       "or tiny-64-edit-diffusers or tiny-64-edit-torch-bf16", f"--benchmark-json={results}", "-q"],
+                       "or tiny-64-edit-diffusers or tiny-64-edit-torch-bf16 or tiny-64-edit-torch-fast-bf16",
+                       f"--benchmark-json={results}", "-q"],
                       tmp_path)
     assert done.returncode == 0, done.stdout[-3000:]
     rows, machine = load_results(results)
     assert {(r["stage"], r["backend"]) for r in rows} == {
         ("text_encode", "diffusers-fp32"), ("text_encode", "torch-fp32"), ("edit", "diffusers-fp32"),
-        ("edit", "torch-bf16")}
+        ("edit", "torch-bf16"), ("edit", "torch-fast-bf16")}
     row = next(r for r in rows if r["backend"] == "torch-fp32")
     assert row["flops"] > 0 and row["peak_flops"] > 0 and row["accuracy_max_rel"] < 1e-5
     edit = next(r for r in rows if r["backend"] == "torch-bf16")
     assert edit["edit_steps"] == 4 and 20 < edit["psnr_db"] < 100  # bf16 against float32, same seed
+    assert edit["unet_evaluations"] == 12 and edit["preset"] == "exact"
+    assert set(edit["cpu"]) == {"torch_capability", "native_bf16", "native_fp16"}
+    fast = next(r for r in rows if r["backend"] == "torch-fast-bf16")
+    assert fast["preset"] == "fast" and fast["edit_steps"] == 10 and fast["unet_evaluations"] <= 30
+    assert "psnr_db" not in fast  # another picture by design: its quality is measured by ip2p eval
     assert "psnr_db" not in next(r for r in rows if r["stage"] == "edit" and r["backend"] == "diffusers-fp32")
     table = markdown(rows, machine)
     assert "| text_encode |" in table and "1.00x" in table and "| edit (4 steps) |" in table
