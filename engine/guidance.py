@@ -130,6 +130,8 @@ class GuidancePlan:
             if COND in out and IMAGE in out and cosine(out[COND], out[IMAGE]) >= threshold:
                 dropped.add(IMAGE)
                 dropped.add(UNCOND)  # e_u without e_i would stand in for nothing: the text term is spent too
+            if COND in out and UNCOND in out and IMAGE not in out and cosine(out[COND], out[UNCOND]) >= threshold:
+                dropped.add(UNCOND)  # s_T = s_I: eq. 3 is two-way, as in the original adaptive guidance
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -111,6 +111,13 @@ def test_adaptive_guidance_drops_converged_branches_per_image():
     assert group_images(plan.branches(5.0)) == [([0], (COND,)), ([1], ALL)]
 
 
+def test_adaptive_guidance_on_two_way_guidance_compares_the_two_branches():
+    plan = GuidancePlan(1, 1.5, 1.5, GuidanceOptions(adaptive_threshold=0.99))  # s_T = s_I: rows c and u
+    assert plan.branches(5.0) == [(COND, UNCOND)]
+    plan.observe([{COND: np.ones(4), UNCOND: np.ones(4) * 2}])
+    assert plan.branches(5.0) == [(COND,)] and plan.weights_for((COND,)) == pytest.approx((1.0, 0.0, 0.0))
+
+
 def test_per_image_rows_come_back_in_image_order():
     seen = []
     plan = GuidancePlan(3, 7.5, 1.5, GuidanceOptions(adaptive_threshold=0.5))
