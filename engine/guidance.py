@@ -116,6 +116,10 @@ class GuidancePlan:
             return [(COND,)] * len(self._dropped)
         return [tuple(k for k in self.needed if k not in dropped) for dropped in self._dropped]
 
+    def watching(self, branches: list[tuple[int, ...]]) -> bool:
+        """Whether the adaptive rule needs this step's outputs: it is on and some image can still drop a branch."""
+        return self.options.adaptive_threshold is not None and any(len(b) > 1 for b in branches)
+
     def weights_for(self, branches: tuple[int, ...]) -> tuple[float, float, float]:
         return self.weights if set(self.needed) <= set(branches) else substitute(branches, self.weights)
 
@@ -157,22 +161,23 @@ def guided_denoiser(
     plan: GuidancePlan,
     concat: Callable[[list[Any]], Any],
     prediction_type: str = "epsilon",
-    to_numpy: Callable[[Any], np.ndarray] | None = None,
+    to_numpy: Callable[[Any], np.ndarray] = np.asarray,
 ) -> Callable[[Any, float], Any]:
     """Turn ``unet(scaled_x, t, groups) -> per group {branch: output}`` into ``D(x, sigma)``.
 
     ``x`` is in k-diffusion's parametrisation (x0 + sigma * eps); the UNet sees x / sqrt(sigma^2 + 1).
     Each step ``plan`` says which branches each image evaluates; ``concat`` joins arrays along the batch;
-    ``to_numpy`` lets the plan observe the outputs (only the adaptive rule needs it).
+    ``to_numpy`` brings outputs to the host for the adaptive rule, only on the steps it still watches.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
     def denoise(x: Any, sigma: float) -> Any:
         c_in = 1.0 / (sigma**2 + 1) ** 0.5
-        groups = group_images(plan.branches(sigma))
+        branches = plan.branches(sigma)
+        groups = group_images(branches)
         outputs = unet(x * c_in, timestep_of(sigma), groups)
-        if plan.options.adaptive_threshold is not None and to_numpy is not None:
+        if plan.watching(branches):
             plan.observe(_per_image(groups, outputs, to_numpy, x.shape[0]))
         parts = [combine(out, plan.weights_for(b)) for (_, b), out in zip(groups, outputs)]
         if len(parts) == 1:

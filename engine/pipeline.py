@@ -306,7 +306,9 @@ class EditPipeline:
 
         def unet(x_in: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
             text_rows, image_rows = rows_for(groups)
-            xs = [take(x_in, indices) for indices, branches in groups for _ in branches]
+            xs = []
+            for indices, branches in groups:
+                xs += [take(x_in, indices)] * len(branches)  # sliced once per group, not once per branch
             sample = be.concat([be.concat(xs, 0), image_rows], 1)  # (N, 8, h, w)
             n = sample.shape[0]
             out = be.run(UNET.name, {"sample": sample, "timestep": be.asarray(np.full(n, t, dtype=np.float32)),

@@ -28,11 +28,6 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def has_tokenizer(folder: Path) -> bool:
-    """Whether ``folder`` holds a tokenizer this module reads."""
-    return (folder / FAST_FILE).is_file() or all((folder / name).is_file() for name in BPE_FILES)
-
-
 def load_bpe(folder: Path) -> Tokenizer:
     """The bare BPE tokenizer (no special tokens, padding or truncation) from ``tokenizer.json``, else from
     ``vocab.json`` + ``merges.txt``."""

@@ -8,7 +8,6 @@ import copy
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import specs
-from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource
+from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, Weights
 from engine.config import check_unet_channels
 from engine.cpu import cpu_precision
 from engine.errors import InputError
@@ -198,13 +197,14 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
-def load_component(source: ModelSource, name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """One network (``unet``, ``vae`` or ``text_encoder``) of a diffusers folder, from the weight files
-    ``source.weights`` picks: safetensors or .bin, plain or the asked-for variant, sharded or not."""
+def load_component(source: ModelSource, name: str, dtype: torch.dtype = torch.float32,
+                   weights: Weights | None = None) -> nn.Module:
+    """One network (``unet``, ``vae`` or ``text_encoder``) of a diffusers folder, from ``weights`` (default: the
+    files ``source.weights`` picks: safetensors or .bin, plain or the asked-for variant, sharded or not)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    weights = source.weights(name)
+    weights = weights or source.weights(name)
     folder = source.folder / name
     if name == "text_encoder":
         return CLIPTextModel.from_pretrained(folder, dtype=dtype, variant=weights.variant,
@@ -227,9 +227,8 @@ def load_networks(source: ModelSource, dtype: torch.dtype = torch.float32) -> tu
             raise InputError(f"{source.single_file}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
         check_unet_channels(pipe.unet.config.in_channels, source.single_file)
         return pipe.unet, pipe.vae, pipe.text_encoder
-    for name in WEIGHTED_COMPONENTS:
-        source.weights(name)  # every component's files are found (or named missing) before any loads
-    return tuple(load_component(source, name, dtype) for name in WEIGHTED_COMPONENTS)
+    found = {name: source.weights(name) for name in WEIGHTED_COMPONENTS}  # all found (or named) before any loads
+    return tuple(load_component(source, name, dtype, weights) for name, weights in found.items())
 
 
 def check_compiler(device: torch.device) -> None:
