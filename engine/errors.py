@@ -11,3 +11,7 @@ class NumericalError(RuntimeError):
 
 class ExportError(RuntimeError):
     """A component failed to export or to verify; the message names it."""
+
+
+class Cancelled(RuntimeError):
+    """Raised by a step callback to stop an edit at the next step (a cancelled or timed-out request)."""

@@ -95,16 +95,19 @@ class GuidanceOptions:
 
 
 class GuidancePlan:
-    """Per image, which branches each step evaluates, and with what weights they combine.
+    """Per image, which branches each step evaluates, and with what weights they combine. The scales are one
+    for all images or one per image (a server's batch of requests, each with its own).
 
     ``branches(sigma)`` is asked before each UNet call; ``observe(outputs)`` after it, with each image's
     evaluated branch outputs as numpy arrays (used by the adaptive rule only)."""
 
-    def __init__(self, count: int, text_scale: float, image_scale: float, options: GuidanceOptions = GuidanceOptions(),
-                 all_branches: bool = False):
-        self.weights = branch_weights(text_scale, image_scale)
+    def __init__(self, count: int, text_scale: float | Sequence[float], image_scale: float | Sequence[float],
+                 options: GuidanceOptions = GuidanceOptions(), all_branches: bool = False):
+        texts, images = scales_per_image(text_scale, count, "text"), scales_per_image(image_scale, count, "image")
         self.options, self.all_branches = options, all_branches
-        self.needed = ALL if all_branches else needed_branches(text_scale, image_scale)
+        self._weights = [branch_weights(t, i) for t, i in zip(texts, images)]  # per image: its own scales
+        self._needed = [ALL if all_branches else needed_branches(t, i) for t, i in zip(texts, images)]
+        self.needed = tuple(k for k in ALL if any(k in n for n in self._needed))  # branches some image needs
         self._dropped: list[set[int]] = [set() for _ in range(count)]  # adaptive: converged branches per image
 
     def branches(self, sigma: float) -> list[tuple[int, ...]]:
@@ -114,14 +117,21 @@ class GuidancePlan:
         interval = self.options.interval
         if interval is not None and not interval[0] < sigma <= interval[1]:
             return [(COND,)] * len(self._dropped)
-        return [tuple(k for k in self.needed if k not in dropped) for dropped in self._dropped]
+        return [tuple(k for k in needed if k not in dropped) for needed, dropped in zip(self._needed, self._dropped)]
 
     def watching(self, branches: list[tuple[int, ...]]) -> bool:
         """Whether the adaptive rule needs this step's outputs: it is on and some image can still drop a branch."""
         return self.options.adaptive_threshold is not None and any(len(b) > 1 for b in branches)
 
-    def weights_for(self, branches: tuple[int, ...]) -> tuple[float, float, float]:
-        return self.weights if set(self.needed) <= set(branches) else substitute(branches, self.weights)
+    def weights_for(self, branches: tuple[int, ...], image: int = 0) -> tuple[float, float, float]:
+        """The weights that combine ``branches`` for ``image``: eq. 3's where they are all it needs."""
+        weights = self._weights[image]
+        return weights if set(self._needed[image]) <= set(branches) else substitute(branches, weights)
+
+    def groups(self, sigma: float) -> "Groups":
+        """This step's images grouped by the branches they evaluate and the weights that combine them."""
+        branches = self.branches(sigma)
+        return group_images(branches, [(b, self.weights_for(b, i)) for i, b in enumerate(branches)])
 
     def observe(self, outputs: list[dict[int, np.ndarray]]) -> None:
         """Adaptive guidance: stop a branch of an image once its term has converged (cosine >= threshold)."""
@@ -138,6 +148,15 @@ class GuidancePlan:
                 dropped.add(UNCOND)  # s_T = s_I: eq. 3 is two-way, as in the original adaptive guidance
 
 
+def scales_per_image(scale: float | Sequence[float], count: int, name: str) -> list[float]:
+    if isinstance(scale, (int, float)):
+        return [float(scale)] * count
+    scales = [float(v) for v in scale]
+    if len(scales) != count:
+        raise InputError(f"give one {name} guidance scale, or one per image: got {len(scales)} for {count} images")
+    return scales
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
@@ -147,12 +166,13 @@ Groups = list[tuple[list[int], tuple[int, ...]]]  # (image indices, the branches
 RowsUNet = Callable[[Any, float, Groups], list[dict[int, Any]]]  # -> per group {branch: (len(indices), 4, h, w)}
 
 
-def group_images(branches: list[tuple[int, ...]]) -> Groups:
-    """Images that evaluate the same branches, together (first appearance first): one group when all agree."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+def group_images(branches: list[tuple[int, ...]], keys: Sequence[Any] | None = None) -> Groups:
+    """Images that evaluate the same branches (and share ``keys``, when given), together, first appearance
+    first: one group when all agree."""
+    groups: dict[Any, tuple[list[int], tuple[int, ...]]] = {}
     for i, b in enumerate(branches):
-        groups.setdefault(b, []).append(i)
-    return [(indices, b) for b, indices in groups.items()]
+        groups.setdefault(b if keys is None else keys[i], ([], b))[0].append(i)
+    return list(groups.values())
 
 
 def guided_denoiser(
@@ -175,11 +195,11 @@ def guided_denoiser(
     def denoise(x: Any, sigma: float) -> Any:
         c_in = 1.0 / (sigma**2 + 1) ** 0.5
         branches = plan.branches(sigma)
-        groups = group_images(branches)
+        groups = plan.groups(sigma)
         outputs = unet(x * c_in, timestep_of(sigma), groups)
         if plan.watching(branches):
             plan.observe(_per_image(groups, outputs, to_numpy, x.shape[0]))
-        parts = [combine(out, plan.weights_for(b)) for (_, b), out in zip(groups, outputs)]
+        parts = [combine(out, plan.weights_for(b, indices[0])) for (indices, b), out in zip(groups, outputs)]
         if len(parts) == 1:
             out = parts[0]  # (B, 4, h, w), images in order
         else:

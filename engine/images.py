@@ -1,6 +1,7 @@
 """Reading, checking, resizing and converting images. numpy and Pillow only."""
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -33,6 +34,31 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise InputError(f"{path}: corrupt or truncated image ({err})") from None
     finally:
         image.close()
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """An RGB image from encoded bytes (an upload), checked like a file: not empty, an image, within the limit."""
+    if not data:
+        raise InputError(f"{name}: the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image file, or a format Pillow cannot read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{name}: corrupt or truncated image ({err})") from None
+    _check_size(image, max_pixels, name)
+    try:
+        image.load()
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"{name}: corrupt or truncated image ({err})") from None
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of an image (what the service answers)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

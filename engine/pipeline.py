@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -154,16 +154,22 @@ class EditPipeline:
         *,
         seed: int | Sequence[int] | None = None,
         latents: Any = None,
+        guidance_scales: Sequence[tuple[float, float]] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> EditResult:
-        """Edit ``images`` with ``config``; images that end up the same size are denoised as one batch."""
+        """Edit ``images`` with ``config``; images that end up the same size are denoised as one batch.
+
+        ``guidance_scales``: (s_T, s_I) per image, in place of the config's (each image gets the pixels it
+        would get alone with its own). ``on_step(steps_done)`` runs after every denoising step of every
+        batch; raising ``engine.errors.Cancelled`` there stops the edit before the next UNet call."""
         timings: dict[str, float] = defaultdict(float)
         start = time.perf_counter()
         if not images:
             raise InputError("no images to edit")
         instructions = _instructions_for(instruction, len(images))
+        scales = _scales_for(guidance_scales, config, len(images))
         loaded = [imaging.load_image(im, self.max_image_pixels) for im in images]
-        resolution = self.model.default_resolution if config.resolution == "auto" else config.resolution
-        multiple = self.model.downsampling if resolution is None else math.lcm(64, self.model.downsampling)
+        resolution, multiple = self._sizing(config.resolution)
         prepared = [imaging.prepare(im, resolution, multiple) for im in loaded]
         seeds = resolve_seeds(seed, len(images))
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -191,7 +197,8 @@ class EditPipeline:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
             edited, rows = self._edit_batch(
-                pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings
+                pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings,
+                [scales[i] for i in members], on_step,
             )
             for i, out, count in zip(members, edited, rows):
                 outputs[i], evaluations[i] = out, count
@@ -211,6 +218,18 @@ class EditPipeline:
         timings["postprocess"] = time.perf_counter() - start
         return EditResult(images=result, seeds=seeds, timings=dict(timings), unet_evaluations=evaluations,
                           unet_work=[float(n) for n in evaluations])
+
+    def _sizing(self, resolution: Resolution) -> tuple[int | None, int]:
+        """The long side images are resized to (None: kept) and the multiple their sides are rounded to."""
+        resolution = self.model.default_resolution if resolution == "auto" else resolution
+        return resolution, self.model.downsampling if resolution is None else math.lcm(64, self.model.downsampling)
+
+    def edit_size(self, size: tuple[int, int], resolution: Resolution = "auto") -> tuple[int, int]:
+        """(width, height) an input of ``size`` is denoised at: requests of one size can share a batch."""
+        target, multiple = self._sizing(resolution)
+        if target is None:
+            return size
+        return imaging.fit_size(*size, target, multiple)
 
     def _check_size(self, size: tuple[int, int], count: int) -> None:
         """Refuse a size outside an exported bundle's profile, stating the allowed range."""
@@ -253,12 +272,14 @@ class EditPipeline:
         latents: np.ndarray | None,
         config: EditConfig,
         timings: dict[str, float],
+        scales: list[tuple[float, float]],
+        on_step: Callable[[int], None] | None,
     ) -> tuple[np.ndarray, list[int]]:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1], and the UNet rows each image
         took."""
         be, b = self.backend, len(instructions)
         static = self.profile is not None and self.profile.static  # static engines take exactly 3B rows
-        plan = GuidancePlan(b, config.text_guidance, config.image_guidance, config.guidance, all_branches=static)
+        plan = GuidancePlan(b, [t for t, _ in scales], [i for _, i in scales], config.guidance, all_branches=static)
 
         start = time.perf_counter()
         text = self.encode_text(instructions)  # (B, 77, D)
@@ -327,8 +348,13 @@ class EditPipeline:
         denoiser = guided_denoiser(unet, schedule.timestep, plan, lambda parts: be.concat(parts, 0),
                                    self.model.prediction_type, to_numpy=be.to_numpy)
         extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
+        def step_done(i: int, *_: Any) -> None:
+            bar.update()
+            if on_step is not None:
+                on_step(i + 1)
+
         with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
-            x = sampler.sample(denoiser, x, schedule.sigmas, callback=lambda *_: bar.update(), **extra)
+            x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
         x = x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)  # back to the DDPM scale the VAE expects
         timings["denoise"] += time.perf_counter() - start
 
@@ -369,6 +395,19 @@ def check_options(module, backend: str, options: dict) -> None:
     if unknown:
         raise InputError(f"backend {backend!r} does not take option {', '.join(unknown)} "
                          f"(it takes: {', '.join(sorted(taken)) or 'none'})")
+
+
+def _scales_for(scales: Sequence[tuple[float, float]] | None, config: EditConfig, count: int) -> list[tuple[float, float]]:
+    """(s_T, s_I) per image: the config's for all, or one pair per image, each a number."""
+    if scales is None:
+        return [(config.text_guidance, config.image_guidance)] * count
+    pairs = [tuple(pair) for pair in scales]
+    if len(pairs) != count:
+        raise InputError(f"give one (text, image) guidance pair per image: got {len(pairs)} for {count} images")
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) and v == v for v in pair):
+            raise InputError(f"a guidance pair is two numbers (text, image), got {pair!r}")
+    return [(float(t), float(i)) for t, i in pairs]
 
 
 def _instructions_for(instruction: str | Sequence[str], count: int) -> list[str]:

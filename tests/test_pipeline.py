@@ -186,3 +186,50 @@ def test_static_bundles_run_all_three_branches_and_refuse_row_changing_options(t
     np.testing.assert_allclose(full.images, saved.images, atol=1e-5)
     with pytest.raises(InputError, match="export without --static"):
         static.edit(image, "x", adaptive_guidance=0.99, **kwargs)
+
+
+def test_per_image_guidance_scales_give_each_image_its_solo_pixels(tiny_pipe):
+    """A server batches requests with different scales: each image must get the pixels of its own edit, and
+    the rows eq. 3 weights for its scales only (s_I = 1: two branches)."""
+    from engine.presets import preset_config
+
+    images, scales = random_images(3), [(7.5, 1.5), (3.0, 1.0), (1.5, 1.5)]
+    config = preset_config("exact", dict(resolution=None, output_type="np"), steps=3)
+    batch = tiny_pipe.run(images, INSTRUCTIONS[0], config, seed=[4, 5, 6], guidance_scales=scales)
+    for i, (text, image) in enumerate(scales):
+        solo = tiny_pipe.edit(images[i], INSTRUCTIONS[0], steps=3, seed=4 + i, resolution=None, output_type="np",
+                              text_guidance=text, image_guidance=image)
+        np.testing.assert_allclose(batch.images[i], solo.images[0], atol=1e-5)
+        assert batch.unet_evaluations[i] == solo.unet_evaluations[0]
+    assert batch.unet_evaluations == [9, 6, 6]
+    with pytest.raises(InputError, match="one \\(text, image\\) guidance pair per image"):
+        tiny_pipe.run(images, "x", config, guidance_scales=scales[:2])
+    with pytest.raises(InputError, match="two numbers"):
+        tiny_pipe.run(images[:1], "x", config, guidance_scales=[(7.5, "a")])
+
+
+def test_a_step_callback_sees_progress_and_can_cancel(tiny_pipe):
+    from engine.errors import Cancelled
+    from engine.presets import preset_config
+
+    config = preset_config("exact", dict(resolution=None), steps=4)
+    seen = []
+    tiny_pipe.run(random_images(1), "x", config, seed=0, on_step=seen.append)
+    assert seen == [1, 2, 3, 4]
+
+    def stop_after_two(done):
+        seen.append(done)
+        if done == 2:
+            raise Cancelled("stop")
+
+    seen.clear()
+    with pytest.raises(Cancelled):
+        tiny_pipe.run(random_images(2), "x", config, seed=0, on_step=stop_after_two)
+    assert seen == [1, 2]  # no further step ran
+
+
+def test_edit_size_is_the_size_run_denoises_at(tiny_pipe):
+    image = random_images(1, height=50, width=90)[0]
+    result = tiny_pipe.edit(image, "x", steps=1, resolution=64)
+    assert result.images[0].size == tiny_pipe.edit_size(image.size, 64)
+    assert tiny_pipe.edit_size((48, 32), None) == (48, 32)
