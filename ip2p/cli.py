@@ -23,6 +23,7 @@ COMMANDS = {
     "info": ("engine.cli", "describe a model or bundle: components, parameters, dtypes, scheduler"),
     "create-model": ("engine.cli", "write a random-weight model in diffusers format"),
     "convert": ("engine.cli", "write a diffusers-format model as one original-layout checkpoint"),
+    "serve": ("engine.serving.cli", "serve edits over HTTP: batching, jobs, back-pressure, metrics, a web page"),
     "export": ("export.cli", "export a model to an ONNX or TensorRT bundle"),
     "train": ("training.cli", "fine-tune an InstructPix2Pix UNet (see training/)"),
     "synth": ("training.cli", "write procedural paired shape-edit data (training format)"),

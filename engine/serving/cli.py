@@ -1,0 +1,78 @@
+"""``ip2p serve``: the edit service on this machine (uvicorn), or on Ray Serve with ``--ray``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from engine.errors import InputError
+
+log = logging.getLogger("engine.serving")
+API_KEY_ENV = "IP2P_API_KEY"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.cli import add_model_options
+
+    parser.add_argument("model", nargs="?", help="model folder, bundle or hub id (default: $IP2P_MODEL, else the "
+                        "shipped shapes model: its ONNX bundle where torch is not installed)")
+    add_model_options(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=4, help="requests denoised together (default 4)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long the first request of a batch waits for others (default 10)")
+    parser.add_argument("--max-queue", type=int, default=64, help="queued edits before 429 (default 64)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included; 504 past it")
+    parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit; 413 past it")
+    parser.add_argument("--max-pixels", type=int, default=16_000_000, help="input and edit pixel limit")
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--max-resolution", type=int, default=1024)
+    parser.add_argument("--result-ttl", type=float, default=600.0, help="seconds a finished job's result is kept")
+    parser.add_argument("--max-results", type=int, default=256, help="finished jobs kept at most")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds queued work may finish on SIGTERM")
+    parser.add_argument("--api-key", help=f"require this key (or set ${API_KEY_ENV}); health endpoints stay open")
+    parser.add_argument("--ray", action="store_true", help="run on Ray Serve (a local Ray cluster unless one is running)")
+    parser.add_argument("--replicas", type=int, default=1, help="--ray: model replicas")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="--ray: CPUs per model replica")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="--ray: GPUs per model replica (a fraction allowed)")
+
+
+def settings_from(args: argparse.Namespace):
+    from engine.serving.jobs import Settings
+
+    for name in ("max_batch", "max_queue", "max_steps", "max_resolution", "max_results", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.timeout <= 0 or args.max_body_mb <= 0 or args.batch_wait_ms < 0:
+        raise InputError("--timeout and --max-body-mb must be positive, --batch-wait-ms not negative")
+    return Settings(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                    timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                    max_steps=args.max_steps, max_resolution=args.max_resolution, result_ttl=args.result_ttl,
+                    max_results=args.max_results, drain_timeout=args.drain_timeout,
+                    api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    settings = settings_from(args)
+    load = dict(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, variant=args.variant)
+    if args.ray:
+        from engine.extras import import_extra
+
+        ray_app = import_extra("engine.serving.ray_app", "ip2p serve --ray")
+        ray_app.serve_locally(load, settings, host=args.host, port=args.port, replicas=args.replicas,
+                              num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        return
+    import uvicorn
+
+    from engine.serving.app import create_app
+    from engine.serving.service import local_service
+
+    service = local_service(load, settings)
+    log.info("serving on http://%s:%d (max batch %d, queue %d)", args.host, args.port, settings.max_batch,
+             settings.max_queue)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=int(settings.drain_timeout) + 1)
+
+
+COMMANDS = {"serve": (add_serve_arguments, run_serve)}

@@ -1,0 +1,109 @@
+"""An edit request inside the service: its settings, its state, and how a batch of them runs on the pipeline."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+from PIL import Image
+
+from engine.config import EditConfig
+from engine.errors import Cancelled
+from engine.presets import preset_config
+from engine.serving.schema import EditParameters, draw_seed
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Outcome:
+    """What a finished edit produced."""
+
+    image: Image.Image
+    seed: int
+    unet_evaluations: int
+    timings: dict[str, float]
+
+
+class Job:
+    """One request: decoded image, resolved config and seed, and its progress; ``future`` holds the Outcome."""
+
+    def __init__(self, image: Image.Image, params: EditParameters, config: EditConfig, key: Hashable,
+                 timeout: float | None):
+        self.id = uuid.uuid4().hex
+        self.image, self.params, self.config, self.key = image, params, config, key
+        self.seed = params.seed if params.seed is not None else draw_seed()
+        self.created = time.monotonic()
+        self.deadline = None if timeout is None else self.created + timeout
+        self.state, self.steps_done, self.error = "queued", 0, None
+        self.cancel_reason: str | None = None  # set by cancel(): "cancelled", "timeout", "disconnected", ...
+        self.future: Future = Future()
+        self.finished_at: float | None = None
+        self.timings: dict[str, float] = {}
+        self.changed = threading.Event()  # set on every change; SSE streams wait on it
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        return self.config.text_guidance, self.config.image_guidance
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the job to stop; the worker drops it before it runs, or at the next denoising step."""
+        if self.cancel_reason is None and self.state not in FINISHED:
+            self.cancel_reason = reason
+            self.changed.set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def finish(self, state: str, outcome: Outcome | None = None, error: BaseException | None = None) -> None:
+        self.state, self.finished_at = state, time.monotonic()
+        self.error = None if error is None else str(error)
+        if outcome is not None:
+            self.future.set_result(outcome)
+        else:
+            self.future.set_exception(error or Cancelled(self.cancel_reason or "cancelled"))
+        self.changed.set()
+
+
+def job_config(params: EditParameters) -> EditConfig:
+    """The EditConfig a request asks for (InputError naming a bad setting)."""
+    resolution = {"auto": "auto", "none": None}.get(params.resolution, params.resolution)  # type: ignore[arg-type]
+    return preset_config(params.preset, dict(resolution=resolution), steps=params.steps, sampler=params.sampler,
+                         text_guidance=params.text_guidance, image_guidance=params.image_guidance)
+
+
+def batch_key(config: EditConfig, size: tuple[int, int]) -> Hashable:
+    """Requests with equal keys share a denoising call: same size, steps, sampler and guidance options; the
+    scales may differ (per image in the loop)."""
+    return size, dataclasses.replace(config, text_guidance=0.0, image_guidance=0.0)
+
+
+def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Edit jobs of one batch key in one pipeline call; each keeps its seed and scales, and gets the pixels it
+    would get alone."""
+    result = pipe.run([j.image for j in jobs], [j.params.instruction for j in jobs], jobs[0].config,
+                      seed=[j.seed for j in jobs], guidance_scales=[j.scales for j in jobs], on_step=on_step)
+    return [Outcome(image, seed, rows, dict(result.timings))
+            for image, seed, rows in zip(result.images, result.seeds, result.unet_evaluations)]
+
+
+@dataclass
+class Settings:
+    """How the service batches, queues and limits work (CLI flags of ``ip2p serve``)."""
+
+    max_batch: int = 4
+    batch_wait_ms: float = 10.0
+    max_queue: int = 64
+    timeout: float | None = 120.0  # seconds per request, queue included
+    max_body_bytes: int = 20 * 2**20
+    max_pixels: int = 16_000_000
+    max_steps: int = 100
+    max_resolution: int = 1024
+    result_ttl: float = 600.0  # seconds a finished job's result is kept
+    max_results: int = 256
+    drain_timeout: float = 30.0  # seconds queued work may take to finish on shutdown
+    api_key: str | None = field(default=None, repr=False)

@@ -1,0 +1,83 @@
+"""The service's request and response models, declared once for the single-machine server and the Ray app."""
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import InputError
+
+MAX_SEED = 2**31 - 1
+
+
+class EditParameters(BaseModel):
+    """One edit's settings, as form fields or JSON. Left out: the preset's (exact: 20 steps, s_T 7.5, s_I 1.5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = Field(max_length=2000)
+    steps: Optional[int] = Field(None, ge=1)
+    text_guidance: Optional[float] = Field(None, ge=0, le=50, allow_inf_nan=False)
+    image_guidance: Optional[float] = Field(None, ge=0, le=50, allow_inf_nan=False)
+    sampler: Optional[str] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    resolution: Union[int, Literal["auto", "none"]] = "auto"
+    preset: str = "exact"
+
+
+class EditOutput(BaseModel):
+    """An edit's answer in JSON: the PNG in base64, and what produced it."""
+
+    image: str
+    seed: int
+    steps: int
+    text_guidance: float
+    image_guidance: float
+    unet_evaluations: int
+    timings: dict[str, float]
+
+
+class JobView(BaseModel):
+    """A job's state: queued (with its queue position), running (steps done), or finished."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    position: Optional[int] = None
+    steps_done: int
+    steps: int
+    error: Optional[str] = None
+    result: Optional[EditOutput] = None
+
+
+def parse_parameters(fields: dict) -> EditParameters:
+    """EditParameters from form or JSON fields (form values arrive as strings); one line naming the field."""
+    values = {k: v for k, v in fields.items() if v not in (None, "")}
+    if isinstance(values.get("resolution"), str) and values["resolution"].isdigit():
+        values["resolution"] = int(values["resolution"])
+    try:
+        return EditParameters.model_validate(values, strict=False)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        message = "missing" if first["type"] == "missing" else first["msg"]
+        raise InputError(f"{where}: {message}") from None
+
+
+def decode_base64(text: object) -> bytes:
+    """The bytes of a base64 image field (a data: URL prefix allowed)."""
+    if not isinstance(text, str) or not text:
+        raise InputError("image: missing (a base64 string in JSON, or a file in a multipart form)")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image: not valid base64") from None
+
+
+def draw_seed() -> int:
+    """A seed for a request that gave none; answered with the result so the edit can be repeated."""
+    return secrets.randbelow(MAX_SEED + 1)

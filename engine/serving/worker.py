@@ -1,0 +1,226 @@
+"""The single-machine service: a bounded queue, dynamic batching, and one thread that owns the pipeline."""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+
+from PIL import Image
+
+from engine.errors import Cancelled, InputError
+from engine.serving.jobs import FINISHED, Job, Settings, batch_key, job_config, run_batch
+from engine.serving.metrics import Metrics
+from engine.serving.schema import EditParameters
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The queue holds --max-queue jobs; ``retry_after`` is the estimated seconds until there is room."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the edit queue is full; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Unavailable(RuntimeError):
+    """The service is not taking edits (shutting down, or its model failed)."""
+
+
+class EditWorker:
+    """Owns one EditPipeline: requests are queued, gathered into batches of one key, and run on one thread."""
+
+    def __init__(self, pipe, settings: Settings, metrics: Metrics):
+        self.pipe, self.settings, self.metrics = pipe, settings, metrics
+        self._queue: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()  # every job still known, oldest first
+        self._lock = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="ip2p-edit-worker", daemon=True)
+        self._stopping = False
+        self.ready = False
+        self._batch_seconds = 1.0  # running mean of a batch's wall time, for Retry-After
+
+    # -- the request side (any thread) --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, image: Image.Image, params: EditParameters) -> Job:
+        """Queue an edit; InputError for settings the service refuses, QueueFull when there is no room."""
+        settings = self.settings
+        config = job_config(params)
+        if config.steps > settings.max_steps:
+            raise InputError(f"steps: at most {settings.max_steps} on this server, got {config.steps}")
+        if isinstance(config.resolution, int) and config.resolution > settings.max_resolution:
+            raise InputError(f"resolution: at most {settings.max_resolution} on this server, got {config.resolution}")
+        size = self.pipe.edit_size(image.size, config.resolution)
+        if size[0] * size[1] > settings.max_pixels:
+            raise InputError(f"the edit would run at {size[0]}x{size[1]}, over this server's limit of "
+                             f"{settings.max_pixels:,} pixels; ask for a smaller resolution")
+        job = Job(image, params, config, batch_key(config, size), settings.timeout)
+        with self._lock:
+            if self._stopping or not self._thread.is_alive():
+                raise Unavailable("the server is shutting down")
+            if len(self._queue) >= settings.max_queue:
+                raise QueueFull(self._retry_after())
+            self._queue.append(job)
+            self._jobs[job.id] = job
+            self._forget_old()
+            self.metrics.queue_depth.set(len(self._queue))
+            self._lock.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._forget_old()
+            return self._jobs.get(job_id)
+
+    def forget(self, job: Job) -> None:
+        """Drop a job whose answer was given directly (``/v1/edits``): it counts toward no retention limit."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def position(self, job: Job) -> int | None:
+        """0-based place in the queue, None once it left."""
+        with self._lock:
+            for i, queued in enumerate(self._queue):
+                if queued is job:
+                    return i
+        return None
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def stop(self, drain_timeout: float) -> None:
+        """Stop taking edits, let queued ones finish for up to ``drain_timeout`` s, cancel the rest, join."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        deadline = time.monotonic() + drain_timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with self._lock:
+                if not self._queue:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            for job in list(self._queue) + [j for j in self._jobs.values() if j.state == "running"]:
+                job.cancel("shutdown")
+            self._lock.notify_all()
+        self._thread.join(timeout=max(drain_timeout, 1.0))
+
+    def _retry_after(self) -> int:
+        batches = len(self._queue) / max(self.settings.max_batch, 1)
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    def _forget_old(self) -> None:
+        """Finished jobs are kept result_ttl seconds and at most max_results of them (caller holds the lock)."""
+        now = time.monotonic()
+        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        excess = len(finished) - self.settings.max_results
+        for job in finished:
+            if excess > 0 or now - job.finished_at > self.settings.result_ttl:
+                del self._jobs[job.id]
+                excess -= 1
+
+    # -- the worker thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        self._warm_up()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _warm_up(self) -> None:
+        """One small edit before /readyz says ready, so the first request does not pay for lazy set-up."""
+        start = time.perf_counter()
+        side = self.pipe.model.default_resolution
+        self.pipe.edit(Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1, seed=0)
+        self.ready = True
+        log.info("model warm: one edit in %.2f s; serving", time.perf_counter() - start)
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest live job and up to max_batch - 1 others of its key, gathered for batch_wait_ms."""
+        settings = self.settings
+        with self._lock:
+            while True:
+                self._drop_dead()
+                if self._queue:
+                    break
+                if self._stopping:
+                    return None
+                self._lock.wait(timeout=0.5)
+            first = self._queue[0]
+            gather_until = time.monotonic() + settings.batch_wait_ms / 1000
+            while True:
+                batch = [j for j in self._queue if j.key == first.key and j.cancel_reason is None][: settings.max_batch]
+                remaining = gather_until - time.monotonic()
+                if len(batch) >= settings.max_batch or remaining <= 0 or self._stopping:
+                    break
+                self._lock.wait(timeout=remaining)
+                self._drop_dead()
+                if first not in self._queue:  # cancelled while gathering: start over with the next
+                    return []
+            for job in batch:
+                self._queue.remove(job)
+                job.state = "running"
+                job.timings["queue"] = time.monotonic() - job.created
+                job.changed.set()
+            self.metrics.queue_depth.set(len(self._queue))
+            return batch
+
+    def _drop_dead(self) -> None:
+        """Finish queued jobs that were cancelled or ran out of time (caller holds the lock)."""
+        now = time.monotonic()
+        for job in list(self._queue):
+            if job.expired(now):
+                job.cancel("timeout")
+            if job.cancel_reason is not None:
+                self._queue.remove(job)
+                job.finish("cancelled")
+        self.metrics.queue_depth.set(len(self._queue))
+
+    def _run(self, batch: list[Job]) -> None:
+        if not batch:
+            return
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.in_flight.inc(len(batch))
+
+        def on_step(done: int) -> None:
+            now = time.monotonic()
+            for job in batch:
+                if job.expired(now):
+                    job.cancel("timeout")
+                job.steps_done = done
+                job.changed.set()
+            if all(job.cancel_reason is not None for job in batch):
+                raise Cancelled("every request of the batch was cancelled")
+
+        start = time.perf_counter()
+        try:
+            outcomes = run_batch(self.pipe, batch, on_step)
+        except Cancelled:
+            for job in batch:
+                job.finish("cancelled")
+        except InputError as err:  # a request the pipeline refuses (e.g. a size outside a bundle's profile)
+            for job in batch:
+                job.finish("failed", error=err)
+        except Exception as err:  # an engine fault: the requests fail, the worker goes on serving
+            log.exception("batch of %d failed", len(batch))
+            for job in batch:
+                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"))
+        else:
+            for job, outcome in zip(batch, outcomes):
+                job.timings.update(outcome.timings)
+                if job.cancel_reason is not None:
+                    job.finish("cancelled")
+                else:
+                    job.finish("succeeded", outcome)
+            for stage, seconds in outcomes[0].timings.items():
+                self.metrics.stage_seconds.labels(stage).observe(seconds)
+        finally:
+            self.metrics.in_flight.dec(len(batch))
+            elapsed = time.perf_counter() - start
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
