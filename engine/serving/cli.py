@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 from engine.errors import InputError
 
@@ -71,8 +72,12 @@ def run_serve(args: argparse.Namespace) -> None:
     service = local_service(load, settings)
     log.info("serving on http://%s:%d (max batch %d, queue %d)", args.host, args.port, settings.max_batch,
              settings.max_queue)
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; a drained shutdown is a clean exit, not a kill
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(settings.drain_timeout) + 1)
+    log.info("stopped")
 
 
 COMMANDS = {"serve": (add_serve_arguments, run_serve)}

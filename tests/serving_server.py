@@ -1,0 +1,53 @@
+"""A real edit server on a loopback port for the serving tests: uvicorn in a thread, or the Ray Serve app."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from engine.pipeline import DEFAULT_BUNDLE
+from engine.serving.app import create_app
+from engine.serving.jobs import Settings
+from engine.serving.service import local_service
+
+BUNDLE_LOAD = dict(model=str(DEFAULT_BUNDLE), backend="onnxruntime")  # the shipped shapes bundle, fast on a CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not become ready in {timeout} s")
+
+
+@contextmanager
+def local_server(settings: Settings, load: dict = BUNDLE_LOAD):
+    """Yields (base URL, the EditWorker) of a uvicorn server running in this process."""
+    service = local_service(load, settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        yield url, service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
