@@ -51,3 +51,24 @@ def local_server(settings: Settings, load: dict = BUNDLE_LOAD):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def ray_server(settings: Settings, load: dict = BUNDLE_LOAD, replicas: int = 2):
+    """Yields (base URL, the Serve app's name) of the Ray Serve app on a 2-CPU local Ray, two CPU replicas."""
+    import ray
+    from ray import serve
+
+    from engine.serving.ray_app import APP_NAME, build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(load, settings, replicas=replicas, num_cpus=0.5), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield url, APP_NAME
+    finally:
+        serve.shutdown()
+        ray.shutdown()

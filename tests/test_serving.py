@@ -19,15 +19,29 @@ from PIL import Image
 
 from engine import EditPipeline
 from engine.serving.jobs import Settings
-from tests.serving_server import BUNDLE_LOAD, free_port, local_server, wait_ready
+from tests.serving_server import BUNDLE_LOAD, free_port, local_server, ray_server, wait_ready
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "shapes.png")
 INSTRUCTION = "make the circle blue"
 
 
+SHARED = Settings(max_batch=4, batch_wait_ms=50, max_queue=32, max_steps=2000, timeout=60)
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def server(request):
+    """The same API tests run against ``ip2p serve`` and the Ray Serve app (two CPU replicas)."""
+    if request.param == "local":
+        with local_server(SHARED) as running:
+            yield running
+    else:
+        with ray_server(SHARED) as running:
+            yield running
+
+
 @pytest.fixture(scope="module")
-def server():
-    with local_server(Settings(max_batch=4, batch_wait_ms=50, max_queue=32, max_steps=2000, timeout=60)) as running:
+def local():
+    with local_server(SHARED) as running:
         yield running
 
 
@@ -80,7 +94,8 @@ def test_json_edit_answers_json_with_seed_scales_and_timings(server, library):
 
 def test_concurrent_requests_are_batched_and_each_gets_its_solo_pixels(server, library):
     url, worker = server
-    before = worker.metrics.batch_size.collect()[0].samples
+    local = not isinstance(worker, str)  # the Ray app batches in its replicas, which keep no metrics here
+    before = worker.metrics.batch_size.collect()[0].samples if local else None
     settings = [dict(seed=s, text_guidance=6.0 + s, image_guidance=1.0 + 0.25 * s) for s in range(8)]
     with httpx.Client(timeout=60) as client:
         answers = [None] * len(settings)
@@ -97,6 +112,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_solo_pixels(server, l
     for answer, setting in zip(answers, settings):
         assert answer.status_code == 200, answer.text
         np.testing.assert_array_equal(pixels(answer.content), solo(library, **setting))
+    if not local:
+        return
     after = worker.metrics.batch_size.collect()[0].samples
     count = lambda samples: next(s.value for s in samples if s.name.endswith("_count"))  # noqa: E731
     total = lambda samples: next(s.value for s in samples if s.name.endswith("_sum"))  # noqa: E731
@@ -201,8 +218,8 @@ def test_a_job_reports_progress_streams_events_and_keeps_its_result(server, libr
     assert httpx.get(f"{url}/v1/jobs/nope").status_code == 404
 
 
-def test_deleting_a_job_stops_its_denoising_loop(server):
-    url, worker = server
+def test_deleting_a_job_stops_its_denoising_loop(local):
+    url, worker = local
     job_id = httpx.post(f"{url}/v1/jobs", data={"instruction": "x", "steps": "2000"},
                         files={"image": ("a.png", png_bytes())}).json()["id"]
     while httpx.get(f"{url}/v1/jobs/{job_id}").json()["steps_done"] == 0:
@@ -215,8 +232,8 @@ def test_deleting_a_job_stops_its_denoising_loop(server):
     assert httpx.get(f"{url}/v1/jobs/{job_id}/image").status_code == 409
 
 
-def test_a_client_that_disconnects_cancels_its_edit(server):
-    url, worker = server
+def test_a_client_that_disconnects_cancels_its_edit(local):
+    url, worker = local
     body = (b"--b\r\nContent-Disposition: form-data; name=\"instruction\"\r\n\r\nx\r\n--b\r\nContent-Disposition: "
             b"form-data; name=\"steps\"\r\n\r\n2000\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
             b"filename=\"a.png\"\r\n\r\n" + png_bytes() + b"\r\n--b--\r\n")
@@ -283,3 +300,4 @@ def test_serve_refuses_a_bad_model_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ip2p.cli", "serve", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
+

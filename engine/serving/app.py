@@ -198,8 +198,7 @@ def failure(job: Job) -> JSONResponse:
         return error(503, "the server shut down before the edit finished", {"Retry-After": "1"})
     if job.state == "cancelled":
         return error(409, f"the edit was cancelled ({job.cancel_reason})")
-    status = 422 if job.error and not job.error.startswith("internal error") and not job.error.startswith("unavailable") else 503
-    return error(status, job.error or "the edit failed")
+    return error(job.status or 500, job.error or "the edit failed")
 
 
 def job_timeout(job: Job) -> float:

@@ -12,7 +12,7 @@ from typing import Callable, Hashable
 from PIL import Image
 
 from engine.config import EditConfig
-from engine.errors import Cancelled
+from engine.errors import Cancelled, InputError
 from engine.presets import preset_config
 from engine.serving.schema import EditParameters, draw_seed
 
@@ -44,6 +44,7 @@ class Job:
         self.future: Future = Future()
         self.finished_at: float | None = None
         self.timings: dict[str, float] = {}
+        self.status: int | None = None
         self.changed = threading.Event()  # set on every change; SSE streams wait on it
 
     @property
@@ -59,8 +60,10 @@ class Job:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
-    def finish(self, state: str, outcome: Outcome | None = None, error: BaseException | None = None) -> None:
-        self.state, self.finished_at = state, time.monotonic()
+    def finish(self, state: str, outcome: Outcome | None = None, error: BaseException | None = None,
+               status: int | None = None) -> None:
+        """End the job; ``status`` is the HTTP status a failure answers (422 bad input, 503 unavailable)."""
+        self.state, self.finished_at, self.status = state, time.monotonic(), status
         self.error = None if error is None else str(error)
         if outcome is not None:
             self.future.set_result(outcome)
@@ -80,6 +83,50 @@ def batch_key(config: EditConfig, size: tuple[int, int]) -> Hashable:
     """Requests with equal keys share a denoising call: same size, steps, sampler and guidance options; the
     scales may differ (per image in the loop)."""
     return size, dataclasses.replace(config, text_guidance=0.0, image_guidance=0.0)
+
+
+def check_limits(config: EditConfig, settings: "Settings") -> None:
+    """Refuse the steps and resolution this server does not run (InputError naming the limit)."""
+    if config.steps > settings.max_steps:
+        raise InputError(f"steps: at most {settings.max_steps} on this server, got {config.steps}")
+    if isinstance(config.resolution, int) and config.resolution > settings.max_resolution:
+        raise InputError(f"resolution: at most {settings.max_resolution} on this server, got {config.resolution}")
+
+
+class JobTable:
+    """Jobs by id; finished ones are kept ``result_ttl`` seconds and at most ``max_results`` of them."""
+
+    def __init__(self, settings: "Settings"):
+        self.settings = settings
+        self._jobs: dict[str, Job] = {}  # insertion order: oldest first
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+            self._prune()
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._prune()
+            return self._jobs.get(job_id)
+
+    def forget(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def unfinished(self) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs.values() if j.state not in FINISHED]
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        excess = len(finished) - self.settings.max_results
+        for job in finished:
+            if excess > 0 or now - job.finished_at > self.settings.result_ttl:
+                del self._jobs[job.id]
+                excess -= 1
 
 
 def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], None] | None = None) -> list[Outcome]:

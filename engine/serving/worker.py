@@ -5,12 +5,12 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
 from PIL import Image
 
 from engine.errors import Cancelled, InputError
-from engine.serving.jobs import FINISHED, Job, Settings, batch_key, job_config, run_batch
+from engine.serving.jobs import Job, JobTable, Settings, batch_key, check_limits, job_config, run_batch
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -35,7 +35,7 @@ class EditWorker:
     def __init__(self, pipe, settings: Settings, metrics: Metrics):
         self.pipe, self.settings, self.metrics = pipe, settings, metrics
         self._queue: deque[Job] = deque()
-        self._jobs: OrderedDict[str, Job] = OrderedDict()  # every job still known, oldest first
+        self.jobs = JobTable(settings)  # every job still known
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="ip2p-edit-worker", daemon=True)
         self._stopping = False
@@ -50,10 +50,7 @@ class EditWorker:
         """Queue an edit; InputError for settings the service refuses, QueueFull when there is no room."""
         settings = self.settings
         config = job_config(params)
-        if config.steps > settings.max_steps:
-            raise InputError(f"steps: at most {settings.max_steps} on this server, got {config.steps}")
-        if isinstance(config.resolution, int) and config.resolution > settings.max_resolution:
-            raise InputError(f"resolution: at most {settings.max_resolution} on this server, got {config.resolution}")
+        check_limits(config, settings)
         size = self.pipe.edit_size(image.size, config.resolution)
         if size[0] * size[1] > settings.max_pixels:
             raise InputError(f"the edit would run at {size[0]}x{size[1]}, over this server's limit of "
@@ -65,21 +62,17 @@ class EditWorker:
             if len(self._queue) >= settings.max_queue:
                 raise QueueFull(self._retry_after())
             self._queue.append(job)
-            self._jobs[job.id] = job
-            self._forget_old()
+            self.jobs.add(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._lock.notify_all()
         return job
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            self._forget_old()
-            return self._jobs.get(job_id)
+        return self.jobs.get(job_id)
 
     def forget(self, job: Job) -> None:
         """Drop a job whose answer was given directly (``/v1/edits``): it counts toward no retention limit."""
-        with self._lock:
-            self._jobs.pop(job.id, None)
+        self.jobs.forget(job)
 
     def position(self, job: Job) -> int | None:
         """0-based place in the queue, None once it left."""
@@ -105,7 +98,7 @@ class EditWorker:
                     break
             time.sleep(0.05)
         with self._lock:
-            for job in list(self._queue) + [j for j in self._jobs.values() if j.state == "running"]:
+            for job in self.jobs.unfinished():
                 job.cancel("shutdown")
             self._lock.notify_all()
         self._thread.join(timeout=max(drain_timeout, 1.0))
@@ -113,16 +106,6 @@ class EditWorker:
     def _retry_after(self) -> int:
         batches = len(self._queue) / max(self.settings.max_batch, 1)
         return max(1, math.ceil(batches * self._batch_seconds))
-
-    def _forget_old(self) -> None:
-        """Finished jobs are kept result_ttl seconds and at most max_results of them (caller holds the lock)."""
-        now = time.monotonic()
-        finished = [j for j in self._jobs.values() if j.state in FINISHED]
-        excess = len(finished) - self.settings.max_results
-        for job in finished:
-            if excess > 0 or now - job.finished_at > self.settings.result_ttl:
-                del self._jobs[job.id]
-                excess -= 1
 
     # -- the worker thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -206,11 +189,11 @@ class EditWorker:
                 job.finish("cancelled")
         except InputError as err:  # a request the pipeline refuses (e.g. a size outside a bundle's profile)
             for job in batch:
-                job.finish("failed", error=err)
+                job.finish("failed", error=err, status=422)
         except Exception as err:  # an engine fault: the requests fail, the worker goes on serving
             log.exception("batch of %d failed", len(batch))
             for job in batch:
-                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"))
+                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
         else:
             for job, outcome in zip(batch, outcomes):
                 job.timings.update(outcome.timings)

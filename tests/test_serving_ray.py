@@ -1,0 +1,32 @@
+"""Ray Serve faults (the API itself is tested against the Ray app in test_serving.py)."""
+from __future__ import annotations
+
+import threading
+import time
+
+from engine.serving.jobs import Settings
+from tests.serving_server import ray_server
+from tests.test_serving import post_edit
+
+
+def test_ray_a_killed_replica_fails_in_flight_requests_with_503_then_recovers():
+    import ray
+
+    with ray_server(Settings(max_batch=2, max_steps=100_000, timeout=120), replicas=1) as (url, app):
+        answers = {}
+        thread = threading.Thread(target=lambda: answers.update(r=post_edit(url, steps=30_000, timeout=120)))
+        thread.start()
+        time.sleep(3)  # the edit is running on the replica
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EditModel" in a["name"]]
+        assert replicas
+        for actor in replicas:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        start = time.monotonic()
+        thread.join(timeout=60)
+        assert answers["r"].status_code == 503 and "replica" in answers["r"].json()["error"]
+        assert time.monotonic() - start < 30  # fails fast, not at the timeout
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status != 200:
+            status = post_edit(url, seed=0, timeout=60).status_code
+            time.sleep(0.5)
+        assert status == 200  # Serve restarted the replica
