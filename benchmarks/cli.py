@@ -20,11 +20,23 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     savings.add_argument("--model", help="model folder or bundle (default: the shipped shapes model)")
     savings.add_argument("--backend", help="default: the model's own")
     savings.add_argument("--settings", nargs="+", help="names from benchmarks/savings.py (default: all)")
+    serve = bench_sub.add_parser("serve", help="load, soak and overhead of the edit service on loopback")
+    serve.add_argument("--model", help="default: the shipped shapes bundle")
+    serve.add_argument("--backend", help="default: the model's own")
+    serve.add_argument("--clients", type=int, default=32)
+    serve.add_argument("--requests", type=int, default=300)
+    serve.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="one load run per value")
+    serve.add_argument("--soak", type=int, default=0, metavar="N", help="also N edits of mixed sizes, memory measured")
+    serve.add_argument("--overhead-size", type=int, default=512, help="side of the uncontended edits")
+    serve.add_argument("--json", required=True, help="results file to write")
 
 
 def run_bench(args: argparse.Namespace) -> None:
     if args.bench_command == "savings":
         run_savings(args)
+        return
+    if args.bench_command == "serve":
+        run_serving(args)
         return
     from benchmarks.report import write_report
 
@@ -48,6 +60,33 @@ def run_savings(args: argparse.Namespace) -> None:
         (out / "savings.md").write_text(savings_table(summaries) + "\n", encoding="utf-8")
     savings_plot(summaries, out / "savings.png")
     log.info("wrote %s", out)
+
+
+def run_serving(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from benchmarks.hardware import cpu_capability, device_name, versions
+    from benchmarks.serving import Load, load_run, soak, uncontended
+    from engine.pipeline import DEFAULT_BUNDLE
+    from engine.serving.jobs import Settings
+
+    load_args = dict(model=args.model or str(DEFAULT_BUNDLE), backend=args.backend)
+    results: dict = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), load=[])
+    results["uncontended"] = uncontended(load_args, args.overhead_size, steps=20)
+    log.info("uncontended: %s", results["uncontended"])
+    for max_batch in args.max_batch:
+        settings = Settings(max_batch=max_batch, batch_wait_ms=10, max_queue=4 * args.clients)
+        results["load"].append(load_run(load_args, settings, Load(clients=args.clients, requests=args.requests)))
+        log.info("max batch %d: %s", max_batch, results["load"][-1])
+    if args.soak:
+        results["soak"] = soak(load_args, Settings(max_batch=8, max_queue=64), args.soak, sizes=(64, 96, 128))
+        log.info("soak: %s", results["soak"])
+    tmp = f"{args.json}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.json)
+    log.info("wrote %s", args.json)
 
 
 COMMANDS = {"bench": (add_bench_arguments, run_bench)}

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from contextlib import contextmanager
 
 import httpx
-import uvicorn
-
 from engine.pipeline import DEFAULT_BUNDLE
-from engine.serving.app import create_app
 from engine.serving.jobs import Settings
-from engine.serving.service import local_service
+from engine.serving.service import background_server, local_service
 
 BUNDLE_LOAD = dict(model=str(DEFAULT_BUNDLE), backend="onnxruntime")  # the shipped shapes bundle, fast on a CPU
 
@@ -39,18 +35,8 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
 def local_server(settings: Settings, load: dict = BUNDLE_LOAD):
     """Yields (base URL, the EditWorker) of a uvicorn server running in this process."""
     service = local_service(load, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url)
+    with background_server(service) as url:
         yield url, service
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @contextmanager

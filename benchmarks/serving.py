@@ -1,0 +1,160 @@
+"""Load, soak and overhead runs of the edit service on loopback (``ip2p bench serve``): real server, real HTTP.
+
+Each run starts ``ip2p serve``'s service in this process (uvicorn in a thread), drives it with concurrent asyncio
+clients, and checks every answer's pixels against the library edit with its seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from engine.pipeline import EditPipeline
+from engine.serving.jobs import Settings
+from engine.serving.service import background_server, local_service
+
+log = logging.getLogger(__name__)
+INSTRUCTIONS = ("make the circle blue", "turn the square red", "remove the triangle", "make the background yellow")
+
+
+@dataclass
+class Load:
+    clients: int = 32
+    requests: int = 300
+    steps: int = 20
+    sizes: tuple[int, ...] = (64,)  # input sides, cycled over requests
+
+
+def example_png(size: int) -> bytes:
+    """The README's example scene at ``size`` pixels a side, as PNG bytes."""
+    from importlib import resources
+
+    path = resources.files("engine").joinpath("..", "examples", "shapes.png")
+    image = Image.open(str(path)).convert("RGB") if path.is_file() else Image.new("RGB", (64, 64), (90, 160, 220))
+    buffer = io.BytesIO()
+    image.resize((size, size), Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+async def drive(url: str, load: Load, pngs: dict[int, bytes], progress: bool = True) -> dict:
+    """``load.requests`` edits from ``load.clients`` concurrent clients, seed = request index. Returns statuses,
+    latencies and the answers (PNG bytes by seed)."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(load.requests):
+        queue.put_nowait(i)
+    latencies, statuses, answers = [], {}, {}
+    bar = tqdm(total=load.requests, desc="requests", disable=not progress, leave=False)
+    limits = httpx.Limits(max_connections=load.clients, max_keepalive_connections=load.clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one_client():
+            while not queue.empty():
+                i = queue.get_nowait()
+                size = load.sizes[i % len(load.sizes)]
+                fields = {"instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)], "seed": str(i), "steps": str(load.steps)}
+                while True:
+                    start = time.perf_counter()
+                    response = await client.post(f"{url}/v1/edits", data=fields,
+                                                 files={"image": ("in.png", pngs[size], "image/png")})
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    if response.status_code != 429:
+                        break
+                    await asyncio.sleep(float(response.headers.get("retry-after", 1)))
+                latencies.append(time.perf_counter() - start)
+                if response.status_code == 200:
+                    answers[i] = response.content
+                bar.update()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(load.clients)))
+        wall = time.perf_counter() - start
+    bar.close()
+    return dict(wall_s=wall, statuses=statuses, latencies=latencies, answers=answers)
+
+
+def check_pixels(pipe: EditPipeline, load: Load, pngs: dict[int, bytes], answers: dict[int, bytes]) -> int:
+    """How many answers differ from the library's edit with their seed (0 expected)."""
+    wrong = 0
+    for i, png in answers.items():
+        size = load.sizes[i % len(load.sizes)]
+        expected = pipe.edit(Image.open(io.BytesIO(pngs[size])), INSTRUCTIONS[i % len(INSTRUCTIONS)], seed=i,
+                             steps=load.steps).images[0]
+        wrong += not np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected))
+    return wrong
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = True) -> dict:
+    """One load run against a fresh server with ``settings``; latency percentiles, throughput, pixel check."""
+    pngs = {size: example_png(size) for size in load.sizes}
+    service = local_service(load_args, settings)
+    with background_server(service) as url:
+        result = asyncio.run(drive(url, load, pngs))
+    latencies = result.pop("latencies")
+    answers = result.pop("answers")
+    summary = dict(max_batch=settings.max_batch, clients=load.clients, requests=load.requests, steps=load.steps,
+                   sizes=list(load.sizes), wall_s=result["wall_s"], statuses=result["statuses"],
+                   throughput_per_s=len(answers) / result["wall_s"], p50_s=percentile(latencies, 50),
+                   p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
+    if verify:
+        summary["pixels_differing"] = check_pixels(service.pipe, load, pngs, answers)
+    return summary
+
+
+def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20) -> dict:
+    """One client, one edit at a time at ``size``: the HTTP answer's latency against the library call's, and
+    the server's own work (decode, queue, encode) from the answers' timings."""
+    png = example_png(size)
+    pipe = EditPipeline.from_pretrained(**load_args, progress=False)
+    image = Image.open(io.BytesIO(png))
+    library = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        pipe.edit(image, INSTRUCTIONS[0], seed=0, steps=steps, resolution=size)
+        library.append(time.perf_counter() - start)
+    del pipe
+    service = local_service(load_args, Settings(max_batch=1, batch_wait_ms=0, max_resolution=max(1024, size)))
+    http, server_side = [], []
+    with background_server(service) as url, httpx.Client(timeout=600) as client:
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            response = client.post(f"{url}/v1/edits", headers={"Accept": "application/json"},
+                                   data={"instruction": INSTRUCTIONS[0], "seed": "0", "steps": str(steps),
+                                         "resolution": str(size)}, files={"image": ("in.png", png)})
+            http.append(time.perf_counter() - start)
+            timings = response.json()["timings"]
+            server_side.append(timings["decode"] + timings["queue"] + timings["encode"])
+    library, http, server_side = library[2:], http[2:], server_side[2:]  # warm
+    return dict(size=size, steps=steps, repeats=repeats, library_p50_s=percentile(library, 50),
+                library_p99_s=percentile(library, 99), http_p50_s=percentile(http, 50), http_p99_s=percentile(http, 99),
+                overhead_p50_ms=(percentile(http, 50) - percentile(library, 50)) * 1000,
+                server_stages_p50_ms=percentile(server_side, 50) * 1000)
+
+
+def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...]) -> dict:
+    """Resident memory after warm-up against after ``edits`` more edits of mixed sizes."""
+    pngs = {size: example_png(size) for size in sizes}
+    service = local_service(load_args, settings)
+    with background_server(service) as url:
+        asyncio.run(drive(url, Load(clients=8, requests=50, sizes=sizes), pngs, progress=False))
+        before = rss_mb()
+        result = asyncio.run(drive(url, Load(clients=8, requests=edits, sizes=sizes), pngs))
+        after = rss_mb()
+    return dict(edits=edits, sizes=list(sizes), rss_after_warmup_mb=before, rss_after_mb=after,
+                growth_pct=100 * (after - before) / before, statuses=result["statuses"])
