@@ -107,3 +107,30 @@ def saved_models(tiny_model, tmp_path_factory) -> dict[str, str]:
                             **parts).save_pretrained(root / "sd")
     pipe.to(torch.float16).save_pretrained(root / "fp16", variant="fp16")  # last: casts the shared modules
     return {name: str(root / name) for name in ("ip2p", "fp16", "bin", "full", "sd")}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny random CLIP (text and vision towers, projection 16) with its tokenizer and image processor, all
+    written by the installed transformers' own save_pretrained."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from engine.random_models import write_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    files = folder.parent / "tokenizer-files"
+    write_clip_tokenizer(files, merges=200)
+    tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return str(folder)

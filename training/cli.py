@@ -51,8 +51,16 @@ def add_synth_arguments(synth: argparse.ArgumentParser) -> None:
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("model", nargs="?", help="model folder or bundle (default: as for edit)")
     add_model_options(evaluate)
-    evaluate.add_argument("--count", type=int, default=300, help="held-out edits, split evenly over edit types")
-    evaluate.add_argument("--seed", type=int, help="held-out set seed (default: one training never uses)")
+    evaluate.add_argument("--count", type=int, help="held-out edits, split evenly over edit types (default 300); "
+                          "with --data, the first COUNT usable examples (default all)")
+    evaluate.add_argument("--seed", type=int, help="held-out set seed (default: one training never uses); with "
+                          "--data, example i's edit seed is SEED + i (default 0)")
+    evaluate.add_argument("--clip", metavar="CLIP_MODEL", help="score edits of --data with this CLIP model (a folder "
+                          "or hub id; the paper's: openai/clip-vit-large-patch14) instead of the shapes check")
+    evaluate.add_argument("--data", help="--clip: a captioned set in any format ip2p train reads")
+    evaluate.add_argument("--sweep", choices=["none", "image", "text", "both"], default="none",
+                          help="--clip: also vary image guidance over 1.0-2.2 and/or text guidance over 3-12")
+    evaluate.add_argument("--plot", help="--clip: write directional against image similarity here (PNG)")
     add_edit_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--json", help="also write the report as JSON here")
@@ -84,14 +92,37 @@ def run_eval(args: argparse.Namespace) -> None:
     from engine.pipeline import EditPipeline
     from training.evaluation import HELD_OUT_SEED, evaluate, format_report
 
-    if args.count < 1 or args.batch_size < 1:
+    if (args.count is not None and args.count < 1) or args.batch_size < 1:
         raise InputError("--count and --batch-size must be at least 1")
+    if bool(args.clip) != bool(args.data):
+        raise InputError("--clip and --data go together: the CLIP model, and the captioned set it scores")
+    if not args.clip and (args.sweep != "none" or args.plot):
+        raise InputError("--sweep and --plot score with CLIP: give --clip CLIP_MODEL --data DATA")
     config = edit_config(args)
+    if args.clip:
+        from training.clip_eval import clip_evaluate, format_clip_report, load_examples, plot_clip_report, sweep_configs
+        from training.clip_metrics import ClipScorer, resolve_clip
+
+        resolve_clip(args.clip)  # a wrong model is named before any data is read
+        examples, skipped = load_examples(args.data, args.count)
+        if skipped.total:
+            log.warning("%s: %s", args.data, skipped.summary())
+        scorer = ClipScorer(args.clip, device=args.device)
     pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                         variant=args.variant, progress=False, backend_options=torch_options(args))
-    report = evaluate(pipe, config, args.count, HELD_OUT_SEED if args.seed is None else args.seed, args.batch_size,
-                      args.save_dir, progress=not args.quiet)
-    print(format_report(report))
+    if args.clip:
+        report = clip_evaluate(pipe, scorer, examples, sweep_configs(config, args.sweep),
+                               seed=args.seed or 0, batch_size=args.batch_size, save_dir=args.save_dir,
+                               progress=not args.quiet)
+        report.update(clip_model=str(args.clip), data=str(args.data), skipped=dict(skipped.reasons))
+        print(format_clip_report(report))
+        if args.plot:
+            plot_clip_report(report, args.plot)
+            log.info("wrote %s", args.plot)
+    else:
+        report = evaluate(pipe, config, args.count or 300, HELD_OUT_SEED if args.seed is None else args.seed,
+                          args.batch_size, args.save_dir, progress=not args.quiet)
+        print(format_report(report))
     if args.json:
         write_json_atomic(Path(args.json), report)
         log.info("wrote %s", args.json)

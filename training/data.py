@@ -1,13 +1,16 @@
 """Paired edit data: (input image, instruction, edited image), with the same crop and flip on both.
 
 Three sources, all with the columns ``input_image``, ``edit_prompt``, ``edited_image`` (``original_image``
-is accepted for ``input_image``, as in diffusers' trainer):
+is accepted for ``input_image``, as in diffusers' trainer); evaluation sets (``CAPTIONED``) have
+``input_image``, ``edit_prompt``, ``input_caption`` and ``output_caption`` instead (the released dataset's
+``original_prompt`` and ``edited_prompt`` accepted for the captions):
 
 - a folder with ``metadata.jsonl`` (image paths relative to the folder);
 - a Hugging Face dataset saved with ``save_to_disk``, or a folder / file of ``.parquet`` files (for
   example a local copy of timbrooks/instructpix2pix-clip-filtered);
 - WebDataset tar shards (``.tar`` files, or a folder of them): each sample is the files sharing a key,
-  ``<key>.input.<ext>``, ``<key>.edited.<ext>`` and ``<key>.txt`` (the instruction).
+  ``<key>.input.<ext>``, ``<key>.edited.<ext>`` and ``<key>.txt`` (the instruction), and for captions
+  ``<key>.json`` with ``input_caption`` and ``output_caption``.
 
 Bad examples (missing columns, missing, corrupt or mismatched-size images) are skipped and counted,
 never fatal.
@@ -31,8 +34,10 @@ from engine.images import load_image
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("input_image", "edit_prompt", "edited_image")
-ALIASES = {"original_image": "input_image"}
+COLUMNS = ("input_image", "edit_prompt", "edited_image")  # training pairs
+CAPTIONED = ("input_image", "edit_prompt", "input_caption", "output_caption")  # evaluation sets
+IMAGE_COLUMNS = ("input_image", "edited_image")
+ALIASES = {"original_image": "input_image", "original_prompt": "input_caption", "edited_prompt": "output_caption"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -55,32 +60,33 @@ class SkipCounter:
         return f"{self.total} examples skipped: " + ", ".join(f"{n} {r}" for r, n in self.reasons.most_common())
 
 
-def _normalise(row: dict) -> dict | None:
+def _normalise(row: dict, columns: tuple[str, ...] = COLUMNS) -> dict | None:
     row = {ALIASES.get(k, k): v for k, v in row.items()}
-    if not isinstance(row.get("edit_prompt"), str) or any(row.get(c) is None for c in COLUMNS):
+    if any(row.get(c) is None for c in columns):
         return None
-    return {c: row[c] for c in COLUMNS}
+    if any(not isinstance(row[c], str) for c in columns if c not in IMAGE_COLUMNS):
+        return None
+    return {c: row[c] for c in columns}
 
 
 class FolderRows:
     """Rows of ``folder/metadata.jsonl``; image references are paths."""
 
-    def __init__(self, folder: Path, skipped: SkipCounter):
+    def __init__(self, folder: Path, skipped: SkipCounter, columns: tuple[str, ...] = COLUMNS):
         self.folder = folder
         self.rows = []
         for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             try:
-                row = _normalise(json.loads(line))
+                row = _normalise(json.loads(line), columns)
             except (json.JSONDecodeError, AttributeError):
                 skipped.add("unreadable metadata line")
                 continue
-            if row is None or not all(isinstance(row[c], str) for c in COLUMNS):
+            if row is None or not all(isinstance(row[c], str) for c in columns):
                 skipped.add("missing column")
                 continue
-            self.rows.append({**row, "input_image": folder / row["input_image"],
-                              "edited_image": folder / row["edited_image"]})
+            self.rows.append({**row, **{c: folder / row[c] for c in IMAGE_COLUMNS if c in columns}})
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,7 +98,8 @@ class FolderRows:
 class HuggingFaceRows:
     """A ``datasets`` dataset (saved to disk, or parquet files); rows are read lazily."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: tuple[str, ...] = COLUMNS):
+        self.columns = columns
         try:
             import datasets
         except ImportError:
@@ -107,13 +114,15 @@ class HuggingFaceRows:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict | None:
-        return _normalise(self.dataset[index])
+        return _normalise(self.dataset[index], self.columns)
 
 
 class TarRows:
     """WebDataset shards: samples grouped by key, members read on demand."""
 
-    def __init__(self, shards: list[Path], skipped: SkipCounter):
+    def __init__(self, shards: list[Path], skipped: SkipCounter, columns: tuple[str, ...] = COLUMNS):
+        self.members = ("input", "txt") + (("edited",) if "edited_image" in columns else ()) + (
+            ("json",) if "input_caption" in columns else ())
         self.samples: list[dict[str, tuple[Path, str]]] = []
         for shard in shards:
             groups: dict[str, dict[str, tuple[Path, str]]] = defaultdict(dict)
@@ -124,7 +133,7 @@ class TarRows:
                         groups[key][field_name] = (shard, member.name)
             for key, fields in groups.items():
                 names = {k.split(".")[0]: v for k, v in fields.items()}
-                if {"input", "edited", "txt"} <= set(names):
+                if set(self.members) <= set(names):
                     self.samples.append(names)
                 else:
                     skipped.add("incomplete tar sample")
@@ -135,27 +144,38 @@ class TarRows:
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
         with tarfile.open(sample["input"][0]) as tar:  # a sample's files live in one shard
-            read = {name: tar.extractfile(sample[name][1]).read() for name in ("input", "edited", "txt")}
-        return {"input_image": read["input"], "edit_prompt": read["txt"].decode("utf-8").strip(),
-                "edited_image": read["edited"]}
+            read = {name: tar.extractfile(sample[name][1]).read() for name in self.members}
+        row = {"input_image": read["input"], "edit_prompt": read["txt"].decode("utf-8").strip()}
+        if "edited" in read:
+            row["edited_image"] = read["edited"]
+        if "json" in read:
+            try:
+                captions = json.loads(read["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            if not isinstance(captions, dict):
+                return None
+            row.update(captions)
+        return _normalise(row, CAPTIONED) if "json" in read else row
 
 
-def open_rows(source: Path, skipped: SkipCounter):
-    """The row reader for ``source``: a metadata.jsonl folder, a HF dataset / parquet, or tar shards."""
+def open_rows(source: Path, skipped: SkipCounter, columns: tuple[str, ...] = COLUMNS):
+    """The row reader for ``source``: a metadata.jsonl folder, a HF dataset / parquet, or tar shards; rows have
+    ``columns`` (None where an example lacks one)."""
     if source.is_dir() and (source / "metadata.jsonl").is_file():
-        return FolderRows(source, skipped)
+        return FolderRows(source, skipped, columns)
     if source.is_dir() and not any(source.iterdir()):
         raise InputError(f"{source}: empty data folder")
     shards = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar")) if source.is_dir() else []
     if shards:
-        return TarRows(shards, skipped)
+        return TarRows(shards, skipped, columns)
     is_parquet = source.suffix == ".parquet" or (source.is_dir() and any(source.rglob("*.parquet")))
     if is_parquet or (source / "dataset_info.json").is_file():
-        return HuggingFaceRows(source)
+        return HuggingFaceRows(source, columns)
     raise InputError(f"{source}: no metadata.jsonl, .tar shards, parquet files or saved Hugging Face dataset")
 
 
-def _image(reference: Any) -> Image.Image:
+def read_image(reference: Any) -> Image.Image:
     """A path, raw bytes, a datasets image dict or a PIL image -> RGB; InputError if unreadable."""
     if isinstance(reference, dict):
         reference = reference.get("bytes") or reference.get("path")
@@ -209,7 +229,7 @@ class PairedData:
             self.skipped.add("missing column")
             return None
         try:
-            first, second = _image(row["input_image"]), _image(row["edited_image"])
+            first, second = read_image(row["input_image"]), read_image(row["edited_image"])
         except InputError as err:
             self.skipped.add("missing or corrupt image")
             log.debug("skipping example %d: %s", index, err)
