@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engine.images import encode_image
 from engine.pipeline import EditPipeline
 from engine.serving.jobs import Settings
 from engine.serving.service import background_server, local_service
@@ -33,15 +34,13 @@ class Load:
     sizes: tuple[int, ...] = (64,)  # input sides, cycled over requests
 
 
-def example_png(size: int) -> bytes:
-    """The README's example scene at ``size`` pixels a side, as PNG bytes."""
+def example_png(size: int, fmt: str = "png") -> bytes:
+    """The README's example scene at ``size`` pixels a side, as PNG (or ``fmt``) bytes."""
     from importlib import resources
 
     path = resources.files("engine").joinpath("..", "examples", "shapes.png")
     image = Image.open(str(path)).convert("RGB") if path.is_file() else Image.new("RGB", (64, 64), (90, 160, 220))
-    buffer = io.BytesIO()
-    image.resize((size, size), Image.Resampling.LANCZOS).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_image(image.resize((size, size), Image.Resampling.LANCZOS), fmt)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,34 +116,49 @@ def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = Tru
     return summary
 
 
-def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20) -> dict:
-    """One client, one edit at a time at ``size``: the HTTP answer's latency against the library call's, and
-    the server's own work (decode, queue, encode) from the answers' timings."""
-    png = example_png(size)
+PIPELINE_STAGES = ("preprocess", "text_encode", "image_encode", "denoise", "decode", "postprocess")
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: name;dur=ms, ...`` as seconds by name."""
+    stages = {}
+    for item in header.split(","):
+        name, _, duration = item.strip().partition(";dur=")
+        stages[name] = float(duration) / 1000
+    return stages
+
+
+def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: str = "png") -> dict:
+    """One client, one edit at a time at ``size``, alternating a library call and an HTTP request so both see
+    the same machine. Reports both latencies and the server's overhead per request: the client's latency less
+    the pipeline's own stages, i.e. HTTP, upload parsing, image decode, queue, image encode and transfer. The
+    upload and the answer are both in ``fmt``."""
+    png = example_png(size, fmt)
     pipe = EditPipeline.from_pretrained(**load_args, progress=False)
     image = Image.open(io.BytesIO(png))
-    library = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        pipe.edit(image, INSTRUCTIONS[0], seed=0, steps=steps, resolution=size)
-        library.append(time.perf_counter() - start)
-    del pipe
     service = local_service(load_args, Settings(max_batch=1, batch_wait_ms=0, max_resolution=max(1024, size)))
-    http, server_side = [], []
+    fields = {"instruction": INSTRUCTIONS[0], "seed": "0", "steps": str(steps), "resolution": str(size),
+              "output_format": fmt}
+    library, http, overhead, stages = [], [], [], {"read": [], "queue": [], "write": []}
     with background_server(service) as url, httpx.Client(timeout=600) as client:
-        for _ in range(repeats + 2):
+        for i in range(repeats + 2):
             start = time.perf_counter()
-            response = client.post(f"{url}/v1/edits", headers={"Accept": "application/json"},
-                                   data={"instruction": INSTRUCTIONS[0], "seed": "0", "steps": str(steps),
-                                         "resolution": str(size)}, files={"image": ("in.png", png)})
+            pipe.edit(image, INSTRUCTIONS[0], seed=0, steps=steps, resolution=size)
+            library.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            response = client.post(f"{url}/v1/edits", data=fields, files={"image": (f"in.{fmt}", png)})
             http.append(time.perf_counter() - start)
-            timings = response.json()["timings"]
-            server_side.append(timings["decode"] + timings["queue"] + timings["encode"])
-    library, http, server_side = library[2:], http[2:], server_side[2:]  # warm
-    return dict(size=size, steps=steps, repeats=repeats, library_p50_s=percentile(library, 50),
+            response.raise_for_status()
+            timing = server_timing(response.headers["server-timing"])
+            overhead.append(http[-1] - sum(timing.get(stage, 0.0) for stage in PIPELINE_STAGES))
+            for stage, values in stages.items():
+                values.append(timing[stage])
+    library, http, overhead = library[2:], http[2:], overhead[2:]  # the first two warm up
+    return dict(size=size, steps=steps, repeats=repeats, format=fmt, library_p50_s=percentile(library, 50),
                 library_p99_s=percentile(library, 99), http_p50_s=percentile(http, 50), http_p99_s=percentile(http, 99),
-                overhead_p50_ms=(percentile(http, 50) - percentile(library, 50)) * 1000,
-                server_stages_p50_ms=percentile(server_side, 50) * 1000)
+                p99_ratio=percentile(http, 99) / percentile(library, 99),
+                overhead_p50_ms=percentile(overhead, 50) * 1000, overhead_p99_ms=percentile(overhead, 99) * 1000,
+                **{f"{stage}_p50_ms": percentile(values[2:], 50) * 1000 for stage, values in stages.items()})
 
 
 def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...]) -> dict:

@@ -54,10 +54,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         raise InputError(f"{name}: corrupt or truncated image ({err})") from None
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of an image (what the service answers)."""
+# The formats the service answers in: Pillow's name, the media type, the save options. PNG (lossless, the default)
+# at zlib level 1: a 512x512 edit encodes in ~6-30 ms instead of ~14-40 at Pillow's default for ~1.1-1.5x the bytes;
+# JPEG at quality 95 takes ~1 ms, for clients that need the lowest latency and accept a lossy answer.
+OUTPUT_FORMATS = {
+    "png": ("PNG", "image/png", dict(compress_level=1)),
+    "jpeg": ("JPEG", "image/jpeg", dict(quality=95)),
+    "webp": ("WEBP", "image/webp", dict(quality=95, method=0)),
+}
+
+
+def encode_image(image: Image.Image, output_format: str = "png") -> bytes:
+    """The bytes of an image in one of OUTPUT_FORMATS (what the service answers)."""
+    pil_format, _, options = OUTPUT_FORMATS[output_format]
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=pil_format, **options)
     return buffer.getvalue()
 
 

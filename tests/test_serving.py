@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from engine import EditPipeline
+from engine.images import encode_image
 from engine.serving.jobs import Settings
 from tests.serving_server import BUNDLE_LOAD, free_port, local_server, ray_server, wait_ready
 
@@ -87,9 +88,25 @@ def test_json_edit_answers_json_with_seed_scales_and_timings(server, library):
     assert 0 <= answer["seed"] < 2**31 and answer["steps"] == 8
     assert (answer["text_guidance"], answer["image_guidance"]) == (5.0, 1.0)
     assert answer["unet_evaluations"] == 16  # s_I = 1: two branches a step
-    assert {"decode", "queue", "denoise", "encode"} <= set(answer["timings"])
+    assert {"read", "queue", "text_encode", "image_encode", "denoise", "decode", "write"} <= set(answer["timings"])
     expected = solo(library, answer["seed"], steps=8, text_guidance=5.0, image_guidance=1.0)
     np.testing.assert_array_equal(pixels(base64.b64decode(answer["image"])), expected)
+
+
+@pytest.mark.parametrize("how", ["field", "accept"])
+@pytest.mark.parametrize("fmt, media", [("jpeg", "image/jpeg"), ("webp", "image/webp")])
+def test_lossy_formats_by_field_or_accept_header(server, library, how, fmt, media):
+    url, _ = server
+    fields = dict(instruction=INSTRUCTION, seed="4")
+    headers = {"Accept": f"{media}, image/png;q=0.5"} if how == "accept" else {}
+    if how == "field":
+        fields["output_format"] = fmt
+    response = httpx.post(f"{url}/v1/edits", files={"image": ("a.png", png_bytes())}, data=fields, headers=headers,
+                          timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == media
+    assert Image.open(io.BytesIO(response.content)).format == fmt.upper()
+    expected = encode_image(Image.fromarray(solo(library, 4)), fmt)  # lossy, but the library's picture
+    np.testing.assert_array_equal(pixels(response.content), pixels(expected))
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_solo_pixels(server, library):
@@ -301,3 +318,14 @@ def test_serve_refuses_a_bad_model_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
 
+
+
+def test_the_served_cpu_pipeline_lets_onnxruntime_threads_sleep(local):
+    _, worker = local
+    sessions = worker.pipe.backend._sessions
+    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for s in sessions.values()} == {"0"}
+    library = EditPipeline.from_pretrained(**BUNDLE_LOAD, progress=False)  # the library keeps ORT's default
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        library.backend._sessions["unet"].get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")

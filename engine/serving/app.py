@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 
 from engine.errors import InputError
-from engine.images import decode_image, encode_png
+from engine.images import OUTPUT_FORMATS, decode_image, encode_image
 from engine.serving.jobs import FINISHED, Job
 from engine.serving.schema import EditOutput, JobView, decode_base64, parse_parameters
 from engine.serving.worker import QueueFull, Unavailable
@@ -154,36 +154,54 @@ async def read_edit(request: Request, service) -> tuple:
     except InputError as err:
         raise BadImage(str(err)) from None
     decode_s = time.perf_counter() - start
-    service.metrics.stage_seconds.labels("decode").observe(decode_s)
+    service.metrics.stage_seconds.labels("read").observe(decode_s)
     return image, params, decode_s
 
 
 def submit(service, image, params, decode_s: float) -> Job:
     job = service.submit(image, params)
-    job.timings["decode"] = decode_s
+    job.timings["read"] = decode_s
     return job
 
 
-async def png_of(job: Job, service) -> bytes:
-    """The job's PNG, encoded once."""
-    if getattr(job, "png", None) is None:
+def output_format(job: Job, request: Request) -> str:
+    """The format asked for: the request's ``output_format`` field, else the first image type its Accept header
+    names, else PNG."""
+    if job.params.output_format:
+        return job.params.output_format
+    accept = request.headers.get("accept", "")
+    named = [(accept.find(media), name) for name, (_, media, _) in OUTPUT_FORMATS.items() if media in accept]
+    return min(named)[1] if named else "png"
+
+
+async def encoded(job: Job, service, fmt: str) -> bytes:
+    """The job's image in ``fmt``, encoded once per format."""
+    if fmt not in job.encoded:
         start = time.perf_counter()
-        job.png = await run_in_threadpool(encode_png, job.future.result().image)
-        job.timings["encode"] = time.perf_counter() - start
-        service.metrics.stage_seconds.labels("encode").observe(job.timings["encode"])
-    return job.png
+        job.encoded[fmt] = await run_in_threadpool(encode_image, job.future.result().image, fmt)
+        job.timings["write"] = time.perf_counter() - start
+        service.metrics.stage_seconds.labels("write").observe(job.timings["write"])
+    return job.encoded[fmt]
 
 
-async def output_of(job: Job, service) -> EditOutput:
-    png = await png_of(job, service)
+def image_response(job: Job, fmt: str, data: bytes) -> Response:
     outcome = job.future.result()
-    return EditOutput(image=base64.b64encode(png).decode(), seed=outcome.seed, steps=job.config.steps,
-                      text_guidance=job.config.text_guidance, image_guidance=job.config.image_guidance,
-                      unet_evaluations=outcome.unet_evaluations, timings=dict(job.timings))
+    return Response(data, media_type=OUTPUT_FORMATS[fmt][1], headers={
+        "X-Seed": str(outcome.seed), "X-Unet-Evaluations": str(outcome.unet_evaluations),
+        "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in job.timings.items())})
 
 
-async def view_of(job: Job, service, with_result: bool = True) -> JobView:
-    result = await output_of(job, service) if with_result and job.state == "succeeded" else None
+async def output_of(job: Job, service, fmt: str = "png") -> EditOutput:
+    data = await encoded(job, service, fmt)
+    outcome = job.future.result()
+    return EditOutput(image=base64.b64encode(data).decode(), media_type=OUTPUT_FORMATS[fmt][1], seed=outcome.seed,
+                      steps=job.config.steps, text_guidance=job.config.text_guidance,
+                      image_guidance=job.config.image_guidance, unet_evaluations=outcome.unet_evaluations,
+                      timings=dict(job.timings))
+
+
+async def view_of(job: Job, service, with_result: bool = True, fmt: str = "png") -> JobView:
+    result = await output_of(job, service, fmt) if with_result and job.state == "succeeded" else None
     position = service.position(job) if job.state == "queued" else None
     return JobView(id=job.id, state=job.state, position=position, steps_done=job.steps_done,
                    steps=job.config.steps, error=job.error or (job.cancel_reason if job.state == "cancelled" else None),
@@ -253,13 +271,10 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
             if job.state != "succeeded":
                 waited.exception()  # retrieved, so asyncio does not log it
                 return failure(job)
+            fmt = output_format(job, request)
             if "application/json" in request.headers.get("accept", ""):
-                return JSONResponse((await output_of(job, service)).model_dump())
-            png = await png_of(job, service)
-            outcome = job.future.result()
-            return Response(png, media_type="image/png", headers={
-                "X-Seed": str(outcome.seed), "X-Unet-Evaluations": str(outcome.unet_evaluations),
-                "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in job.timings.items())})
+                return JSONResponse((await output_of(job, service, fmt)).model_dump())
+            return image_response(job, fmt, await encoded(job, service, fmt))
         finally:
             if not waited.done():
                 job.cancel("disconnected")
@@ -277,20 +292,21 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         return service.get(job_id)
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str):
+    async def get_job(job_id: str, request: Request):
         job = find(job_id)
         if job is None:
             return error(404, f"no job {job_id} (finished results are kept {service.settings.result_ttl:g} s)")
-        return (await view_of(job, service)).model_dump()
+        return (await view_of(job, service, fmt=output_format(job, request))).model_dump()
 
     @app.get("/v1/jobs/{job_id}/image")
-    async def job_image(job_id: str):
+    async def job_image(job_id: str, request: Request):
         job = find(job_id)
         if job is None:
             return error(404, f"no job {job_id}")
         if job.state != "succeeded":
             return error(409, f"job {job_id} is {job.state}")
-        return Response(await png_of(job, service), media_type="image/png", headers={"X-Seed": str(job.seed)})
+        fmt = output_format(job, request)
+        return image_response(job, fmt, await encoded(job, service, fmt))
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str):

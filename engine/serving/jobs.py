@@ -44,6 +44,7 @@ class Job:
         self.future: Future = Future()
         self.finished_at: float | None = None
         self.timings: dict[str, float] = {}
+        self.encoded: dict[str, bytes] = {}  # the answer's bytes by output format, encoded once each
         self.status: int | None = None
         self.changed = threading.Event()  # set on every change; SSE streams wait on it
 

@@ -8,7 +8,9 @@ in-flight requests with 503; Serve restarts it and later requests succeed there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 
 from PIL import Image
@@ -18,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from engine.errors import Cancelled, InputError
 from engine.serving.app import create_app
+from engine.serving.cli import API_KEY_ENV
 from engine.serving.jobs import Job, JobTable, Outcome, Settings, batch_key, check_limits, job_config, run_batch
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
@@ -33,9 +36,9 @@ class EditModel:
     """One replica: its own EditPipeline; concurrent requests are gathered by ``@serve.batch``."""
 
     def __init__(self, load: dict, settings: Settings):
-        from engine.pipeline import EditPipeline
+        from engine.serving.service import serving_pipeline
 
-        self.pipe = EditPipeline.from_pretrained(**load, max_image_pixels=settings.max_pixels, progress=False)
+        self.pipe = serving_pipeline(load, settings)
         self.settings = settings
         self.edit_batch.set_max_batch_size(settings.max_batch)
         self.edit_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
@@ -185,6 +188,27 @@ def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float
         options["num_replicas"] = replicas
     model = EditModel.options(**options).bind(load, settings)
     return Ingress.bind(model, settings)
+
+
+LOAD_KEYS = ("model", "backend", "device", "dtype", "variant")
+
+
+def app(args: dict):
+    """The application builder a Serve config names (``import_path: engine.serving.ray_app:app``), e.g. in
+    ``serve run docs/serve_config.yaml`` or a KubeRay RayService. ``args``: the model (``model``, ``backend``,
+    ``device``, ``dtype``, ``variant``), any ``Settings`` field (``max_batch``, ``max_queue``, ``timeout``, ...),
+    and ``replicas``, ``num_cpus``, ``num_gpus``, ``autoscaling`` (an autoscaling_config). The API key, if any,
+    comes from $IP2P_API_KEY where the application is built."""
+    args = dict(args)
+    load = {key: args.pop(key) for key in LOAD_KEYS if key in args}
+    shape = {key: args.pop(key) for key in ("replicas", "num_cpus", "num_gpus", "autoscaling") if key in args}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise InputError(f"serve config args: unknown {', '.join(unknown)} (known: {', '.join(sorted(fields))}, "
+                         f"{', '.join(LOAD_KEYS)}, replicas, num_cpus, num_gpus, autoscaling)")
+    args.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)  # a secret belongs in the environment
+    return build_app(load, Settings(**args), **shape)
 
 
 def serve_locally(load: dict, settings: Settings, host: str, port: int, replicas: int, num_cpus: float,

@@ -26,12 +26,14 @@ class EditParameters(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     resolution: Union[int, Literal["auto", "none"]] = "auto"
     preset: str = "exact"
+    output_format: Optional[Literal["png", "jpeg", "webp"]] = None  # default: from the Accept header, else png
 
 
 class EditOutput(BaseModel):
-    """An edit's answer in JSON: the PNG in base64, and what produced it."""
+    """An edit's answer in JSON: the image in base64 (PNG unless asked otherwise), and what produced it."""
 
     image: str
+    media_type: str
     seed: int
     steps: int
     text_guidance: float

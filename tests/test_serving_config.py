@@ -1,0 +1,55 @@
+"""docs/serving's Ray Serve config and KubeRay RayService: valid by Ray's own schema, the same applications, and
+building the application they name with the deployment options they ask for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[dev]')")
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from engine.errors import InputError  # noqa: E402
+from engine.serving.ray_app import app  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "serving"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((DOCS / name).read_text(encoding="utf-8"))
+
+
+def test_serve_config_is_a_valid_serve_config_naming_the_builder():
+    config = ServeDeploySchema.model_validate(load("serve_config.yaml"))
+    (application,) = config.applications
+    assert application.import_path == "engine.serving.ray_app:app"
+
+
+def test_rayservice_runs_the_same_applications():
+    service = load("rayservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    assert embedded["applications"] == load("serve_config.yaml")["applications"]
+
+
+def test_the_builder_makes_the_deployments_the_config_asks_for(monkeypatch):
+    monkeypatch.setenv("IP2P_API_KEY", "from-the-secret")
+    args = load("serve_config.yaml")["applications"][0]["args"]
+    ingress = app(args)._bound_deployment
+    model_app, settings = ingress.init_args
+    model = model_app._bound_deployment
+    assert model.name == "EditModel" and ingress.name == "Ingress"
+    assert model.init_args[0] == dict(model="/models/instruct-pix2pix-fp16", backend="onnxruntime", device="cuda")
+    assert (settings.max_batch, settings.max_queue, settings.timeout) == (4, 64, 120)
+    assert settings.api_key == "from-the-secret"
+    assert model.ray_actor_options["num_gpus"] == 0.5 and model.ray_actor_options["num_cpus"] == 2
+    assert (model.max_ongoing_requests, model.max_queued_requests) == (4, 64)
+    autoscaling = model._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 8)
+
+
+def test_the_builder_names_an_unknown_arg():
+    with pytest.raises(InputError, match="unknown max_bach"):
+        app({"model": "m", "max_bach": 4})
