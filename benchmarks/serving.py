@@ -128,8 +128,9 @@ def server_timing(header: str) -> dict[str, float]:
     return stages
 
 
-def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: str = "png") -> dict:
-    """One client, one edit at a time at ``size``, alternating a library call and an HTTP request so both see
+def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: str = "png", block: int = 10) -> dict:
+    """One client, one edit at a time at ``size``: library calls and HTTP requests in alternating blocks of
+    ``block`` (the first of each block not counted: the other side's threads may still be busy), so both see
     the same machine. Reports both latencies and the server's overhead per request: the client's latency less
     the pipeline's own stages, i.e. HTTP, upload parsing, image decode, queue, image encode and transfer. The
     upload and the answer are both in ``fmt``."""
@@ -141,24 +142,30 @@ def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: 
               "output_format": fmt}
     library, http, overhead, stages = [], [], [], {"read": [], "queue": [], "write": []}
     with background_server(service) as url, httpx.Client(timeout=600) as client:
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            pipe.edit(image, INSTRUCTIONS[0], seed=0, steps=steps, resolution=size)
-            library.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            response = client.post(f"{url}/v1/edits", data=fields, files={"image": (f"in.{fmt}", png)})
-            http.append(time.perf_counter() - start)
-            response.raise_for_status()
-            timing = server_timing(response.headers["server-timing"])
-            overhead.append(http[-1] - sum(timing.get(stage, 0.0) for stage in PIPELINE_STAGES))
-            for stage, values in stages.items():
-                values.append(timing[stage])
-    library, http, overhead = library[2:], http[2:], overhead[2:]  # the first two warm up
-    return dict(size=size, steps=steps, repeats=repeats, format=fmt, library_p50_s=percentile(library, 50),
+        while len(library) < repeats:
+            for i in range(block + 1):
+                start = time.perf_counter()
+                pipe.edit(image, INSTRUCTIONS[0], seed=0, steps=steps, resolution=size)
+                if i:
+                    library.append(time.perf_counter() - start)
+            for i in range(block + 1):
+                start = time.perf_counter()
+                response = client.post(f"{url}/v1/edits", data=fields, files={"image": (f"in.{fmt}", png)})
+                elapsed = time.perf_counter() - start
+                response.raise_for_status()
+                if not i:
+                    continue
+                http.append(elapsed)
+                timing = server_timing(response.headers["server-timing"])
+                overhead.append(elapsed - sum(timing.get(stage, 0.0) for stage in PIPELINE_STAGES))
+                for stage, values in stages.items():
+                    values.append(timing[stage])
+    return dict(size=size, steps=steps, repeats=len(library), format=fmt, library_p50_s=percentile(library, 50),
                 library_p99_s=percentile(library, 99), http_p50_s=percentile(http, 50), http_p99_s=percentile(http, 99),
+                p50_ratio=percentile(http, 50) / percentile(library, 50),
                 p99_ratio=percentile(http, 99) / percentile(library, 99),
                 overhead_p50_ms=percentile(overhead, 50) * 1000, overhead_p99_ms=percentile(overhead, 99) * 1000,
-                **{f"{stage}_p50_ms": percentile(values[2:], 50) * 1000 for stage, values in stages.items()})
+                **{f"{stage}_p50_ms": percentile(values, 50) * 1000 for stage, values in stages.items()})
 
 
 def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...]) -> dict:

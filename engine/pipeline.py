@@ -19,7 +19,7 @@ from engine import images as imaging
 from engine.backends import BUNDLE_BACKENDS, BUNDLE_RUNTIMES, Backend, backend_module
 from engine.checkpoints import resolve_model
 from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
-from engine.manifest import Bundle, is_bundle, read_bundle
+from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.extras import available
 from engine.guidance import COND, UNCOND, GuidancePlan, Groups, guided_denoiser
@@ -94,7 +94,7 @@ class EditPipeline:
         not installed or a bundle backend is asked for)."""
         model = model or os.environ.get(MODEL_ENV) or default_model(backend)
         bundle = read_bundle(model) if is_bundle(model) else None
-        backend = backend or backend_of(bundle)
+        backend = backend or (BUNDLE_RUNTIMES.get(bundle.format, "onnxruntime") if bundle else "torch")
         module = backend_module(backend)
         options = backend_options or {}
         check_options(module, backend, options)
@@ -386,19 +386,6 @@ def default_model(backend: str | None = None) -> Path:
         raise InputError(f"no model given and the shipped model is missing from {path}: "
                          f"pass a model, or set {MODEL_ENV}")
     return path
-
-
-def backend_of(bundle: Bundle | None) -> str:
-    """The backend that runs a model by default: a bundle's own runtime, else torch."""
-    return BUNDLE_RUNTIMES.get(bundle.format, "onnxruntime") if bundle else "torch"
-
-
-def resolve_backend(model: str | os.PathLike | None = None, backend: str | None = None) -> str:
-    """The backend ``from_pretrained(model, backend)`` would load with (nothing is loaded)."""
-    if backend:
-        return backend
-    model = model or os.environ.get(MODEL_ENV) or default_model(backend)
-    return backend_of(read_bundle(model) if is_bundle(model) else None)
 
 
 def check_options(module, backend: str, options: dict) -> None:

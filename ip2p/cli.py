@@ -27,7 +27,8 @@ COMMANDS = {
     "export": ("export.cli", "export a model to an ONNX or TensorRT bundle"),
     "train": ("training.cli", "fine-tune an InstructPix2Pix UNet (see training/)"),
     "synth": ("training.cli", "write procedural paired shape-edit data (training format)"),
-    "eval": ("training.cli", "success rate per edit type on held-out synthetic shapes edits"),
+    "eval": ("training.cli", "score edits: held-out synthetic shapes edits, or CLIP metrics on a captioned set"),
+    "generate-pairs": ("training.cli", "before/after training pairs from caption pairs: Prompt-to-Prompt and a CLIP filter"),
     "bench": ("benchmarks.cli", "benchmark tools"),
 }
 PARTS = ("ip2p", "engine", "export", "training", "benchmarks")  # loggers of our own progress notes

@@ -317,15 +317,3 @@ def test_serve_refuses_a_bad_model_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ip2p.cli", "serve", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
-
-
-
-def test_the_served_cpu_pipeline_lets_onnxruntime_threads_sleep(local):
-    _, worker = local
-    sessions = worker.pipe.backend._sessions
-    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-            for s in sessions.values()} == {"0"}
-    library = EditPipeline.from_pretrained(**BUNDLE_LOAD, progress=False)  # the library keeps ORT's default
-    with pytest.raises(RuntimeError, match="does not have configuration"):
-        library.backend._sessions["unet"].get_session_options().get_session_config_entry(
-            "session.intra_op.allow_spinning")

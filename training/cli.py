@@ -68,6 +68,58 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--save-dir", help="write input/edit/truth sheets here")
 
 
+def _range(value: str) -> tuple[float, float]:
+    lo, sep, hi = value.partition(":")
+    try:
+        if sep:
+            return float(lo), float(hi)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected LO:HI such as 0.1:0.9, got {value!r}")
+
+
+def add_pairs_arguments(pairs: argparse.ArgumentParser) -> None:
+    from training.pairs import PairSettings
+
+    d = PairSettings()
+    pairs.add_argument("prompts", help="prompts.jsonl: {input, edit, output} per line (ip2p generate-prompts)")
+    pairs.add_argument("--base", required=True, help="a text-to-image Stable Diffusion folder or hub id")
+    pairs.add_argument("--clip", required=True, metavar="CLIP_MODEL", help="the filter's CLIP (the paper's: "
+                       "openai/clip-vit-large-patch14)")
+    pairs.add_argument("-o", "--output", required=True, help="the data folder to write (or resume)")
+    pairs.add_argument("--samples", type=int, default=d.samples, help=f"candidates per prompt (default {d.samples})")
+    pairs.add_argument("--keep", type=int, default=d.keep, help="best candidates kept per prompt")
+    pairs.add_argument("--steps", type=int, default=d.steps)
+    pairs.add_argument("--resolution", type=int, default=d.resolution)
+    pairs.add_argument("--seed", type=int, default=d.seed)
+    pairs.add_argument("--p-range", type=_range, default=d.p_range, metavar="LO:HI",
+                       help="fraction of steps with shared attention, drawn per candidate (default 0.1:0.9)")
+    pairs.add_argument("--guidance-range", type=_range, default=d.guidance_range, metavar="LO:HI",
+                       help="text guidance, drawn per candidate (default 5:9)")
+    pairs.add_argument("--clip-threshold", type=float, default=d.clip_threshold,
+                       help="each image against its caption (default 0.2)")
+    pairs.add_argument("--clip-img-threshold", type=float, default=d.clip_img_threshold,
+                       help="input image against edited image (default 0.7)")
+    pairs.add_argument("--clip-dir-threshold", type=float, default=d.clip_dir_threshold,
+                       help="image change against caption change (default 0.2)")
+    pairs.add_argument("--device", default="cpu")
+
+
+def run_pairs(args: argparse.Namespace) -> None:
+    from engine.extras import import_extra
+
+    pairs = import_extra("training.pairs", "ip2p generate-pairs")
+    for name, (lo, hi) in (("--p-range", args.p_range), ("--guidance-range", args.guidance_range)):
+        if not 0 <= lo <= hi or (name == "--p-range" and hi > 1):
+            raise InputError(f"{name}: LO:HI with 0 <= LO <= HI{' <= 1' if name == '--p-range' else ''}, got {lo}:{hi}")
+    settings = pairs.PairSettings(samples=args.samples, keep=args.keep, steps=args.steps, resolution=args.resolution,
+                                  seed=args.seed, p_range=args.p_range, guidance_range=args.guidance_range,
+                                  clip_threshold=args.clip_threshold, clip_img_threshold=args.clip_img_threshold,
+                                  clip_dir_threshold=args.clip_dir_threshold)
+    pairs.generate_pairs(args.prompts, args.base, args.clip, args.output, settings, device=args.device,
+                         progress=not args.quiet)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from engine.extras import import_extra
 
@@ -132,4 +184,5 @@ COMMANDS = {
     "train": (add_train_arguments, run_train),
     "synth": (add_synth_arguments, run_synth),
     "eval": (add_eval_arguments, run_eval),
+    "generate-pairs": (add_pairs_arguments, run_pairs),
 }

@@ -6,21 +6,16 @@ import threading
 import time
 from contextlib import contextmanager
 
-from engine.pipeline import EditPipeline, resolve_backend
+from engine.pipeline import EditPipeline
 from engine.serving.jobs import Settings
 from engine.serving.metrics import Metrics
 from engine.serving.worker import EditWorker
 
 
 def serving_pipeline(load: dict, settings: Settings) -> EditPipeline:
-    """``EditPipeline.from_pretrained(**load)`` as a server runs it: no progress bars (a server logs), the pixel
-    limit of its settings, and on a CPU onnxruntime threads that sleep between calls instead of spinning, so
-    HTTP, decoding and encoding get the cores (measured: 5-6 ms instead of 9-10 ms of server overhead per
-    64x64 edit on a 2-core host, edits no slower; docs/serving.md)."""
-    load = dict(load)
-    if resolve_backend(load.get("model"), load.get("backend")) == "onnxruntime" and \
-            str(load.get("device") or "cpu") == "cpu":
-        load["backend_options"] = {"spin": False, **(load.get("backend_options") or {})}
+    """``EditPipeline.from_pretrained(**load)`` as a server runs it: no progress bars (a server logs) and the
+    pixel limit of its settings. onnxruntime keeps its spinning CPU threads: sleeping ones cut the server's
+    overhead p99 from ~18 to ~6 ms but made the 64x64 edit ~10% slower on the 2-core host (docs/serving.md)."""
     return EditPipeline.from_pretrained(**load, max_image_pixels=settings.max_pixels, progress=False)
 
 
