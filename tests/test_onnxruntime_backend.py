@@ -109,11 +109,13 @@ def test_text_embeddings_are_cached(ort_pipes, rgb_image):
 
 
 @pytest.mark.parametrize("spin, entry", [(False, "0"), (True, "1")])
-def test_spin_sets_whether_idle_cpu_threads_busy_wait(onnx_bundles, rgb_image, spin, entry):
+def test_spin_sets_whether_idle_cpu_threads_busy_wait(onnx_bundles, ort_pipes, rgb_image, spin, entry):
     pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend_options={"spin": spin}, progress=False)
     options = pipe.backend._sessions["unet"].get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
-    assert pipe.edit(rgb_image, "make it blue", steps=2, seed=0).images[0].size == rgb_image.size
+    edit = dict(image=rgb_image, instruction="make it blue", steps=2, seed=0)
+    np.testing.assert_array_equal(np.asarray(pipe.edit(**edit).images[0]),
+                                  np.asarray(ort_pipes["fp32"].edit(**edit).images[0]))  # the same numbers
 
 
 def test_backend_and_model_kind_must_agree(onnx_bundles, tiny_model):
