@@ -20,9 +20,16 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     savings.add_argument("--model", help="model folder or bundle (default: the shipped shapes model)")
     savings.add_argument("--backend", help="default: the model's own")
     savings.add_argument("--settings", nargs="+", help="names from benchmarks/savings.py (default: all)")
+    pairs = bench_sub.add_parser("pairs", help="time per generate-pairs candidate at SD 1.5 / CLIP ViT-L/14 shapes")
+    pairs.add_argument("--resolution", type=int, default=512)
+    pairs.add_argument("--samples", type=int, default=4, help="candidates per prompt")
+    pairs.add_argument("--json", required=True, help="results file to write")
     serve = bench_sub.add_parser("serve", help="load, soak and overhead of the edit service on loopback")
     serve.add_argument("--model", help="default: the shipped shapes bundle")
     serve.add_argument("--backend", help="default: the model's own")
+    serve.add_argument("--dtype", help="default: the model's own (torch: float32)")
+    serve.add_argument("--parts", nargs="+", choices=["uncontended", "load", "soak", "overhead"],
+                       default=["uncontended", "load", "soak", "overhead"], help="what to run (default: all)")
     serve.add_argument("--clients", type=int, default=32)
     serve.add_argument("--requests", type=int, default=300)
     serve.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="one load run per value")
@@ -37,6 +44,9 @@ def run_bench(args: argparse.Namespace) -> None:
         return
     if args.bench_command == "serve":
         run_serving(args)
+        return
+    if args.bench_command == "pairs":
+        run_pairs_timing(args)
         return
     from benchmarks.report import write_report
 
@@ -67,30 +77,46 @@ def run_serving(args: argparse.Namespace) -> None:
     import os
 
     from benchmarks.hardware import cpu_capability, device_name, versions
-    from benchmarks.serving import Load, load_run, soak, uncontended
+    from benchmarks.serving import Load, load_run, serving_table, soak, uncontended
     from engine.pipeline import DEFAULT_BUNDLE
     from engine.serving.jobs import Settings
 
-    load_args = dict(model=args.model or str(DEFAULT_BUNDLE), backend=args.backend)
-    results: dict = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), load=[])
+    load_args = dict(model=args.model or str(DEFAULT_BUNDLE), backend=args.backend, dtype=args.dtype)
+    results: dict = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=load_args,
+                         load=[])
     logging.getLogger("engine.serving").setLevel(logging.WARNING)  # not one line per request
-    results["uncontended"] = uncontended(load_args, size=64, steps=20, repeats=100)
-    log.info("uncontended: %s", results["uncontended"])
-    for max_batch in args.max_batch:
-        settings = Settings(max_batch=max_batch, batch_wait_ms=10, max_queue=4 * args.clients)
-        results["load"].append(load_run(load_args, settings, Load(clients=args.clients, requests=args.requests)))
-        log.info("max batch %d: %s", max_batch, results["load"][-1])
-    if args.soak:
+    if "uncontended" in args.parts:
+        results["uncontended"] = uncontended(load_args, size=64, steps=20, repeats=100)
+        log.info("uncontended: %s", results["uncontended"])
+    if "load" in args.parts:
+        for max_batch in args.max_batch:
+            settings = Settings(max_batch=max_batch, batch_wait_ms=10, max_queue=4 * args.clients)
+            results["load"].append(load_run(load_args, settings, Load(clients=args.clients, requests=args.requests)))
+            log.info("max batch %d: %s", max_batch, results["load"][-1])
+    if "soak" in args.parts and args.soak:
         results["soak"] = soak(load_args, Settings(max_batch=8, max_queue=64), args.soak, sizes=(64, 96, 128))
         log.info("soak: %s", results["soak"])
-    # last: the large edits leave onnxruntime's CPU arena grown, which would inflate the soak's baseline
-    results["overhead"] = [uncontended(load_args, size=args.overhead_size, steps=4, repeats=10, fmt=fmt, block=5)
-                           for fmt in ("png", "jpeg")]
-    log.info("overhead at %d px: %s", args.overhead_size, results["overhead"])
+    if "overhead" in args.parts:
+        # last: the large edits leave onnxruntime's CPU arena grown, which would inflate the soak's baseline
+        results["overhead"] = [uncontended(load_args, size=args.overhead_size, steps=4, repeats=10, fmt=fmt, block=5)
+                               for fmt in ("png", "jpeg")]
+        log.info("overhead at %d px: %s", args.overhead_size, results["overhead"])
     tmp = f"{args.json}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     os.replace(tmp, args.json)
+    log.info("wrote %s\n\n%s", args.json, serving_table(json.loads(json.dumps(results))))
+
+
+def run_pairs_timing(args: argparse.Namespace) -> None:
+    from benchmarks.hardware import cpu_capability, device_name, versions
+    from benchmarks.pairs import time_pairs
+    from engine.manifest import write_json_atomic
+
+    result = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(),
+                  **time_pairs(args.resolution, samples=args.samples))
+    write_json_atomic(Path(args.json), result)
+    log.info("%s", result)
     log.info("wrote %s", args.json)
 
 

@@ -1,16 +1,23 @@
 """Load, soak and overhead runs of the edit service on loopback (``ip2p bench serve``): real server, real HTTP.
 
-Each run starts ``ip2p serve``'s service in this process (uvicorn in a thread), drives it with concurrent asyncio
-clients, and checks every answer's pixels against the library edit with its seed.
+A load run starts ``ip2p serve`` in its own process, drives it with concurrent asyncio clients from this one, and
+checks every answer's pixels against the library edit with its seed. The uncontended and soak runs start the
+service in this process (uvicorn in a thread), to read its stage timings and its resident memory.
 """
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -41,6 +48,43 @@ def example_png(size: int, fmt: str = "png") -> bytes:
     path = resources.files("engine").joinpath("..", "examples", "shapes.png")
     image = Image.open(str(path)).convert("RGB") if path.is_file() else Image.new("RGB", (64, 64), (90, 160, 220))
     return encode_image(image.resize((size, size), Image.Resampling.LANCZOS), fmt)
+
+
+@contextmanager
+def serve_process(load_args: dict, settings: Settings):
+    """``ip2p serve`` in its own process on a free loopback port, as users run it (so the load's clients do not
+    share its interpreter); yields the base URL once ready, stops it with SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "ip2p.cli", "-q", "serve", load_args["model"], "--port", str(port),
+               "--max-batch", str(settings.max_batch), "--batch-wait-ms", str(settings.batch_wait_ms),
+               "--max-queue", str(settings.max_queue), "--max-resolution", str(settings.max_resolution)]
+    for flag in ("backend", "dtype"):
+        if load_args.get(flag):
+            command += [f"--{flag}", load_args[flag]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"ip2p serve exited: {process.stderr.read().decode()[-500:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,10 +144,10 @@ def rss_mb() -> float:
 
 
 def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = True) -> dict:
-    """One load run against a fresh server with ``settings``; latency percentiles, throughput, pixel check."""
+    """One load run against a fresh ``ip2p serve`` process with ``settings``; latency percentiles, throughput,
+    and (``verify``) how many answers differ from the library's edit with their seed."""
     pngs = {size: example_png(size) for size in load.sizes}
-    service = local_service(load_args, settings)
-    with background_server(service) as url:
+    with serve_process(load_args, settings) as url:
         result = asyncio.run(drive(url, load, pngs))
     latencies = result.pop("latencies")
     answers = result.pop("answers")
@@ -112,7 +156,8 @@ def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = Tru
                    throughput_per_s=len(answers) / result["wall_s"], p50_s=percentile(latencies, 50),
                    p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
     if verify:
-        summary["pixels_differing"] = check_pixels(service.pipe, load, pngs, answers)
+        pipe = EditPipeline.from_pretrained(**load_args, progress=False)
+        summary["pixels_differing"] = check_pixels(pipe, load, pngs, answers)
     return summary
 
 
@@ -179,3 +224,41 @@ def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...]
         after = rss_mb()
     return dict(edits=edits, sizes=list(sizes), rss_after_warmup_mb=before, rss_after_mb=after,
                 growth_pct=100 * (after - before) / before, statuses=result["statuses"])
+
+
+def serving_table(results: dict) -> str:
+    """The markdown of one ``ip2p bench serve`` run (docs/serving.md)."""
+    cpu = results["cpu"]
+    model = results.get("model") or {}
+    lines = [f"{results['machine']}, torch capability {cpu['torch_capability']}, native bf16 {cpu['native_bf16']}; "
+             f"model {Path(model.get('model') or 'shapes-onnx').name}, backend {model.get('backend') or 'its own'}, "
+             f"dtype {model.get('dtype') or 'its own'} (torch {results['versions'].get('torch')}, onnxruntime "
+             f"{results['versions'].get('onnxruntime')}).", "",
+             "| load run | requests | answers | throughput | p50 | p99 | pixels differing |", "|---|---:|---|---:|---:|---:|---:|"]
+    for run in results["load"]:
+        answers = ", ".join(f"{n} x {code}" for code, n in sorted(run["statuses"].items()))
+        lines.append(f"| max batch {run['max_batch']}, {run['clients']} clients, {run['steps']} steps, "
+                     f"{'/'.join(map(str, run['sizes']))} px | {run['requests']} | {answers} | "
+                     f"{run['throughput_per_s']:.2f} edits/s | {run['p50_s']:.2f} s | {run['p99_s']:.2f} s | "
+                     f"{run.get('pixels_differing', 'not checked')} |")
+    for run in results["load"][1:]:
+        first = results["load"][0]
+        lines += ["", f"Max batch {run['max_batch']}: {run['throughput_per_s'] / first['throughput_per_s']:.2f}x the "
+                      f"throughput of max batch {first['max_batch']}."]
+    if "uncontended" not in results:
+        return "\n".join(lines)
+    lines += ["", "| one client, one edit at a time | edits | library p50 / p99 | HTTP p50 / p99 | HTTP / library p99 | "
+              "server overhead p50 / p99 | read / queue / write p50 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in [results["uncontended"], *results.get("overhead", [])]:
+        lines.append(f"| {run['size']} px, {run['steps']} steps, {run['format']} in and out | {run['repeats']} | "
+                     f"{run['library_p50_s'] * 1000:.0f} / {run['library_p99_s'] * 1000:.0f} ms | "
+                     f"{run['http_p50_s'] * 1000:.0f} / {run['http_p99_s'] * 1000:.0f} ms | {run['p99_ratio']:.3f} | "
+                     f"{run['overhead_p50_ms']:.1f} / {run['overhead_p99_ms']:.1f} ms | "
+                     f"{run['read_p50_ms']:.1f} / {run['queue_p50_ms']:.1f} / {run['write_p50_ms']:.1f} ms |")
+    if "soak" in results:
+        soak_run = results["soak"]
+        answers = ", ".join(f"{n} x {code}" for code, n in sorted(soak_run["statuses"].items()))
+        lines += ["", f"Soak: {soak_run['edits']} edits of {'/'.join(map(str, soak_run['sizes']))} px ({answers}): "
+                      f"resident memory {soak_run['rss_after_warmup_mb']:.0f} MB after warm-up, "
+                      f"{soak_run['rss_after_mb']:.0f} MB after ({soak_run['growth_pct']:+.2f}%)."]
+    return "\n".join(lines)

@@ -28,6 +28,8 @@ COMMANDS = {
     "train": ("training.cli", "fine-tune an InstructPix2Pix UNet (see training/)"),
     "synth": ("training.cli", "write procedural paired shape-edit data (training format)"),
     "eval": ("training.cli", "score edits: held-out synthetic shapes edits, or CLIP metrics on a captioned set"),
+    "generate-prompts": ("training.cli", "edit instructions and edited captions for input captions, from a language model"),
+    "train-prompts": ("training.cli", "fine-tune a causal language model on (caption, instruction, edited caption) triplets"),
     "generate-pairs": ("training.cli", "before/after training pairs from caption pairs: Prompt-to-Prompt and a CLIP filter"),
     "bench": ("benchmarks.cli", "benchmark tools"),
 }

@@ -27,30 +27,65 @@ def base(saved_models):
 
 
 def test_p_zero_is_the_plain_text_to_image_sample_of_each_caption(base, saved_models):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe, state = base
     first, second = sample_pair(pipe, state, PROMPTS[0]["input"], PROMPTS[0]["output"], p=0.0, guidance=7.0,
                                 seed=11, steps=4, resolution=64)
     plain = StableDiffusionPipeline.from_pretrained(saved_models["sd"], safety_checker=None,
                                                     requires_safety_checker=False)
+    plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
     plain.set_progress_bar_config(disable=True)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
+    side = 64 // plain.vae_scale_factor
+    noise = torch.randn((1, 4, side, side), generator=torch.Generator().manual_seed(11))
     for caption, got in ((PROMPTS[0]["input"], first), (PROMPTS[0]["output"], second)):
         expected = plain(caption, num_inference_steps=4, guidance_scale=7.0, latents=noise, height=64,
                          width=64).images[0]
         assert np.abs(pixels(got) - pixels(expected)).max() <= 1  # the same sample, to 8-bit rounding
 
 
-def test_sharing_attention_pulls_the_edited_sample_towards_the_input_layout(base):
+def attention_layer(cross: bool):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=16, cross_attention_dim=12 if cross else None, heads=2, dim_head=8).eval()
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_shared_attention_is_diffusers_attention_until_it_shares(cross):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from training.pairs import SharedAttention, SharingState
+
+    layer, state = attention_layer(cross), SharingState()
+    hidden = torch.randn(4, 10, 16)  # rows: input, edited, input, edited (guidance doubles the pairs)
+    context = torch.randn(4, 7, 12) if cross else None
+    with torch.no_grad():
+        expected = AttnProcessor()(layer, hidden, context)
+        plain = SharedAttention(state)(layer, hidden, context)
+        state.sharing = True
+        shared = SharedAttention(state)(layer, hidden, context)
+    torch.testing.assert_close(plain, expected)
+    torch.testing.assert_close(shared[0::2], expected[0::2])  # the input rows never change
+    # an edited row: its own values, weighted by its input row's attention probabilities
+    source = context if cross else hidden
+    with torch.no_grad():
+        for edited in (1, 3):
+            q = layer.head_to_batch_dim(layer.to_q(hidden[edited - 1:edited]))
+            k = layer.head_to_batch_dim(layer.to_k(source[edited - 1:edited]))
+            v = layer.head_to_batch_dim(layer.to_v(source[edited:edited + 1]))
+            probs = (q @ k.transpose(1, 2) * layer.scale).softmax(-1)
+            manual = layer.to_out[0](layer.batch_to_head_dim(probs @ v))
+            torch.testing.assert_close(shared[edited:edited + 1], manual)
+    assert not torch.allclose(shared[1::2], expected[1::2])
+
+
+def test_sharing_changes_only_the_edited_sample_and_switches_off(base):
     pipe, state = base
-    distance = {}
-    for p in (0.0, 0.5, 1.0):
-        first, second = sample_pair(pipe, state, PROMPTS[0]["input"], PROMPTS[0]["output"], p=p, guidance=7.0,
-                                    seed=3, steps=6, resolution=64)
-        distance[p] = float(np.mean((pixels(first) - pixels(second)) ** 2))
-    assert distance[0.0] > 0  # different captions, different pictures
-    assert distance[1.0] < distance[0.5] < distance[0.0]
+    samples = {p: sample_pair(pipe, state, PROMPTS[0]["input"], PROMPTS[0]["output"], p=p, guidance=7.0, seed=3,
+                              steps=6, resolution=64) for p in (0.0, 1.0)}
+    np.testing.assert_array_equal(pixels(samples[1.0][0]), pixels(samples[0.0][0]))  # the input sample: as alone
+    assert np.abs(pixels(samples[1.0][1]) - pixels(samples[0.0][1])).max() > 0
     assert not state.sharing  # switched off after the run
 
 

@@ -1,5 +1,6 @@
-"""Training's commands: ``train`` (needs the train extra), ``synth`` (procedural data) and ``eval`` (held-out
-shapes edits, on any backend)."""
+"""Training's commands: ``train`` (needs the train extra), ``synth`` (procedural data), ``eval`` (held-out shapes
+edits on any backend, or CLIP metrics), and the paper's data pipeline: ``generate-prompts``, ``train-prompts``,
+``generate-pairs``."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +121,51 @@ def run_pairs(args: argparse.Namespace) -> None:
                          progress=not args.quiet)
 
 
+def add_prompts_arguments(prompts: argparse.ArgumentParser) -> None:
+    prompts.add_argument("captions", help="text file, one input caption a line")
+    prompts.add_argument("-o", "--output", required=True, help="prompts.jsonl to write")
+    source = prompts.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lm", help="a causal language model: folder or hub id (e.g. one from train-prompts)")
+    source.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible completion server (vLLM, llama.cpp)")
+    prompts.add_argument("--endpoint-model", help="--endpoint: the model name to ask for")
+    prompts.add_argument("--temperature", type=float, default=0.8)
+    prompts.add_argument("--seed", type=int, default=0, help="caption i is sampled with seed SEED + i")
+    prompts.add_argument("--device", default="cpu")
+
+
+def run_prompts(args: argparse.Namespace) -> None:
+    from engine.extras import import_extra
+
+    prompts = import_extra("training.prompts", "ip2p generate-prompts")
+    captions = prompts.read_captions(args.captions)
+    if args.endpoint:
+        lm = prompts.EndpointLM(args.endpoint, args.endpoint_model, args.temperature)
+    else:
+        lm = prompts.TransformersLM(args.lm, args.device, args.temperature)
+    prompts.generate_prompts(captions, lm, args.output, seed=args.seed, progress=not args.quiet)
+
+
+def add_train_prompts_arguments(trainer: argparse.ArgumentParser) -> None:
+    trainer.add_argument("triplets", nargs="?", help="JSON lines of {input, edit, output} (default: the examples "
+                         "that ship with the project)")
+    trainer.add_argument("--lm", required=True, help="the causal language model to fine-tune: folder or hub id")
+    trainer.add_argument("-o", "--output", required=True, help="a new folder for the fine-tuned model")
+    trainer.add_argument("--steps", type=int, default=200)
+    trainer.add_argument("--lr", type=float, default=5e-5)
+    trainer.add_argument("--batch-size", type=int, default=8)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--device", default="cpu")
+
+
+def run_train_prompts(args: argparse.Namespace) -> None:
+    from engine.extras import import_extra
+
+    prompts = import_extra("training.prompts", "ip2p train-prompts")
+    triplets = prompts.read_triplets(args.triplets) if args.triplets else prompts.shipped_examples()
+    prompts.train_prompts(triplets, args.lm, args.output, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          seed=args.seed, device=args.device, progress=not args.quiet)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from engine.extras import import_extra
 
@@ -185,4 +231,6 @@ COMMANDS = {
     "synth": (add_synth_arguments, run_synth),
     "eval": (add_eval_arguments, run_eval),
     "generate-pairs": (add_pairs_arguments, run_pairs),
+    "generate-prompts": (add_prompts_arguments, run_prompts),
+    "train-prompts": (add_train_prompts_arguments, run_train_prompts),
 }

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import InputError
+from training.hub import model_folder
 
 log = logging.getLogger(__name__)
 METRICS = ("clip_image_similarity", "clip_text_image_similarity", "clip_directional_similarity")
@@ -31,24 +32,7 @@ CLIP_FILES = ["*.json", "*.txt", "*.safetensors"]  # configs, tokenizer and proc
 
 def resolve_clip(name: str | os.PathLike) -> Path:
     """The folder of a CLIP model: a local folder, or a hub id's snapshot (InputError naming what is wrong)."""
-    path = Path(name).expanduser()
-    if not path.exists():
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        try:
-            path = Path(snapshot_download(str(name), local_files_only=True))
-        except LocalEntryNotFoundError:
-            if offline:
-                raise InputError(f"{name}: no such CLIP folder, and not in the local Hugging Face cache") from None
-            try:
-                path = Path(snapshot_download(str(name), allow_patterns=CLIP_FILES))
-            except Exception as err:  # network, auth and missing-repo errors end the same way for the user
-                raise InputError(f"{name}: no such CLIP folder, and it could not be downloaded "
-                                 f"({type(err).__name__})") from None
-        except Exception as err:  # an id huggingface_hub refuses (e.g. a malformed name)
-            raise InputError(f"{name}: no such CLIP folder or hub id ({type(err).__name__})") from None
+    path = model_folder(name, "CLIP", CLIP_FILES)
     if (path / "model_index.json").is_file():
         raise InputError(f"{path}: not a CLIP model but a diffusers pipeline folder (model_index.json)")
     config_file = path / "config.json"

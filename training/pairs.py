@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import InputError
 from engine.manifest import write_json_atomic
+from training.prompts import read_prompts
 
 log = logging.getLogger(__name__)
 FILTERS = ("text_image", "image_image", "directional", "beyond_keep")
@@ -91,8 +92,8 @@ class SharedAttention:
 
 # -- the base model ---------------------------------------------------------------------------------------
 def load_base(model: str, device: str = "cpu"):
-    """A diffusers StableDiffusionPipeline (text-to-image, 4-channel UNet) with attention sharing installed;
-    (pipeline, its SharingState). InputError naming the problem for anything else."""
+    """A diffusers StableDiffusionPipeline (text-to-image, 4-channel UNet) with a DDIM scheduler and attention
+    sharing installed; (pipeline, its SharingState). InputError naming the problem for anything else."""
     import torch
 
     from engine.checkpoints import resolve_model
@@ -111,10 +112,20 @@ def load_base(model: str, device: str = "cpu"):
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False).to(device)
+    return pipe, install_sharing(pipe)
+
+
+def install_sharing(pipe) -> SharingState:
+    """Give a StableDiffusionPipeline a DDIM scheduler and attention sharing; the state that switches it.
+    DDIM is deterministic given the initial noise, so the two samples of a pair differ only by caption and
+    sharing (an ancestral sampler would draw different noise for each row at every step)."""
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     state = SharingState()
     pipe.unet.set_attn_processor(SharedAttention(state))
-    return pipe, state
+    return state
 
 
 def sample_pair(pipe, state: SharingState, input_caption: str, output_caption: str, p: float, guidance: float,
@@ -168,32 +179,6 @@ def clip_filter(image_in: np.ndarray, image_out: np.ndarray, text_in: np.ndarray
 
 
 # -- the command ------------------------------------------------------------------------------------------
-def read_prompts(path: str | Path) -> tuple[list[dict], int]:
-    """The (input, edit, output) rows of a prompts.jsonl; (rows, malformed lines skipped)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such prompts file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({type(err).__name__})") from None
-    rows, malformed = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if all(isinstance(row.get(k), str) and row[k].strip() for k in ("input", "edit", "output")):
-                rows.append({k: row[k].strip() for k in ("input", "edit", "output")})
-                continue
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        malformed += 1
-    if not rows:
-        raise InputError(f"{path}: no prompts (each line a JSON object with input, edit and output)")
-    return rows, malformed
-
-
 def _save_png(image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")

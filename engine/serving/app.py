@@ -28,6 +28,7 @@ from engine.serving.worker import QueueFull, Unavailable
 log = logging.getLogger("engine.serving")
 OPEN_PATHS = ("/healthz", "/readyz", "/")  # answered without the API key
 STREAM_POLL_S = 0.1  # how often an SSE stream looks at its job
+DISCONNECT_POLL_S = 0.2  # how often a waiting /v1/edits looks for a client that went away
 KEEPALIVE_S = 15.0
 
 
@@ -261,7 +262,7 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         waited = asyncio.wrap_future(job.future)
         try:
             while not waited.done():
-                await asyncio.wait([waited], timeout=0.05)
+                await asyncio.wait([waited], timeout=DISCONNECT_POLL_S)  # returns at once when done
                 if not waited.done() and await request.is_disconnected():
                     job.cancel("disconnected")
                     return error(499, "the client went away")
