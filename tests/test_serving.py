@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from engine import EditPipeline
+from engine.errors import InputError
 from engine.images import encode_image
 from engine.serving.jobs import Settings
 from tests.serving_server import BUNDLE_LOAD, free_port, local_server, ray_server, wait_ready
@@ -317,3 +318,28 @@ def test_serve_refuses_a_bad_model_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ip2p.cli", "serve", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
+
+
+def test_the_worker_loads_its_pipeline_on_the_thread_that_edits(library):
+    import threading as threads
+
+    from engine.serving.metrics import Metrics
+    from engine.serving.worker import EditWorker
+
+    loaded_on = []
+
+    def load():
+        loaded_on.append(threads.current_thread().name)
+        return library
+
+    worker = EditWorker(load, Settings(), Metrics(4))
+    try:
+        assert loaded_on == ["ip2p-edit-worker"] and worker.pipe is library
+    finally:
+        worker.stop(1)
+
+    def broken():
+        raise InputError("models/none: no such model folder")
+
+    with pytest.raises(InputError, match="no such model folder"):
+        EditWorker(broken, Settings(), Metrics(4))

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 from ray import serve
@@ -38,12 +39,15 @@ class EditModel:
     def __init__(self, load: dict, settings: Settings):
         from engine.serving.service import serving_pipeline
 
-        self.pipe = serving_pipeline(load, settings)
+        # one thread loads, warms up and runs every edit (see EditWorker: torch on a CPU is slow on a second one)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ip2p-edit")
+        self.pipe = self._thread.submit(serving_pipeline, load, settings).result()
         self.settings = settings
         self.edit_batch.set_max_batch_size(settings.max_batch)
         self.edit_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
         side = self.pipe.model.default_resolution
-        self.pipe.edit(Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1, seed=0)
+        self._thread.submit(self.pipe.edit, Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1,
+                            seed=0).result()
 
     async def edit(self, image: Image.Image, params: EditParameters) -> Outcome:
         return await self.edit_batch((image, params))
@@ -66,7 +70,8 @@ class EditModel:
             groups.setdefault(job.key, []).append((i, job))
         for members in groups.values():
             try:
-                outcomes = await asyncio.to_thread(run_batch, self.pipe, [job for _, job in members])
+                outcomes = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, run_batch, self.pipe, [job for _, job in members])
             except InputError as err:
                 outcomes = [err] * len(members)
             for (i, _), outcome in zip(members, outcomes):
@@ -195,7 +200,7 @@ LOAD_KEYS = ("model", "backend", "device", "dtype", "variant")
 
 def app(args: dict):
     """The application builder a Serve config names (``import_path: engine.serving.ray_app:app``), e.g. in
-    ``serve run docs/serve_config.yaml`` or a KubeRay RayService. ``args``: the model (``model``, ``backend``,
+    ``serve run docs/serving/serve_config.yaml`` or a KubeRay RayService. ``args``: the model (``model``, ``backend``,
     ``device``, ``dtype``, ``variant``), any ``Settings`` field (``max_batch``, ``max_queue``, ``timeout``, ...),
     and ``replicas``, ``num_cpus``, ``num_gpus``, ``autoscaling`` (an autoscaling_config). The API key, if any,
     comes from $IP2P_API_KEY where the application is built."""

@@ -21,7 +21,7 @@ def serving_pipeline(load: dict, settings: Settings) -> EditPipeline:
 
 def local_service(load: dict, settings: Settings) -> EditWorker:
     """An EditWorker around the serving pipeline of ``load`` (EditPipeline.from_pretrained's arguments)."""
-    return EditWorker(serving_pipeline(load, settings), settings, Metrics(settings.max_batch))
+    return EditWorker(lambda: serving_pipeline(load, settings), settings, Metrics(settings.max_batch))
 
 
 @contextmanager
