@@ -84,7 +84,8 @@ def test_sharing_changes_only_the_edited_sample_and_switches_off(base):
     pipe, state = base
     samples = {p: sample_pair(pipe, state, PROMPTS[0]["input"], PROMPTS[0]["output"], p=p, guidance=7.0, seed=3,
                               steps=6, resolution=64) for p in (0.0, 1.0)}
-    np.testing.assert_array_equal(pixels(samples[1.0][0]), pixels(samples[0.0][0]))  # the input sample: as alone
+    # the input sample is as alone (to 8-bit rounding: shared steps use the explicit kernel, others the fused one)
+    assert np.abs(pixels(samples[1.0][0]) - pixels(samples[0.0][0])).max() <= 1
     assert np.abs(pixels(samples[1.0][1]) - pixels(samples[0.0][1])).max() > 0
     assert not state.sharing  # switched off after the run
 

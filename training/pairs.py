@@ -78,12 +78,14 @@ class SharedAttention:
         mask = attn.prepare_attention_mask(attention_mask, context.shape[1], rows)
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, mask)  # (rows * heads, queries, keys), row-major
         if self.state.sharing:
+            probs = attn.get_attention_scores(query, key, mask)  # (rows * heads, queries, keys), row-major
             maps = probs.view(rows, -1, *probs.shape[1:]).clone()
             maps[1::2] = maps[0::2]
-            probs = maps.view_as(probs)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+            out = torch.bmm(maps.view_as(probs), value)
+        else:  # the maps are not needed: the fused kernel, as diffusers' own processor uses
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+        out = attn.batch_to_head_dim(out)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
