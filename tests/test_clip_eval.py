@@ -48,32 +48,21 @@ def test_scores_equal_clipmodels_own_similarities(tiny_clip):
     assert len(scores.per_example()) == 3
 
 
-def test_an_image_scores_one_against_itself_and_direction_follows_the_caption(tiny_clip):
-    scorer = ClipScorer(tiny_clip)
+def test_an_unchanged_image_scores_one_and_has_no_direction(tiny_clip):
     before = images(0)
-    same = scorer.score(before, before, ["a"] * 3, ["b"] * 3)
+    same = ClipScorer(tiny_clip).score(before, before, ["a"] * 3, ["b"] * 3)
     np.testing.assert_allclose(same.image_similarity, 1.0, atol=1e-5)
     np.testing.assert_array_equal(same.directional_similarity, 0.0)  # no change: no direction
-    # an edit whose embedding moved exactly along the caption change has directional similarity 1
-    text_in, text_out = scorer.text_embeddings(["a red circle"]), scorer.text_embeddings(["a blue circle"])
-    from training.clip_metrics import cosine
-
-    assert cosine(text_out - text_in, text_out - text_in)[0] == pytest.approx(1.0)
 
 
-def test_resolve_clip_names_what_is_wrong(tmp_path, tiny_model):
+def test_resolve_clip_names_what_is_wrong(tmp_path, tiny_model, monkeypatch):
     with pytest.raises(InputError, match="not a CLIP model"):
         resolve_clip(f"{tiny_model}/text_encoder")  # a CLIP *text* model: model_type clip_text_model
     with pytest.raises(InputError, match="config.json: missing"):
         resolve_clip(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="not in the local Hugging Face cache"):
-        import os
-
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            resolve_clip("nobody/no-such-clip")
-        finally:
-            del os.environ["HF_HUB_OFFLINE"]
+        resolve_clip("nobody/no-such-clip")
 
 
 def write_captioned_folder(folder, input_key="input_caption", output_key="output_caption", broken=False):

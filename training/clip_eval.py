@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from engine.errors import InputError
+from engine.images import save_image
 from training.clip_metrics import METRICS, ClipScorer
 from training.data import CAPTIONED, SkipCounter, open_rows, read_image
 
@@ -120,13 +122,9 @@ def clip_evaluate(pipe: "EditPipeline", scorer: ClipScorer, examples: Sequence[E
 
 def _save(folder: Path, images: Sequence["Image.Image"]) -> None:
     """The edits by example index, each written atomically."""
-    import os
-
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
-        tmp = folder / f".{index:05d}.png.tmp"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, folder / f"{index:05d}.png")
+        save_image(image, folder / f"{index:05d}.png")
 
 
 def format_clip_report(report: dict) -> str:
@@ -141,8 +139,6 @@ def format_clip_report(report: dict) -> str:
 def plot_clip_report(report: dict, out: str | Path) -> None:
     """Directional similarity against image similarity, one point per setting (the paper's fig. 8), written
     atomically to ``out``."""
-    import os
-
     try:
         import matplotlib
 

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from engine.errors import InputError
+from engine.images import save_image
 from engine.manifest import write_json_atomic
 from training.prompts import read_prompts
 
@@ -181,12 +182,6 @@ def clip_filter(image_in: np.ndarray, image_out: np.ndarray, text_in: np.ndarray
 
 
 # -- the command ------------------------------------------------------------------------------------------
-def _save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _shards(out: Path) -> Iterator[dict]:
     for shard in sorted((out / "shards").glob("*.json")):
         yield json.loads(shard.read_text(encoding="utf-8"))
@@ -241,7 +236,7 @@ def generate_pairs(prompts: str | Path, base: str, clip: str, out: str | Path, s
         for rank, c in enumerate(kept):
             names = (f"images/{index:06d}-{rank}-input.png", f"images/{index:06d}-{rank}-edited.png")
             for image, name in zip(candidates[c]["images"], names):
-                _save_png(image, out / name)
+                save_image(image, out / name)
             examples.append(dict(input_image=names[0], edit_prompt=row["edit"], edited_image=names[1],
                                  input_caption=row["input"], output_caption=row["output"],
                                  p=round(candidates[c]["p"], 4), text_guidance=round(candidates[c]["guidance"], 4),
