@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
+from engine.caching import StepCache
 from engine.errors import InputError
 from engine.guidance import GuidanceOptions
 from engine.samplers import SAMPLERS
@@ -94,6 +95,7 @@ class EditConfig:
     keep_size: bool = False
     output_type: Literal["pil", "np"] = "pil"
     guidance: GuidanceOptions = GuidanceOptions()  # exact by default; interval and adaptive rule approximate
+    step_cache: StepCache = StepCache()  # off by default; DeepCache's reuse of deep features approximates
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:

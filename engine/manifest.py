@@ -71,6 +71,14 @@ class Bundle:
     def null_embedding_file(self) -> Path:
         return self.folder / self.manifest["null_embedding"]["path"]
 
+    def unet_macs(self, name: str) -> float:
+        """Multiply-accumulates of one row of UNet component ``name``, counted at export for the profile's
+        opt size (the shallow share changes little with size)."""
+        entry = self.manifest["components"][name].get("macs")
+        if entry is None:
+            raise InputError(f"{self.folder}: the manifest records no work for {name}; export the bundle again")
+        return float(entry["per_row"])
+
     def component_file(self, name: str) -> Path:
         """The main file (graph or engine) of component ``name``."""
         return self.folder / self.manifest["components"][name]["files"][0]["path"]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from engine import images as imaging
 from engine.backends import BUNDLE_BACKENDS, BUNDLE_RUNTIMES, Backend, backend_module
+from engine.caching import FeatureCache, StepCache
 from engine.checkpoints import resolve_model
 from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
 from engine.manifest import is_bundle, read_bundle
@@ -130,18 +131,22 @@ class EditPipeline:
         output_type: str = "pil",
         guidance_interval: tuple[float, float] | None = None,
         adaptive_guidance: float | None = None,
+        cache_interval: int | None = None,
+        cache_depth: int | None = None,
     ) -> EditResult:
         """Edit one image or a list. ``preset`` sets steps, sampler and guidance savings (``engine.presets``);
         a setting given here overrides it (None: the preset's; exact: 20 euler_ancestral steps, s_T 7.5,
         s_I 1.5). ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's own (512 for
         SD 1.5), ``None`` keeps the input size. ``latents``: unit-variance initial noise (B, 4, H/8, W/8),
         scaled by the scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
-        only for sigma inside it; ``adaptive_guidance``: the cosine past which a branch stops (both
-        approximate)."""
+        only for sigma inside it; ``adaptive_guidance``: the cosine past which a branch stops;
+        ``cache_interval``/``cache_depth``: step caching, the whole UNet every ``cache_interval``-th call and
+        only its ``cache_depth`` outer levels between (all approximate)."""
         config = preset_config(
             preset, dict(resolution=resolution, keep_size=keep_size, output_type=output_type),
             steps=steps, text_guidance=text_guidance, image_guidance=image_guidance, sampler=sampler,
             guidance_interval=guidance_interval, adaptive_guidance=adaptive_guidance,
+            cache_interval=cache_interval, cache_depth=cache_depth,
         )
         batch = list(image) if isinstance(image, (list, tuple)) else [image]
         return self.run(batch, instruction, config, seed=seed, latents=latents)
@@ -182,7 +187,7 @@ class EditPipeline:
         timings["preprocess"] = time.perf_counter() - start
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
-        evaluations = [0] * len(images)
+        evaluations, work = [0] * len(images), [0.0] * len(images)
         max_batch = self.profile.batch[2] if self.profile else len(images)
         chunks = [  # (offset in the group, members): a bundle's profile caps images per call
             (start, group[start : start + max_batch]) for group in groups.values()
@@ -191,17 +196,18 @@ class EditPipeline:
         if self.profile is not None and self.profile.static and not config.guidance.exact:
             raise InputError("the guidance interval and adaptive guidance change the UNet rows from step to step; "
                              "this static-shape bundle always runs all three branches: export without --static")
+        self._check_step_cache(config.step_cache)
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))
         for start, members in chunks:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
-            edited, rows = self._edit_batch(
+            edited, rows, cost = self._edit_batch(
                 pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings,
                 [scales[i] for i in members], on_step,
             )
-            for i, out, count in zip(members, edited, rows):
-                outputs[i], evaluations[i] = out, count
+            for i, out, count, done in zip(members, edited, rows, cost):
+                outputs[i], evaluations[i], work[i] = out, count, done
 
         start = time.perf_counter()
         if config.keep_size:
@@ -217,7 +223,7 @@ class EditPipeline:
             result = outputs
         timings["postprocess"] = time.perf_counter() - start
         return EditResult(images=result, seeds=seeds, timings=dict(timings), unet_evaluations=evaluations,
-                          unet_work=[float(n) for n in evaluations])
+                          unet_work=work)
 
     def _sizing(self, resolution: Resolution) -> tuple[int | None, int]:
         """The long side images are resized to (None: kept) and the multiple their sides are rounded to."""
@@ -242,6 +248,15 @@ class EditPipeline:
                              f"height {h_lo}-{h_hi} pixels; pass a resolution inside it or export with a wider one")
         if count < b_lo:
             raise InputError(f"this bundle was exported for at least {b_lo} images per call, got {count}")
+
+    def _check_step_cache(self, cache: StepCache) -> None:
+        """Refuse step caching up front where the backend lacks the split UNet, naming the fix."""
+        if not cache.on:
+            return
+        missing = [name for name in cache.components if not self.backend.has(name)]
+        if missing:
+            raise InputError(f"step caching at depth {cache.depth} needs the split UNet ({', '.join(missing)}), which "
+                             f"this bundle lacks: export it with `ip2p export MODEL OUT --step-cache {cache.depth}`")
 
     def encode_text(self, instructions: list[str]) -> Any:
         """(B, 77, D) text embeddings on the backend; recent instructions come from a small LRU cache."""
@@ -274,9 +289,9 @@ class EditPipeline:
         timings: dict[str, float],
         scales: list[tuple[float, float]],
         on_step: Callable[[int], None] | None,
-    ) -> tuple[np.ndarray, list[int]]:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1], and the UNet rows each image
-        took."""
+    ) -> tuple[np.ndarray, list[int], list[float]]:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1], the UNet rows each image
+        took, and their MAC-weighted sum in whole-UNet rows."""
         be, b = self.backend, len(instructions)
         static = self.profile is not None and self.profile.static  # static engines take exactly 3B rows
         plan = GuidancePlan(b, [t for t, _ in scales], [i for _, i in scales], config.guidance, all_branches=static)
@@ -323,17 +338,32 @@ class EditPipeline:
                 conditioning[key] = (be.constant(be.concat(texts, 0)), be.concat(images, 0))
             return conditioning[key]
 
-        evaluations = [0] * b  # UNet rows per image, over the whole edit
+        evaluations, work = [0] * b, [0.0] * b  # UNet rows per image over the whole edit, and their MACs in UNets
+        cache, features = config.step_cache, FeatureCache(lambda parts: be.concat(parts, 0))
+        full_name, shallow_name = cache.components
+        latent_size = (shape[1], shape[2])
+        shallow_cost = be.macs(shallow_name, latent_size) / be.macs(full_name, latent_size) if cache.on else 1.0
+        calls = [0]
 
         def unet(x_in: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
             text_rows, image_rows = rows_for(groups)
-            xs = []
+            xs, keys = [], []
             for indices, branches in groups:
                 xs += [take(x_in, indices)] * len(branches)  # sliced once per group, not once per branch
+                keys += [(i, k) for k in branches for i in indices]  # (image, branch) of each row, in row order
             sample = be.concat([be.concat(xs, 0), image_rows], 1)  # (N, 8, h, w)
             n = sample.shape[0]
-            out = be.run(UNET.name, {"sample": sample, "timestep": be.asarray(np.full(n, t, dtype=np.float32)),
-                                     "encoder_hidden_states": text_rows})["noise_pred"]  # (N, 4, h, w)
+            inputs = {"sample": sample, "timestep": be.asarray(np.full(n, t, dtype=np.float32)),
+                      "encoder_hidden_states": text_rows}
+            full = cache.full(calls[0]) or not features.covers(keys)
+            if full:
+                result = be.run(full_name, inputs)
+                if cache.on:
+                    features.store(keys, result["deep_feature"])  # (N, C, h', w')
+            else:
+                result = be.run(shallow_name, {**inputs, "deep_feature": features.take(keys)})
+            calls[0] += 1
+            out = result["noise_pred"]  # (N, 4, h, w)
             outputs, offset = [], 0
             for indices, branches in groups:
                 group = {}
@@ -342,6 +372,7 @@ class EditPipeline:
                     offset += len(indices)
                 for i in indices:
                     evaluations[i] += len(branches)
+                    work[i] += len(branches) * (1.0 if full else shallow_cost)
                 outputs.append(group)
             return outputs
 
@@ -361,7 +392,7 @@ class EditPipeline:
         start = time.perf_counter()
         decoded = self._decode(x)
         timings["decode"] += time.perf_counter() - start
-        return imaging.from_model_output(decoded), evaluations
+        return imaging.from_model_output(decoded), evaluations, work
 
     def _decode(self, latents: Any) -> np.ndarray:
         """(B, 3, H, W) decoded pixels; a reduced-precision overflow is retried with the float32 decoder."""

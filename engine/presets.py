@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from engine.caching import StepCache
 from engine.config import EditConfig
 from engine.errors import InputError
 from engine.guidance import GuidanceOptions
@@ -32,5 +33,9 @@ def preset_config(preset: str = "exact", fixed: dict | None = None, **settings) 
     if interval is not None or adaptive is not None:
         guidance = dataclasses.replace(guidance, **{k: v for k, v in (("interval", interval),
                                                                        ("adaptive_threshold", adaptive)) if v is not None})
+    cache = values.pop("step_cache", StepCache())
+    interval, depth = settings.pop("cache_interval", None), settings.pop("cache_depth", None)
+    if interval is not None or depth is not None:
+        cache = StepCache(cache.interval if interval is None else interval, cache.depth if depth is None else depth)
     values.update({k: v for k, v in settings.items() if v is not None})
-    return EditConfig(**values, **(fixed or {}), guidance=guidance)
+    return EditConfig(**values, **(fixed or {}), guidance=guidance, step_cache=cache)

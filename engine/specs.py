@@ -3,7 +3,8 @@
 The torch backend, the exporter, the TensorRT builder and the runtimes all read these specs, so a
 component's inputs and outputs are called the same everywhere. Dimensions are symbolic names
 (``B`` images per call, ``N`` UNet rows: 3B with guidance or B without, ``H``/``W`` latent height/width,
-``HP``/``WP`` pixel height/width, ``D`` text width) or integers. A ``Profile`` gives every symbol a
+``HP``/``WP`` pixel height/width, ``D`` text width; ``FC``/``FH``/``FW`` the channels, height and width of the
+step cache's deep feature) or integers. A ``Profile`` gives every symbol a
 min/opt/max range; exporters, TensorRT profiles, buffer allocation and input checks all derive from it.
 """
 from __future__ import annotations
@@ -66,6 +67,27 @@ VAE_DECODER = ComponentSpec(
 )
 
 COMPONENTS = {spec.name: spec for spec in (TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER)}
+DEEP_FEATURE = TensorSpec("deep_feature", "float32", ("N", "FC", "FH", "FW"))
+
+
+def unet_split(depth: int) -> tuple[ComponentSpec, ComponentSpec]:
+    """The UNet as two networks for step caching at ``depth`` (``engine.backends.unet_split``): the full
+    one, which also returns the input of the ``depth`` outermost up levels, and the shallow one, which
+    runs only those levels (and their down levels) on that feature from the last full call."""
+    full = ComponentSpec(name=f"unet_full_d{depth}", inputs=UNET.inputs, outputs=UNET.outputs + (DEEP_FEATURE,))
+    shallow = ComponentSpec(name=f"unet_shallow_d{depth}", inputs=UNET.inputs + (DEEP_FEATURE,), outputs=UNET.outputs)
+    return full, shallow
+
+
+def component_spec(name: str) -> ComponentSpec:
+    """The spec of any component a bundle or backend may hold, the split UNets included."""
+    if name in COMPONENTS:
+        return COMPONENTS[name]
+    kind, _, depth = name.rpartition("_d")
+    if kind in ("unet_full", "unet_shallow") and depth.isdigit():
+        full, shallow = unet_split(int(depth))
+        return full if kind == "unet_full" else shallow
+    raise KeyError(f"no component {name!r}")
 # The float32 VAE decoder a backend may offer as a fallback when reduced precision overflows.
 VAE_DECODER_FP32 = VAE_DECODER.name + "_fp32"
 
@@ -91,12 +113,19 @@ class Profile:
                 raise InputError(f"{name} profile {lo}:{opt}:{hi}: sides must be multiples of {multiple}")
         return self
 
-    def dims(self, vae_factor: int, text_dim: int, guided_only: bool = False) -> dict[str, Range]:
+    def dims(self, vae_factor: int, text_dim: int, guided_only: bool = False,
+             feature: tuple[int, int] | None = None) -> dict[str, Range]:
         """Range of every symbolic dimension. UNet rows N run from B (no guidance) to 3B, unless
-        ``guided_only`` (static engines), where N is exactly 3B."""
+        ``guided_only`` (static engines), where N is exactly 3B. ``feature``: (channels, downscale from the
+        latent) of the step cache's deep feature, for bundles with the split UNet."""
         b = self.batch
         n_min = 3 * b[0] if guided_only else b[0]
-        return {
+        extra = {}
+        if feature is not None:
+            channels, scale = feature
+            extra = {"FC": (channels,) * 3, "FH": tuple(v // vae_factor // scale for v in self.height),
+                     "FW": tuple(v // vae_factor // scale for v in self.width)}
+        return extra | {
             "B": b,
             "N": (n_min, 3 * b[1], 3 * b[2]),
             "HP": self.height,

@@ -41,6 +41,7 @@ class ExportOptions:
     profile: Profile = Profile(batch=(1, 1, 4), height=(256, 512, 768), width=(256, 512, 768))
     verify: bool = False
     force: bool = False
+    step_cache: int | None = None  # also export the UNet split for step caching at this depth
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -92,15 +93,20 @@ def _prepare_output(out: Path, force: bool) -> None:
         raise InputError(f"{parent}: not writable")
 
 
-def verification_sizes(profile: Profile, vae_factor: int, text_dim: int) -> dict[str, list[dict[str, int]]]:
-    """Shapes each component is verified at: the profile's opt size and its smallest size (if different);
-    the UNet at batch 3 (one guided image) at both."""
+def verification_sizes(profile: Profile, vae_factor: int, text_dim: int, names: list[str],
+                       feature: tuple[int, int] | None = None) -> dict[str, list[dict[str, int]]]:
+    """Shapes each component of ``names`` is verified at: the profile's opt size and its smallest size (if
+    different); the UNets at batch 3 (one guided image) at both. ``feature``: the deep feature's (channels,
+    downscale) for the split UNet."""
     sides = {(profile.height[1], profile.width[1]), (profile.height[0], profile.width[0])}
     batch = profile.batch[1]
-    sets: dict[str, list[dict[str, int]]] = {name: [] for name in specs.COMPONENTS}
+    sets: dict[str, list[dict[str, int]]] = {name: [] for name in names}
     for hp, wp in sorted(sides):
         base = {"B": batch, "HP": hp, "WP": wp, "H": hp // vae_factor, "W": wp // vae_factor, "D": text_dim}
-        for name in specs.COMPONENTS:
+        if feature is not None:
+            channels, scale = feature
+            base |= {"FC": channels, "FH": hp // vae_factor // scale, "FW": wp // vae_factor // scale}
+        for name in names:
             sets[name].append({**base, "N": 3 * batch})
     sets["text_encoder"] = sets["text_encoder"][:1]
     return sets
@@ -128,7 +134,8 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     folder and the verification results."""
     import torch
 
-    from engine.backends.torch_backend import load_networks, wrap_components
+    from engine.backends.torch_backend import load_networks, split_modules, unet_macs, wrap_components
+    from engine.backends.unet_split import check_splittable, feature_shape
     from engine.tokenizer import ClipTokenizer
 
     out = Path(out_dir)
@@ -142,19 +149,29 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     profile = options.profile.check(model_config.downsampling)
     unet, vae, text_encoder = load_networks(source)
     modules = wrap_components(unet, vae, text_encoder)
+    component_specs = list(specs.COMPONENTS.values())
+    feature = None
+    if options.step_cache is not None:
+        depth = options.step_cache
+        check_splittable(unet, depth)
+        component_specs += specs.unet_split(depth)
+        modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(depth)}
+        feature = (feature_shape(unet, depth, (8, 8))[0], 2 ** (depth - 1))  # (channels, downscale)
     vocab_size = int(text_encoder.config.vocab_size)
     # Static profiles (CUDA graphs) always run all three guidance branches: UNet rows are exactly 3B.
-    dims = profile.dims(model_config.vae_factor, model_config.text_dim, guided_only=profile.static)
+    dims = profile.dims(model_config.vae_factor, model_config.text_dim, guided_only=profile.static, feature=feature)
     # TensorRT builds its fp16 engines from float32 graphs; only ONNX bundles convert the graphs.
     graph_precision = options.precision if options.format == "onnx" else "fp32"
-    sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim)
+    names = [spec.name for spec in component_specs]
+    sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim, names, feature)
+    opt_latent = (profile.height[1] // model_config.vae_factor, profile.width[1] // model_config.vae_factor)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
     checks: list[Check] = []
     components: dict[str, dict] = {}
     try:
-        for name in tqdm(list(specs.COMPONENTS), desc="exporting", unit="component", disable=not progress):
-            spec = specs.COMPONENTS[name]
+        for spec in tqdm(component_specs, desc="exporting", unit="component", disable=not progress):
+            name = spec.name
             try:
                 entry, component_checks = _export_component(
                     name, modules[name], spec, dims, sizes[name], model_config.vae_factor, profile, staging,
@@ -170,6 +187,9 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             if failed:
                 raise ExportError(f"{name}: verification failed: {failed[0]}")
             checks += component_checks
+            if name.startswith(specs.UNET.name):  # what one row costs, to weigh step caching's shallow calls
+                entry["macs"] = {"per_row": unet_macs(unet, name, opt_latent, model_config.text_dim),
+                                 "latent_size": list(opt_latent)}
             components[name] = entry
 
         tokenizer_dir = staging / "tokenizer"
@@ -181,7 +201,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         if options.format == "tensorrt":
             from export.tensorrt_build import build_engines
 
-            gpu = build_engines(staging, components, profile, model_config.vae_factor, model_config.text_dim)
+            gpu = build_engines(staging, components, dims)
         else:
             gpu = None
         manifest = {

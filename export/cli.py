@@ -20,6 +20,8 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     shape = export.add_mutually_exclusive_group()
     shape.add_argument("--resolution", default="256:768", help="pixel side range: N, MIN:MAX or MIN:OPT:MAX")
     shape.add_argument("--static", help="one fixed size WxH, e.g. 512x512 (for CUDA graphs)")
+    export.add_argument("--step-cache", type=int, metavar="DEPTH",
+                        help="also export the UNet split for step caching at DEPTH outer levels (usually 1)")
     export.add_argument("--verify", action="store_true", help="check every component against PyTorch")
     export.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
 
@@ -42,7 +44,7 @@ def run_export(args: argparse.Namespace) -> None:
         side = parse_range(args.resolution, "--resolution", default_opt=512)
         profile = Profile(batch=batch, height=side, width=side)
     options = bundle.ExportOptions(format=args.format, precision=args.precision, profile=profile, verify=args.verify,
-                                   force=args.force)
+                                   force=args.force, step_cache=args.step_cache)
     out, checks = bundle.export_bundle(args.model, args.out_dir, options, config=args.config, variant=args.variant,
                                        progress=not args.quiet)
     for check in checks:

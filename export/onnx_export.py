@@ -39,14 +39,20 @@ def sample_inputs(spec: ComponentSpec, dims: dict[str, Range]) -> tuple[torch.Te
 
 def dynamic_shapes(spec: ComponentSpec, dims: dict[str, Range], vae_factor: int) -> dict[str, dict]:
     """torch.export Dims for every symbolic axis whose range is not a single value; pixel axes are
-    derived from latent axes (HP = vae_factor * H) so the exporter sees the divisibility."""
+    derived from latent axes (HP = vae_factor * H) so the exporter sees the divisibility, and latent axes
+    from the step cache's deep feature where it is coarser (H = scale * FH)."""
     from torch.export import Dim
 
     made: dict[str, object] = {}
+    scale = dims["H"][1] // dims["FH"][1] if "FH" in dims else 1  # latent side over the deep feature's
 
     def dim(symbol: str):
         if symbol in ("HP", "WP"):
             return vae_factor * dim(symbol[0])
+        if symbol in ("FH", "FW") and scale == 1:
+            return dim(symbol[1])
+        if symbol in ("H", "W") and scale > 1:
+            return scale * dim("F" + symbol)
         if symbol not in made:
             lo, _, hi = dims[symbol]
             made[symbol] = Dim(symbol, min=lo, max=hi)

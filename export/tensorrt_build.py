@@ -17,7 +17,7 @@ from engine import specs
 from engine.backends.tensorrt_backend import require_tensorrt
 from engine.errors import ExportError
 from engine.manifest import file_entry
-from engine.specs import Profile, Range
+from engine.specs import Range
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ def input_shapes(spec: specs.ComponentSpec, dims: dict[str, Range]) -> dict[str,
     return {t.name: ranges[t.name] for t in spec.inputs}
 
 
-def engine_dims(profile: Profile, vae_factor: int, text_dim: int) -> dict[str, Range]:
-    """Static engines (for CUDA graphs) always evaluate all three guidance branches: N is exactly 3B."""
-    return profile.dims(vae_factor, text_dim, guided_only=profile.static)
-
-
 def build_engine(onnx_path: Path, shapes: dict, fp16: bool, timing_cache: Path, out: Path) -> None:
     """Parse ``onnx_path`` and build one engine with one optimisation profile; updates the timing cache."""
     import tensorrt as trt
@@ -86,19 +81,19 @@ def build_engine(onnx_path: Path, shapes: dict, fp16: bool, timing_cache: Path, 
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def build_engines(staging: Path, components: dict[str, dict], profile: Profile, vae_factor: int, text_dim: int) -> dict:
-    """Build (or take from the cache) an engine for every component; each manifest entry gets the engine
-    as its first file. Returns the GPU the engines are for."""
+def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Range]) -> dict:
+    """Build (or take from the cache) an engine for every component, its profile from ``dims`` (the bundle's
+    ranges of every symbolic dimension); each manifest entry gets the engine as its first file. Returns
+    the GPU the engines are for."""
     import tensorrt as trt
 
     gpu = require_tensorrt()
-    dims = engine_dims(profile, vae_factor, text_dim)
     cache = cache_dir()
     timing = cache / timing_cache_name(trt.__version__, gpu)
     for name, entry in components.items():
         onnx_entry = entry["files"][0]
         fp16 = name not in FP32_COMPONENTS
-        shapes = input_shapes(specs.COMPONENTS[name], dims)
+        shapes = input_shapes(specs.component_spec(name), dims)
         key = engine_cache_key(onnx_entry["sha256"], "fp16" if fp16 else "fp32", shapes, trt.__version__, gpu)
         cached = cache / f"{name}-{key}.plan"
         if cached.is_file():

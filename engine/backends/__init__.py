@@ -3,7 +3,8 @@
 A backend answers ``run(component, inputs) -> outputs`` keyed by the spec's tensor names, plus the
 array helpers the denoising loop needs: ``asarray`` (numpy -> backend array), ``to_numpy``, ``concat``
 and ``constant`` (an input that every step passes again unchanged, which a GPU backend keeps on the
-device). Each backend lives in its own module so its heavy imports stay there.
+device), and ``macs`` (the multiply-accumulates of one UNet row of a component, which weigh the work
+of step caching's shallow calls). Each backend lives in its own module so its heavy imports stay there.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Backend(Protocol):
     def concat(self, arrays: Sequence[Any], axis: int) -> Any: ...
 
     def constant(self, array: Any) -> Any: ...
+
+    def macs(self, component: str, latent_size: tuple[int, int]) -> float: ...
 
 
 def backend_module(name: str):

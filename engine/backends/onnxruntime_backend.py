@@ -202,6 +202,9 @@ class OnnxRuntimeBackend(HostArrays):
     def has(self, component: str) -> bool:
         return component in self._sessions
 
+    def macs(self, component: str, latent_size: tuple[int, int]) -> float:
+        return self.bundle.unet_macs(component)
+
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
         if self.bound:
             return self.bound[component].run(inputs)

@@ -163,6 +163,9 @@ class TensorRTBackend(HostArrays):
     def has(self, component: str) -> bool:
         return component in self._engines
 
+    def macs(self, component: str, latent_size: tuple[int, int]) -> float:
+        return self.bundle.unet_macs(component)
+
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
         return self._engines[component].run(inputs)
 

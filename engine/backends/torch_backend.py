@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import specs
+from engine.backends import unet_split
 from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, Weights
 from engine.config import check_unet_channels
 from engine.cpu import cpu_precision
@@ -143,34 +144,96 @@ def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, kv
 FP32_DECODER = specs.VAE_DECODER_FP32
 
 
+def split_modules(unet: nn.Module, name: str, kv_downsample: int = 1) -> nn.Module | None:
+    """The step-caching half ``name`` (``unet_full_dK`` or ``unet_shallow_dK``) of ``unet``, sharing its
+    weights; None for any other name."""
+    try:
+        spec = specs.component_spec(name)
+    except KeyError:
+        return None
+    if spec.name.startswith("unet_full_d"):
+        return unet_split.FullUNet(unet, int(spec.name.rpartition("_d")[2]), kv_downsample).eval()
+    if spec.name.startswith("unet_shallow_d"):
+        return unet_split.ShallowUNet(unet, int(spec.name.rpartition("_d")[2]), kv_downsample).eval()
+    return None
+
+
+def unet_macs(unet: nn.Module, name: str, latent_size: tuple[int, int], text_dim: int, kv_downsample: int = 1) -> float:
+    """Multiply-accumulates of one UNet row of component ``name`` (the plain UNet or a split half) at
+    ``latent_size``, counted by torch's FlopCounterMode on a weightless (meta-device) copy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = type(unet).from_config(unet.config)
+        module = split_modules(twin, name, kv_downsample) or UNet(twin, kv_downsample)
+        h, w = latent_size
+        inputs = {"sample": torch.empty(1, twin.config.in_channels, h, w), "timestep": torch.empty(1),
+                  "encoder_hidden_states": torch.empty(1, 77, text_dim)}
+        if name.startswith("unet_shallow_d"):
+            depth = int(name.rpartition("_d")[2])
+            inputs["deep_feature"] = torch.empty(1, *unet_split.feature_shape(twin, depth, latent_size))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            module(**inputs)
+    return counter.get_total_flops() / 2
+
+
 class TorchBackend:
     """Runs the wrapped networks under ``torch.inference_mode`` in one dtype on one device: eagerly, or
-    with ``compile_unet`` the UNet (nearly all of an edit's work) through ``torch.compile``."""
+    with ``compile_unet`` the UNets (nearly all of an edit's work) through ``torch.compile``. The halves of
+    the UNet split for step caching are made from the UNet's own modules when first asked for."""
 
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, dtype: torch.dtype,
                  compile_unet: bool = False):
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.compile_unet = device, dtype, compile_unet
+        wrapper = modules[specs.UNET.name]
+        self._unet, self._kv_downsample = wrapper.unet, wrapper.kv_downsample  # the diffusers UNet, for splits
         self._modules = {name: (m.to(device=device, dtype=dtype), dtype) for name, m in modules.items()}
+        self._macs: dict[tuple[str, tuple[int, int]], float] = {}
         if compile_unet:
-            unet, _ = self._modules[specs.UNET.name]
-            # freezing: weights become constants, so inductor folds them and pre-packs them for oneDNN on CPUs
-            self._modules[specs.UNET.name] = (torch.compile(unet, dynamic=False, options={"freezing": True}), dtype)
+            self._modules[specs.UNET.name] = (self._compiled(self._modules[specs.UNET.name][0]), dtype)
             log.info("the UNet is compiled at its first call for each new input shape (about a minute on 2 CPU "
                      "cores for SD 1.5), then runs compiled")
 
+    @staticmethod
+    def _compiled(module: nn.Module) -> nn.Module:
+        # freezing: weights become constants, so inductor folds them and pre-packs them for oneDNN on CPUs
+        return torch.compile(module, dynamic=False, options={"freezing": True})
+
     def has(self, component: str) -> bool:
-        return component in self._modules or (component == FP32_DECODER and self.dtype != torch.float32)
+        if component in self._modules or (component == FP32_DECODER and self.dtype != torch.float32):
+            return True
+        return split_modules(self._unet, component, self._kv_downsample) is not None  # InputError: no such level
+
+    def _module(self, component: str) -> tuple[nn.Module, torch.dtype]:
+        if component not in self._modules:
+            if component == FP32_DECODER:
+                module, dtype = copy.deepcopy(self._modules[specs.VAE_DECODER.name][0]).float(), torch.float32
+            else:
+                module, dtype = split_modules(self._unet, component, self._kv_downsample), self.dtype
+                if module is None:
+                    raise KeyError(f"no component {component!r}")
+                if self.compile_unet:
+                    module = self._compiled(module)
+            self._modules[component] = (module, dtype)
+        return self._modules[component]
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        if component == FP32_DECODER and component not in self._modules:
-            decoder = copy.deepcopy(self._modules[specs.VAE_DECODER.name][0]).float()
-            self._modules[component] = (decoder, torch.float32)
-        module, dtype = self._modules[component]
-        spec = specs.VAE_DECODER if component == FP32_DECODER else specs.COMPONENTS[component]
+        module, dtype = self._module(component)
+        spec = specs.VAE_DECODER if component == FP32_DECODER else specs.component_spec(component)
         args = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.inference_mode():
             out = module(**args)
-        return {spec.output_names[0]: out.float()}
+        outs = out if isinstance(out, tuple) else (out,)
+        return {name: value.float() for name, value in zip(spec.output_names, outs)}
+
+    def macs(self, component: str, latent_size: tuple[int, int]) -> float:
+        """Multiply-accumulates of one row of a UNet component at ``latent_size`` (counted once per size)."""
+        key = (component, tuple(latent_size))
+        if key not in self._macs:
+            text_dim = int(self._unet.config.cross_attention_dim)
+            self._macs[key] = unet_macs(self._unet, component, latent_size, text_dim, self._kv_downsample)
+        return self._macs[key]
 
     def asarray(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
