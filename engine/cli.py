@@ -86,6 +86,10 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaptive-guidance", type=float, metavar="COS",
                         help="stop a guidance branch of an image once its cosine similarity to the next passes COS, "
                              "about 0.99 (approximate)")
+    parser.add_argument("--cache-interval", type=int, metavar="N",
+                        help="step caching: the whole UNet every N-th call, only its outer levels between (approximate)")
+    parser.add_argument("--cache-depth", type=int, metavar="D",
+                        help="step caching: how many outer UNet levels the calls between run (default 1)")
 
 
 def edit_config(args: argparse.Namespace, **fixed) -> "EditConfig":
@@ -94,7 +98,8 @@ def edit_config(args: argparse.Namespace, **fixed) -> "EditConfig":
 
     return preset_config(args.preset, fixed, steps=args.steps, text_guidance=args.text_guidance,
                          image_guidance=args.image_guidance, sampler=args.sampler,
-                         guidance_interval=args.guidance_interval, adaptive_guidance=args.adaptive_guidance)
+                         guidance_interval=args.guidance_interval, adaptive_guidance=args.adaptive_guidance,
+                         cache_interval=args.cache_interval, cache_depth=args.cache_depth)
 
 
 def add_edit_arguments(edit: argparse.ArgumentParser) -> None:

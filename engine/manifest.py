@@ -71,6 +71,13 @@ class Bundle:
     def null_embedding_file(self) -> Path:
         return self.folder / self.manifest["null_embedding"]["path"]
 
+    @property
+    def all_branches(self) -> bool:
+        """Whether the UNet takes exactly 3B rows (static ONNX graphs, for CUDA graphs): every guidance branch
+        at every step. Dynamic bundles, and static TensorRT engines with a profile per row count, take B to 3B."""
+        rows = self.manifest["components"]["unet"]["inputs"][0]["shapes"][0][0]  # min N of the sample input
+        return rows == 3 * self.profile.batch[0]
+
     def unet_macs(self, name: str) -> float:
         """Multiply-accumulates of one row of UNet component ``name``, counted at export for the profile's
         opt size (the shallow share changes little with size)."""

@@ -63,11 +63,13 @@ class EditPipeline:
         *,
         null_embedding: np.ndarray | None = None,
         profile: Profile | None = None,
+        all_branches: bool = False,
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
     ):
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.profile = profile  # shapes an exported bundle accepts; None: any
+        self.all_branches = all_branches  # the UNet takes only 3B rows (a static ONNX bundle)
         self.max_image_pixels, self.progress = max_image_pixels, progress
         self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
@@ -105,6 +107,7 @@ class EditPipeline:
             runner = module.load(bundle, device=device, dtype=dtype, **options)
             return cls(runner, bundle.model, ClipTokenizer(bundle.tokenizer_dir),
                        null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile,
+                       all_branches=bundle.all_branches,
                        max_image_pixels=max_image_pixels, progress=progress)
         if backend in BUNDLE_BACKENDS:
             raise InputError(f"{model}: backend {backend!r} runs exported bundles; export it first with `ip2p export`")
@@ -193,9 +196,10 @@ class EditPipeline:
             (start, group[start : start + max_batch]) for group in groups.values()
             for start in range(0, len(group), max_batch)
         ]
-        if self.profile is not None and self.profile.static and not config.guidance.exact:
+        if self.all_branches and not config.guidance.exact:
             raise InputError("the guidance interval and adaptive guidance change the UNet rows from step to step; "
-                             "this static-shape bundle always runs all three branches: export without --static")
+                             "this static-shape ONNX bundle always runs all three branches: export without "
+                             "--static, or as TensorRT (one engine profile per row count)")
         self._check_step_cache(config.step_cache)
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))
@@ -293,8 +297,8 @@ class EditPipeline:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1], the UNet rows each image
         took, and their MAC-weighted sum in whole-UNet rows."""
         be, b = self.backend, len(instructions)
-        static = self.profile is not None and self.profile.static  # static engines take exactly 3B rows
-        plan = GuidancePlan(b, [t for t, _ in scales], [i for _, i in scales], config.guidance, all_branches=static)
+        plan = GuidancePlan(b, [t for t, _ in scales], [i for _, i in scales], config.guidance,
+                            all_branches=self.all_branches)
 
         start = time.perf_counter()
         text = self.encode_text(instructions)  # (B, 77, D)

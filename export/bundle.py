@@ -158,8 +158,10 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(depth)}
         feature = (feature_shape(unet, depth, (8, 8))[0], 2 ** (depth - 1))  # (channels, downscale)
     vocab_size = int(text_encoder.config.vocab_size)
-    # Static profiles (CUDA graphs) always run all three guidance branches: UNet rows are exactly 3B.
-    dims = profile.dims(model_config.vae_factor, model_config.text_dim, guided_only=profile.static, feature=feature)
+    # Static ONNX graphs (ORT's CUDA graphs) always run all three guidance branches: UNet rows are exactly 3B.
+    # TensorRT's static engines instead get one optimisation profile per row count, from graphs with N dynamic.
+    guided_only = profile.static and options.format == "onnx"
+    dims = profile.dims(model_config.vae_factor, model_config.text_dim, guided_only=guided_only, feature=feature)
     # TensorRT builds its fp16 engines from float32 graphs; only ONNX bundles convert the graphs.
     graph_precision = options.precision if options.format == "onnx" else "fp32"
     names = [spec.name for spec in component_specs]
@@ -201,7 +203,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         if options.format == "tensorrt":
             from export.tensorrt_build import build_engines
 
-            gpu = build_engines(staging, components, dims)
+            gpu = build_engines(staging, components, dims, profile.static)
         else:
             gpu = None
         manifest = {

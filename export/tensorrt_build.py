@@ -30,11 +30,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("IP2P_ENGINE_CACHE", Path.home() / ".cache" / "ip2p" / "tensorrt"))
 
 
-def engine_cache_key(onnx_sha256: str, precision: str, shapes: dict, tensorrt_version: str, gpu: dict) -> str:
-    """Hex key of one engine: ONNX content, precision, every input's min/opt/max shape, TensorRT version,
-    GPU name and compute capability. Any change gives another key."""
+def engine_cache_key(onnx_sha256: str, precision: str, profiles: list[dict], tensorrt_version: str, gpu: dict) -> str:
+    """Hex key of one engine: ONNX content, precision, every profile's min/opt/max input shapes, TensorRT
+    version, GPU name and compute capability. Any change gives another key."""
     material = json.dumps(
-        {"onnx": onnx_sha256, "precision": precision, "shapes": {k: [list(s) for s in v] for k, v in sorted(shapes.items())},
+        {"onnx": onnx_sha256, "precision": precision,
+         "profiles": [{k: [list(s) for s in v] for k, v in sorted(shapes.items())} for shapes in profiles],
          "tensorrt": tensorrt_version, "gpu": gpu["name"], "cc": gpu["compute_capability"]},
         sort_keys=True,
     )
@@ -52,8 +53,30 @@ def input_shapes(spec: specs.ComponentSpec, dims: dict[str, Range]) -> dict[str,
     return {t.name: ranges[t.name] for t in spec.inputs}
 
 
-def build_engine(onnx_path: Path, shapes: dict, fp16: bool, timing_cache: Path, out: Path) -> None:
-    """Parse ``onnx_path`` and build one engine with one optimisation profile; updates the timing cache."""
+def engine_profiles(dims: dict[str, Range], static: bool) -> list[dict[str, Range]]:
+    """The optimisation profiles' dimension ranges: the bundle's own, or for a static bundle one profile per
+    UNet row count it can be asked for (B to 3B: images dropping guidance branches), so that step-varying
+    guidance runs on static engines and CUDA graphs too."""
+    if not static:
+        return [dims]
+    b = dims["B"][0]
+    return [dims | {"N": (n, n, n)} for n in range(b, 3 * b + 1)]
+
+
+def profile_shapes(spec: specs.ComponentSpec, profiles: list[dict[str, Range]]) -> list[dict]:
+    """min/opt/max input shapes of each profile for ``spec``, without repeats (a network without UNet rows
+    gets one)."""
+    shapes: list[dict] = []
+    for dims in profiles:
+        ranges = input_shapes(spec, dims)
+        if ranges not in shapes:
+            shapes.append(ranges)
+    return shapes
+
+
+def build_engine(onnx_path: Path, profiles: list[dict], fp16: bool, timing_cache: Path, out: Path) -> None:
+    """Parse ``onnx_path`` and build one engine with an optimisation profile per entry of ``profiles`` (input
+    name -> min/opt/max shape); updates the timing cache."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -67,10 +90,11 @@ def build_engine(onnx_path: Path, shapes: dict, fp16: bool, timing_cache: Path, 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -81,10 +105,10 @@ def build_engine(onnx_path: Path, shapes: dict, fp16: bool, timing_cache: Path, 
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Range]) -> dict:
-    """Build (or take from the cache) an engine for every component, its profile from ``dims`` (the bundle's
-    ranges of every symbolic dimension); each manifest entry gets the engine as its first file. Returns
-    the GPU the engines are for."""
+def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Range], static: bool) -> dict:
+    """Build (or take from the cache) an engine for every component, its profiles from ``dims`` (the bundle's
+    ranges of every symbolic dimension, ``engine_profiles``); each manifest entry gets the engine as its
+    first file. Returns the GPU the engines are for."""
     import tensorrt as trt
 
     gpu = require_tensorrt()
@@ -93,8 +117,8 @@ def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Ra
     for name, entry in components.items():
         onnx_entry = entry["files"][0]
         fp16 = name not in FP32_COMPONENTS
-        shapes = input_shapes(specs.component_spec(name), dims)
-        key = engine_cache_key(onnx_entry["sha256"], "fp16" if fp16 else "fp32", shapes, trt.__version__, gpu)
+        profiles = profile_shapes(specs.component_spec(name), engine_profiles(dims, static))
+        key = engine_cache_key(onnx_entry["sha256"], "fp16" if fp16 else "fp32", profiles, trt.__version__, gpu)
         cached = cache / f"{name}-{key}.plan"
         if cached.is_file():
             log.info("%s: engine from the cache (%s)", name, cached.name)
@@ -102,7 +126,7 @@ def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Ra
             log.info("%s: building a TensorRT engine (minutes for sd15)", name)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
-            build_engine(staging / onnx_entry["path"], shapes, fp16, timing, tmp)
+            build_engine(staging / onnx_entry["path"], profiles, fp16, timing, tmp)
             os.replace(tmp, cached)
         target = staging / f"{name}.plan"
         shutil.copyfile(cached, target)

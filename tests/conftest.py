@@ -35,7 +35,8 @@ def image_file(tmp_path, rgb_image) -> str:
 
 @pytest.fixture(scope="session")
 def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
-    """fp32 and fp16 ONNX bundles of the tiny model (profile: 1-2 images, sides 32-128 px), verified."""
+    """fp32 and fp16 ONNX bundles of the tiny model (profile: 1-2 images, sides 32-128 px), verified; the fp32
+    one with the UNet split for step caching at depth 1."""
     from engine.specs import Profile
     from export.bundle import ExportOptions, export_bundle
 
@@ -43,7 +44,8 @@ def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
     profile = Profile(batch=(1, 1, 2), height=(32, 64, 128), width=(32, 64, 128))
     return {
         precision: str(export_bundle(tiny_model, root / precision,
-                                     ExportOptions(precision=precision, profile=profile, verify=True))[0])
+                                     ExportOptions(precision=precision, profile=profile, verify=True,
+                                                   step_cache=1 if precision == "fp32" else None))[0])
         for precision in ("fp32", "fp16")
     }
 

@@ -173,12 +173,12 @@ def test_guidance_interval_counts_its_rows(tiny_pipe):
 
 
 def test_static_bundles_run_all_three_branches_and_refuse_row_changing_options(tiny_pipe):
-    """A static-shape engine takes exactly 3B rows: the exact saving gives way (same pictures, 3 rows a
+    """A static-shape ONNX graph takes exactly 3B rows: the exact saving gives way (same pictures, 3 rows a
     step), and the options that change rows step by step are refused up front."""
     from engine.specs import Profile
 
     static = EditPipeline(tiny_pipe.backend, tiny_pipe.model, tiny_pipe.tokenizer, progress=False,
-                          profile=Profile((1, 1, 1), (64, 64, 64), (64, 64, 64)))
+                          profile=Profile((1, 1, 1), (64, 64, 64), (64, 64, 64)), all_branches=True)
     image = random_images(1, height=64, width=64)[0]
     kwargs = dict(steps=3, seed=2, image_guidance=1.0, resolution=None, output_type="np")
     full, saved = static.edit(image, "x", **kwargs), tiny_pipe.edit(image, "x", **kwargs)

@@ -6,19 +6,19 @@ import pytest
 from engine import specs
 from engine.backends.tensorrt_backend import check_engine_compatible
 from engine.errors import InputError
-from export.tensorrt_build import engine_cache_key, engine_dims, input_shapes, timing_cache_name
+from export.tensorrt_build import engine_cache_key, engine_profiles, input_shapes, profile_shapes, timing_cache_name
 
 GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-SHAPES = {"sample": ((1, 8, 32, 32), (3, 8, 64, 64), (12, 8, 96, 96))}
+SHAPES = [{"sample": ((1, 8, 32, 32), (3, 8, 64, 64), (12, 8, 96, 96))}]
 
 
 def test_engine_cache_key_changes_with_everything_that_matters():
     base = engine_cache_key("abc", "fp16", SHAPES, "10.13.0", GPU)
-    assert base == engine_cache_key("abc", "fp16", dict(SHAPES), "10.13.0", dict(GPU))
+    assert base == engine_cache_key("abc", "fp16", [dict(SHAPES[0])], "10.13.0", dict(GPU))
     variants = [
         engine_cache_key("abd", "fp16", SHAPES, "10.13.0", GPU),
         engine_cache_key("abc", "fp32", SHAPES, "10.13.0", GPU),
-        engine_cache_key("abc", "fp16", {"sample": ((1, 8, 32, 32), (3, 8, 64, 64), (6, 8, 96, 96))}, "10.13.0", GPU),
+        engine_cache_key("abc", "fp16", [{"sample": ((1, 8, 32, 32), (3, 8, 64, 64), (6, 8, 96, 96))}], "10.13.0", GPU),
         engine_cache_key("abc", "fp16", SHAPES, "10.14.0", GPU),
         engine_cache_key("abc", "fp16", SHAPES, "10.13.0", {**GPU, "name": "NVIDIA L4"}),
         engine_cache_key("abc", "fp16", SHAPES, "10.13.0", {**GPU, "compute_capability": "8.9"}),
@@ -32,11 +32,34 @@ def test_timing_cache_name_is_per_version_and_gpu():
 
 def test_engine_profiles_come_from_the_specs():
     dynamic = specs.Profile((1, 1, 4), (256, 512, 768), (256, 512, 768))
-    shapes = input_shapes(specs.UNET, engine_dims(dynamic, 8, 768))
+    shapes = input_shapes(specs.UNET, dynamic.dims(8, 768))
     assert shapes["sample"] == ((1, 8, 32, 32), (3, 8, 64, 64), (12, 8, 96, 96))
     assert set(shapes) == {"sample", "timestep", "encoder_hidden_states"}
-    static = specs.Profile((1, 1, 1), (512,) * 3, (512,) * 3)
-    assert input_shapes(specs.UNET, engine_dims(static, 8, 768))["timestep"] == ((3,), (3,), (3,))
+    assert profile_shapes(specs.UNET, engine_profiles(dynamic.dims(8, 768), static=False)) == [shapes]
+
+
+def test_static_engines_get_one_profile_per_unet_row_count():
+    """A static bundle's UNet engines take every row count guidance can ask for, B to 3B, each a static
+    profile; networks without UNet rows keep one."""
+    static = specs.Profile((2, 2, 2), (512,) * 3, (512,) * 3)
+    profiles = engine_profiles(static.dims(8, 768), static=True)
+    unet = profile_shapes(specs.UNET, profiles)
+    assert [p["timestep"] for p in unet] == [((n,), (n,), (n,)) for n in range(2, 7)]
+    assert unet[0]["sample"] == ((2, 8, 64, 64),) * 3
+    assert len(profile_shapes(specs.VAE_DECODER, profiles)) == 1
+    shallow = profile_shapes(specs.unet_split(1)[1], engine_profiles(static.dims(8, 768, feature=(320, 1)), True))
+    assert shallow[-1]["deep_feature"] == ((6, 320, 64, 64),) * 3
+
+
+def test_the_matching_profile_is_chosen_by_input_shapes():
+    from engine.backends.tensorrt_backend import matching_profile
+
+    static = specs.Profile((1, 1, 1), (64,) * 3, (64,) * 3)
+    profiles = profile_shapes(specs.UNET, engine_profiles(static.dims(8, 32), static=True))
+    shapes = {"sample": (2, 8, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)}
+    assert matching_profile(shapes, profiles) == 1
+    with pytest.raises(InputError, match="no optimisation profile"):
+        matching_profile({**shapes, "timestep": (4,)}, profiles)
 
 
 def test_engines_for_another_gpu_or_version_are_refused():

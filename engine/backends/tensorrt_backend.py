@@ -2,7 +2,9 @@
 
 Engine lifecycle: load (refusing engines built for another GPU or TensorRT version), allocate device
 buffers for the current shapes (grown when a larger shape arrives), infer, and, for static-shape
-bundles, capture each engine's launch once in a CUDA graph and replay it.
+bundles, capture each engine's launch once in a CUDA graph and replay it. A static bundle's UNet
+engines hold one optimisation profile per row count (B to 3B); each profile used gets its own execution
+context, buffers and graph, so guidance that drops branches still replays captured graphs.
 """
 from __future__ import annotations
 
@@ -65,26 +67,26 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
-class EngineRunner:
-    """One deserialised engine, its execution context, device buffers and (optionally) a CUDA graph."""
+def matching_profile(shapes: dict[str, tuple[int, ...]], profiles: list[dict[str, tuple]]) -> int:
+    """Index of the first optimisation profile (input name -> (min, opt, max) shape) that admits ``shapes``."""
+    for index, ranges in enumerate(profiles):
+        if all(all(lo <= d <= hi for d, lo, hi in zip(shape, ranges[name][0], ranges[name][2]))
+               for name, shape in shapes.items()):
+            return index
+    raise InputError(f"no optimisation profile of this engine admits inputs {shapes}; export a bundle covering them")
 
-    def __init__(self, runtime, path, stream, use_graph: bool):
-        import tensorrt as trt
 
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise InputError(f"{path}: TensorRT cannot deserialise this engine; rebuild it")
-        self.context = self.engine.create_execution_context()
-        self.stream, self.use_graph = stream, use_graph
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+class ProfileContext:
+    """An execution context bound to one optimisation profile, with its device buffers and CUDA graph."""
+
+    def __init__(self, engine, index: int, stream):
+        self.context = engine.create_execution_context()
+        self.context.set_optimization_profile_async(index, stream)
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        self._uploaded: dict[str, tuple[np.ndarray, int]] = {}  # name -> (array last copied in, its buffer)
+        self.uploaded: dict[str, tuple[np.ndarray, int]] = {}  # name -> (array last copied in, its buffer)
         self.graph = None
 
-    def _buffer(self, name: str, nbytes: int) -> int:
+    def buffer(self, name: str, nbytes: int) -> int:
         from cuda.bindings import runtime as cudart
 
         ptr, size = self.buffers.get(name, (0, 0))
@@ -97,52 +99,81 @@ class EngineRunner:
             self.graph = None  # addresses changed: a captured graph is stale
         return ptr
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cuda.bindings import runtime as cudart
-
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name in self.inputs:
-            given = inputs[name]
-            array = np.ascontiguousarray(given, dtype=self.dtypes[name])
-            self.context.set_input_shape(name, array.shape)
-            ptr = self._buffer(name, array.nbytes)
-            last, last_ptr = self._uploaded.get(name, (None, 0))
-            if last is not given or last_ptr != ptr or given.flags.writeable:
-                _check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, self.stream))
-            # a read-only array passed again (backend.constant: the text embeddings) is already there
-            self._uploaded[name] = (given, ptr)
-        results = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            results[name] = np.empty(shape, dtype=self.dtypes[name])
-            self._buffer(name, results[name].nbytes)
-        self._launch()
-        for name, array in results.items():
-            _check(cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[name][0], array.nbytes, d2h, self.stream))
-        _check(cudart.cudaStreamSynchronize(self.stream))
-        return {name: array.astype(np.float32, copy=False) for name, array in results.items()}
-
-    def _launch(self) -> None:
-        from cuda.bindings import runtime as cudart
-
-        if not self.use_graph:
-            self.context.execute_async_v3(self.stream)
-            return
-        if self.graph is None:
-            self.context.execute_async_v3(self.stream)  # one plain run first: TensorRT initialises lazily
-            _check(cudart.cudaStreamSynchronize(self.stream))
-            _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
-            self.context.execute_async_v3(self.stream)
-            graph = _check(cudart.cudaStreamEndCapture(self.stream))
-            self.graph = _check(cudart.cudaGraphInstantiate(graph, 0))
-        _check(cudart.cudaGraphLaunch(self.graph, self.stream))
-
     def close(self) -> None:
         from cuda.bindings import runtime as cudart
 
         for ptr, _ in self.buffers.values():
             cudart.cudaFree(ptr)
         self.buffers.clear()
+
+
+class EngineRunner:
+    """One deserialised engine and, per optimisation profile used (static bundles have one per UNet row
+    count), an execution context with its buffers and (optionally) a CUDA graph."""
+
+    def __init__(self, runtime, path, stream, use_graph: bool):
+        import tensorrt as trt
+
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise InputError(f"{path}: TensorRT cannot deserialise this engine; rebuild it")
+        self.stream, self.use_graph = stream, use_graph
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.profiles = [{n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, i)) for n in self.inputs}
+                         for i in range(self.engine.num_optimization_profiles)]
+        self._contexts: dict[int, ProfileContext] = {}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cuda.bindings import runtime as cudart
+
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        index = matching_profile({n: tuple(inputs[n].shape) for n in self.inputs}, self.profiles)
+        if index not in self._contexts:
+            self._contexts[index] = ProfileContext(self.engine, index, self.stream)
+        ctx = self._contexts[index]
+        for name in self.inputs:
+            given = inputs[name]
+            array = np.ascontiguousarray(given, dtype=self.dtypes[name])
+            ctx.context.set_input_shape(name, array.shape)
+            ptr = ctx.buffer(name, array.nbytes)
+            last, last_ptr = ctx.uploaded.get(name, (None, 0))
+            if last is not given or last_ptr != ptr or given.flags.writeable:
+                _check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, self.stream))
+            # a read-only array passed again (backend.constant: the text embeddings) is already there
+            ctx.uploaded[name] = (given, ptr)
+        results = {}
+        for name in self.outputs:
+            shape = tuple(ctx.context.get_tensor_shape(name))
+            results[name] = np.empty(shape, dtype=self.dtypes[name])
+            ctx.buffer(name, results[name].nbytes)
+        self._launch(ctx)
+        for name, array in results.items():
+            _check(cudart.cudaMemcpyAsync(array.ctypes.data, ctx.buffers[name][0], array.nbytes, d2h, self.stream))
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return {name: array.astype(np.float32, copy=False) for name, array in results.items()}
+
+    def _launch(self, ctx: ProfileContext) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if not self.use_graph:
+            ctx.context.execute_async_v3(self.stream)
+            return
+        if ctx.graph is None:
+            ctx.context.execute_async_v3(self.stream)  # one plain run first: TensorRT initialises lazily
+            _check(cudart.cudaStreamSynchronize(self.stream))
+            _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+            ctx.context.execute_async_v3(self.stream)
+            graph = _check(cudart.cudaStreamEndCapture(self.stream))
+            ctx.graph = _check(cudart.cudaGraphInstantiate(graph, 0))
+        _check(cudart.cudaGraphLaunch(ctx.graph, self.stream))
+
+    def close(self) -> None:
+        for ctx in self._contexts.values():
+            ctx.close()
+        self._contexts.clear()
 
 
 class TensorRTBackend(HostArrays):
