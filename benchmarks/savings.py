@@ -1,6 +1,7 @@
 """What each way of doing less work costs in edit quality: ``ip2p eval`` over the three held-out shapes sets
-(3 x 300 edits) for every setting, success per edit type against UNet evaluations per edit, as a markdown
-table and a Pareto plot (``ip2p bench savings OUT_DIR``; docs/savings.md holds the latest)."""
+(3 x 300 edits) for every setting, success per edit type against UNet work per edit (rows evaluated,
+weighted by the MACs each ran: a shallow step-cache row counts its share of the UNet), as a markdown table
+and a Pareto plot (``ip2p bench savings OUT_DIR``; docs/savings.md holds the latest)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from engine.caching import StepCache
 from engine.config import EditConfig
 from engine.guidance import GuidanceOptions
 from engine.manifest import write_json_atomic
@@ -42,6 +44,18 @@ SETTINGS: dict[str, EditConfig] = {  # every option on its own, then combination
     "adaptive 0.99, 8 steps": _adaptive(0.99, steps=8),
     "adaptive 0.99, 6 steps": _adaptive(0.99, steps=6),
     "adaptive 0.99, dpmpp_2m 8 steps": _adaptive(0.99, steps=8, sampler="dpmpp_2m"),
+    "dpmpp_2m_sde 10 steps": EditConfig(steps=10, sampler="dpmpp_2m_sde"),
+    "dpmpp_2m_sde 8 steps": EditConfig(steps=8, sampler="dpmpp_2m_sde"),
+    "dpmpp_2m_sde 6 steps": EditConfig(steps=6, sampler="dpmpp_2m_sde"),
+    "adaptive 0.9, dpmpp_2m_sde 8 steps": _adaptive(0.9, steps=8, sampler="dpmpp_2m_sde"),
+    "cache 2": EditConfig(step_cache=StepCache(2)),
+    "cache 3": EditConfig(step_cache=StepCache(3)),
+    "cache 5": EditConfig(step_cache=StepCache(5)),
+    "cache 3, depth 2": EditConfig(step_cache=StepCache(3, depth=2)),
+    "adaptive 0.99, cache 3": _adaptive(0.99, step_cache=StepCache(3)),
+    "adaptive 0.99, cache 5": _adaptive(0.99, step_cache=StepCache(5)),
+    "adaptive 0.9, 10 steps, cache 2": _adaptive(0.9, steps=10, step_cache=StepCache(2)),
+    "adaptive 0.9, 10 steps, cache 3": _adaptive(0.9, steps=10, step_cache=StepCache(3)),
 }
 
 
@@ -68,27 +82,33 @@ def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 
         summary = {
             "name": name, "seconds": time.perf_counter() - start,
             "unet_evaluations_per_edit": sum(r["unet_evaluations_per_edit"] for r in reports) / len(reports),
+            "unet_work_per_edit": sum(r["unet_work_per_edit"] for r in reports) / len(reports),
             "success": {e: sum(r["edits"][e]["success"] for r in reports) / len(reports) for e in reports[0]["edits"]},
             "per_set": [{e: r["edits"][e]["success"] for e in r["edits"]} for r in reports],
             "settings": {k: v for k, v in reports[0].items() if k not in ("cases", "edits", "seed", "count")},
         }
         write_json_atomic(path, summary)
-        log.info("%s: %.1f UNet evaluations per edit, success %s", name, summary["unet_evaluations_per_edit"],
+        log.info("%s: %.1f UNet work per edit, success %s", name, summary["unet_work_per_edit"],
                  {e: round(v, 1) for e, v in summary["success"].items()})
         summaries[name] = summary
     return summaries
+
+
+def work_of(summary: dict) -> float:
+    """MAC-weighted UNet work per edit; results from before step caching counted rows only, which equal it."""
+    return summary.get("unet_work_per_edit", summary["unet_evaluations_per_edit"])
 
 
 def savings_table(summaries: dict[str, dict], baseline: str = "preset exact") -> str:
     """Markdown: work and success per edit type, each with its difference from ``baseline``."""
     base = summaries[baseline]
     edits = list(base["success"])
-    lines = ["| setting | UNet evaluations per edit | " + " | ".join(edits) + " |",
-             "|---|---:|" + "---:|" * len(edits)]
-    for name, s in sorted(summaries.items(), key=lambda kv: -kv[1]["unet_evaluations_per_edit"]):
-        work = s["unet_evaluations_per_edit"]
+    lines = ["| setting | UNet rows per edit | UNet work per edit (MAC-weighted) | " + " | ".join(edits) + " |",
+             "|---|---:|---:|" + "---:|" * len(edits)]
+    for name, s in sorted(summaries.items(), key=lambda kv: -work_of(kv[1])):
+        rows, work = s["unet_evaluations_per_edit"], work_of(s)
         cells = [f"{s['success'][e]:.1f}% ({s['success'][e] - base['success'][e]:+.1f})" for e in edits]
-        lines.append(f"| {name} | {work:.1f} ({work / base['unet_evaluations_per_edit']:.2f}x) | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {rows:.1f} | {work:.1f} ({work / work_of(base):.2f}x) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -105,7 +125,7 @@ def savings_plot(summaries: dict[str, dict], path: Path) -> None:
     for ax, edit in zip(axes, edits):
         for name, s in summaries.items():
             preset = name.startswith("preset")
-            work, success = s["unet_evaluations_per_edit"], s["success"][edit]
+            work, success = work_of(s), s["success"][edit]
             ax.scatter(work, max(success, floor), marker="*" if preset else ("o" if success >= floor else "v"),
                        s=160 if preset else 25, color="C3" if preset else "C0", zorder=3 if preset else 2)
             if preset:
@@ -113,7 +133,7 @@ def savings_plot(summaries: dict[str, dict], path: Path) -> None:
                             textcoords="offset points", color="C3")
         ax.set_ylim(floor - 2, 101)
         ax.set_title(edit)
-        ax.set_xlabel("UNet evaluations per edit")
+        ax.set_xlabel("UNet work per edit (whole-UNet rows, MAC-weighted)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out success (%, 900 edits)")
     fig.tight_layout()

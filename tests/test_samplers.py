@@ -73,6 +73,18 @@ def test_dpmpp_2m_matches_dpm_solver_karras(noise, steps):
     torch.testing.assert_close(run_ours("dpmpp_2m", SD15_SCHEDULER, steps, noise), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [3, 8, 20])
+def test_dpmpp_2m_sde_matches_sde_dpm_solver_karras_given_the_same_noise(noise, steps):
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        SD15_SCHEDULER, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++", solver_order=2
+    )
+    ref = run_diffusers(scheduler, steps, noise, step_noise_seed=7)
+    ours = run_ours("dpmpp_2m_sde", SD15_SCHEDULER, steps, noise, step_noise_seed=7)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    other = run_ours("dpmpp_2m_sde", SD15_SCHEDULER, steps, noise, step_noise_seed=8)
+    assert (other - ref).abs().max() > 1e-3  # the noise matters: the match is not the deterministic solver's
+
+
 @pytest.mark.parametrize("alpha_to_one", [True, False])
 def test_ddim_matches_ddim_scheduler(noise, alpha_to_one):
     config = {**SD15_SCHEDULER, "timestep_spacing": "leading", "set_alpha_to_one": alpha_to_one}

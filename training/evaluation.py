@@ -108,6 +108,7 @@ def evaluate(pipe: "EditPipeline", config: "EditConfig", count: int = 300, seed:
     cases = held_out_cases(count, seed)
     scores: list[Score] = []
     evaluations: list[int] = []
+    work: list[float] = []
     for start in tqdm(range(0, len(cases), batch_size), desc="evaluating", unit="batch", disable=not progress):
         batch = cases[start : start + batch_size]
         result = pipe.run([c.image for c in batch], [c.instruction for c in batch], config,
@@ -115,6 +116,7 @@ def evaluate(pipe: "EditPipeline", config: "EditConfig", count: int = 300, seed:
         arrays = [np.asarray(im.convert("RGB")) for im in result.images]
         scores += [score(c, a) for c, a in zip(batch, arrays)]
         evaluations += result.unet_evaluations
+        work += result.unet_work
         if save_dir is not None:
             _save_sheet(Path(save_dir) / f"batch-{start // batch_size:03d}.png", batch, arrays)
     guidance = config.guidance
@@ -122,7 +124,9 @@ def evaluate(pipe: "EditPipeline", config: "EditConfig", count: int = 300, seed:
               "text_guidance": config.text_guidance, "image_guidance": config.image_guidance,
               "guidance_interval": list(guidance.interval) if guidance.interval else None,
               "adaptive_guidance": guidance.adaptive_threshold,
-              "unet_evaluations_per_edit": float(np.mean(evaluations)), "edits": {}}
+              "cache_interval": config.step_cache.interval, "cache_depth": config.step_cache.depth,
+              "unet_evaluations_per_edit": float(np.mean(evaluations)), "unet_work_per_edit": float(np.mean(work)),
+              "edits": {}}
     for edit in EDITS:
         mine = [s for c, s in zip(cases, scores) if c.edit == edit]
         if mine:
@@ -145,9 +149,12 @@ def format_report(report: dict) -> str:
     approximations = "".join(
         f", {name} {report[key]}" for key, name in (("guidance_interval", "guidance interval"),
                                                     ("adaptive_guidance", "adaptive guidance")) if report.get(key))
+    if report.get("cache_interval", 1) > 1:
+        approximations += f", step cache every {report['cache_interval']} at depth {report['cache_depth']}"
     lines = [f"{report['count']} held-out edits (seed {report['seed']}, {report['steps']} {report['sampler']} steps, "
              f"text guidance {report['text_guidance']}, image guidance {report['image_guidance']}{approximations}; "
-             f"{report['unet_evaluations_per_edit']:.1f} UNet evaluations per edit)",
+             f"{report['unet_evaluations_per_edit']:.1f} UNet evaluations per edit, "
+             f"{report.get('unet_work_per_edit', report['unet_evaluations_per_edit']):.1f} in whole-UNet MACs)",
              "", "| edit | n | success | colour right | untouched >= 25 dB | median untouched PSNR |",
              "|---|---:|---:|---:|---:|---:|"]
     for edit, r in report["edits"].items():
