@@ -54,12 +54,13 @@ def compare(module: torch.nn.Module, session, inputs: dict[str, np.ndarray]) -> 
     with torch.no_grad():
         refs = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     refs = refs if isinstance(refs, tuple) else (refs,)
-    worst = (0.0, 0.0)
+    errors = []
     for ref, out in zip(refs, session.run(None, inputs)):
         ref, out = ref.float().numpy(), out.astype(np.float32)
         err = float(np.abs(out - ref).max()) if np.isfinite(out).all() else float("inf")
-        worst = max(worst, (err, err / max(float(np.abs(ref).max()), 1e-12)), key=lambda e: e[1])
-    return worst
+        rel = err / max(float(np.abs(ref).max()), 1e-12)
+        errors.append((err, rel if rel == rel else float("inf")))  # NaN (a NaN reference) counts as the worst
+    return max(errors, key=lambda e: (e[1], e[0]))
 
 
 def verify_component(

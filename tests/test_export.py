@@ -7,7 +7,7 @@ import pytest
 
 from engine.errors import ExportError, InputError
 from engine.manifest import MANIFEST_NAME, read_bundle, sha256_file
-from engine.specs import COMPONENTS, Profile
+from engine.specs import COMPONENTS, Profile, component_spec, unet_split
 from export.bundle import ExportOptions, export_bundle
 from export.onnx_export import FP32_OPS
 from tests.conftest import model_copy
@@ -16,12 +16,17 @@ from tests.conftest import model_copy
 def test_bundle_contents_and_manifest(onnx_bundles, tiny_model):
     bundle = read_bundle(onnx_bundles["fp32"])
     manifest = bundle.manifest
-    assert set(manifest["components"]) == set(COMPONENTS)
+    split = [spec.name for spec in unet_split(1)]  # exported with --step-cache 1
+    assert set(manifest["components"]) == set(COMPONENTS) | set(split)
     for name, entry in manifest["components"].items():
         graph = onnx.load(bundle.component_file(name))
-        assert [i.name for i in graph.graph.input] == list(COMPONENTS[name].input_names)
-        assert [o.name for o in graph.graph.output] == list(COMPONENTS[name].output_names)
+        assert [i.name for i in graph.graph.input] == list(component_spec(name).input_names)
+        assert [o.name for o in graph.graph.output] == list(component_spec(name).output_names)
         assert entry["files"][0]["sha256"] == sha256_file(bundle.component_file(name))
+    feature = manifest["components"]["unet_shallow_d1"]["inputs"][3]
+    assert feature["name"] == "deep_feature" and feature["shapes"][0][0] == 1 and feature["shapes"][2][2:] == [64, 64]
+    macs = {name: entry["macs"]["per_row"] for name, entry in manifest["components"].items() if "macs" in entry}
+    assert macs["unet"] == macs["unet_full_d1"] > macs["unet_shallow_d1"] > 0
     unet = manifest["components"]["unet"]["inputs"][0]
     assert unet["name"] == "sample" and unet["shapes"] == [[1, 8, 16, 16], [3, 8, 32, 32], [6, 8, 64, 64]]
     assert manifest["model"]["scaling_factor"] == 0.18215 and manifest["model"]["scheduler"]["steps_offset"] == 1
