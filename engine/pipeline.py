@@ -347,9 +347,10 @@ class EditPipeline:
         full_name, shallow_name = cache.components
         latent_size = (shape[1], shape[2])
         shallow_cost = be.macs(shallow_name, latent_size) / be.macs(full_name, latent_size) if cache.on else 1.0
-        calls = [0]
+        calls = 0  # UNet calls so far: the step cache decides by it
 
         def unet(x_in: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
+            nonlocal calls
             text_rows, image_rows = rows_for(groups)
             xs, keys = [], []
             for indices, branches in groups:
@@ -359,14 +360,14 @@ class EditPipeline:
             n = sample.shape[0]
             inputs = {"sample": sample, "timestep": be.asarray(np.full(n, t, dtype=np.float32)),
                       "encoder_hidden_states": text_rows}
-            full = cache.full(calls[0]) or not features.covers(keys)
+            full = cache.full(calls) or not features.covers(keys)
             if full:
                 result = be.run(full_name, inputs)
                 if cache.on:
                     features.store(keys, result["deep_feature"])  # (N, C, h', w')
             else:
                 result = be.run(shallow_name, {**inputs, "deep_feature": features.take(keys)})
-            calls[0] += 1
+            calls += 1
             out = result["noise_pred"]  # (N, 4, h, w)
             outputs, offset = [], 0
             for indices, branches in groups:
