@@ -6,10 +6,12 @@ are drawn per candidate. A CLIP filter then drops candidates whose images do not
 images differ too much, or whose change does not follow the captions' change, and keeps the best by
 directional similarity.
 
-The attention sharing here copies all of the input sample's maps, self- and cross-attention, in every UNet
-attention layer, token position by token position (Prompt-to-Prompt's "replace" edit): captions that differ
-by a few words, as the generated ones do, line up; its word-alignment for captions of different lengths is
-not implemented.
+The attention sharing here copies the input sample's maps in every UNet attention layer: the self-attention
+maps whole, and the cross-attention maps by word alignment: each token of the edited caption that the input
+caption also has (aligned as the longest matching runs of token ids), or that swaps for one of its words,
+takes the input's map of that token (Prompt-to-Prompt's "replace"), and a token the edit adds keeps its
+own map ("refine"), so captions of different lengths ("in a field" -> "in a snowy field") line up as
+captions that swap a word do.
 
 Output: the folder format ``ip2p train --data`` reads (``metadata.jsonl`` with ``input_image``,
 ``edit_prompt``, ``edited_image``, ``input_caption``, ``output_caption``; images under ``images/``), one
@@ -18,6 +20,7 @@ prompt), and ``report.json``: how many candidates each filter dropped.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -52,11 +55,26 @@ class PairSettings:
 
 
 # -- attention sharing ----------------------------------------------------------------------------------------
+def align_tokens(source: list[int], target: list[int]) -> list[int]:
+    """For each position of ``target`` (token ids), the position in ``source`` whose attention map it takes:
+    the same token under the longest matching runs (difflib), or the token it swaps for where a run of
+    tokens is replaced by as many ("red" -> "blue", Prompt-to-Prompt's word swap); -1 for tokens added, or
+    replacing a run of another length (their own maps, Prompt-to-Prompt's refinement)."""
+    aligned = [-1] * len(target)
+    matcher = difflib.SequenceMatcher(a=source, b=target, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal" or (op == "replace" and a1 - a0 == b1 - b0):
+            aligned[b0:b1] = range(a0, a1)
+    return aligned
+
+
 class SharingState:
-    """Whether the edited rows take the input rows' attention maps right now (switched per step)."""
+    """Whether the edited rows take the input rows' attention maps right now (switched per step), and for each
+    text token of the edited caption the input token whose cross-attention map it takes (-1: its own)."""
 
     def __init__(self) -> None:
         self.sharing = False
+        self.token_map: list[int] | None = None  # None: position by position
 
 
 class SharedAttention:
@@ -81,8 +99,16 @@ class SharedAttention:
         key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
         if self.state.sharing:
             probs = attn.get_attention_scores(query, key, mask)  # (rows * heads, queries, keys), row-major
-            maps = probs.view(rows, -1, *probs.shape[1:]).clone()
-            maps[1::2] = maps[0::2]
+            maps = probs.view(rows, -1, *probs.shape[1:]).clone()  # (rows, heads, queries, keys)
+            token_map = self.state.token_map
+            if encoder_hidden_states is None or token_map is None:
+                maps[1::2] = maps[0::2]
+            else:  # cross-attention: aligned tokens take the input's map of their token, added ones keep theirs
+                if len(token_map) != maps.shape[-1]:
+                    raise ValueError(f"the token map covers {len(token_map)} tokens, the context has {maps.shape[-1]}")
+                index = torch.tensor([max(i, 0) for i in token_map], device=maps.device)
+                added = torch.tensor([i < 0 for i in token_map], device=maps.device)
+                maps[1::2] = torch.where(added, maps[1::2], maps[0::2][..., index])
             out = torch.bmm(maps.view_as(probs), value)
         else:  # the maps are not needed: the fused kernel, as diffusers' own processor uses
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
@@ -134,10 +160,14 @@ def install_sharing(pipe) -> SharingState:
 def sample_pair(pipe, state: SharingState, input_caption: str, output_caption: str, p: float, guidance: float,
                 seed: int, steps: int, resolution: int):
     """(input image, edited image) as PIL images from one noise, attention shared for the first round(p *
-    steps) steps. p = 0 gives the plain text-to-image sample of each caption."""
+    steps) steps (cross-attention by word alignment of the two captions). p = 0 gives the plain
+    text-to-image sample of each caption."""
     import torch
 
     shared_steps = round(p * steps)
+    ids = pipe.tokenizer([input_caption, output_caption], padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, truncation=True).input_ids
+    state.token_map = align_tokens(list(ids[0]), list(ids[1]))
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (1, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator).to(pipe.device, pipe.unet.dtype).repeat(2, 1, 1, 1)
