@@ -56,6 +56,16 @@ def sample_euler_ancestral(
     return x
 
 
+def multistep_denoised(denoised: Any, old_denoised: Any, sigmas, i: int, h: float) -> Any:
+    """DPM-Solver++(2M)'s second-order estimate from this step's and the last step's denoised predictions,
+    D + (D - D_prev) / (2 r) with r the last step's log-sigma span over this one's; first order (D) at the
+    first step."""
+    if old_denoised is None:
+        return denoised
+    r = (math.log(float(sigmas[i - 1])) - math.log(float(sigmas[i]))) / h
+    return denoised + (denoised - old_denoised) * (0.5 / r)
+
+
 def sample_dpmpp_2m(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in log-sigma time; first order on the first and last step."""
     old_denoised = None
@@ -66,11 +76,7 @@ def sample_dpmpp_2m(model: Denoiser, x: Any, sigmas, callback: Callback | None =
             x = denoised
         else:
             h = math.log(sigma) - math.log(sigma_next)
-            if old_denoised is None:
-                d = denoised
-            else:
-                r = (math.log(float(sigmas[i - 1])) - math.log(sigma)) / h
-                d = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
+            d = multistep_denoised(denoised, old_denoised, sigmas, i, h)
             x = x * (sigma_next / sigma) - d * math.expm1(-h)
         old_denoised = denoised
         if callback is not None:
@@ -92,11 +98,7 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: Any, sigmas, noise_sampler: NoiseSam
             x = denoised
         else:
             h = math.log(sigma) - math.log(sigma_next)
-            if old_denoised is None:
-                d = denoised
-            else:
-                r = (math.log(float(sigmas[i - 1])) - math.log(sigma)) / h
-                d = denoised + (denoised - old_denoised) * (0.5 / r)
+            d = multistep_denoised(denoised, old_denoised, sigmas, i, h)
             kept = -math.expm1(-2 * h)  # 1 - exp(-2h)
             x = x * (sigma_next / sigma * math.exp(-h)) + d * kept + noise_sampler() * (sigma_next * kept**0.5)
         old_denoised = denoised

@@ -135,7 +135,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     import torch
 
     from engine.backends.torch_backend import load_networks, split_modules, unet_macs, wrap_components
-    from engine.backends.unet_split import check_splittable, feature_shape
+    from engine.backends.unet_split import check_splittable, feature_channels
     from engine.tokenizer import ClipTokenizer
 
     out = Path(out_dir)
@@ -156,7 +156,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         check_splittable(unet, depth)
         component_specs += specs.unet_split(depth)
         modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(depth)}
-        feature = (feature_shape(unet, depth, (8, 8))[0], 2 ** (depth - 1))  # (channels, downscale)
+        feature = (feature_channels(unet, depth), 2 ** (depth - 1))  # (channels, downscale from the latent)
     vocab_size = int(text_encoder.config.vocab_size)
     # Static ONNX graphs (ORT's CUDA graphs) always run all three guidance branches: UNet rows are exactly 3B.
     # TensorRT's static engines instead get one optimisation profile per row count, from graphs with N dynamic.

@@ -29,10 +29,15 @@ def check_splittable(unet: nn.Module, depth: int) -> None:
         raise InputError(f"step caching supports SD-style UNets; this one uses {', '.join(used) or 'center_input_sample'}")
 
 
+def feature_channels(unet: nn.Module, depth: int) -> int:
+    """Channels of ``deep_feature``: the output of the up level just inside the ``depth`` outer ones."""
+    return unet.up_blocks[len(unet.up_blocks) - depth - 1].resnets[-1].out_channels
+
+
 def feature_shape(unet: nn.Module, depth: int, latent_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(channels, height, width) of ``deep_feature`` for one row: the output of up level ``depth``
-    (counted from the outside), at the resolution of down level ``depth - 1``."""
-    channels = unet.up_blocks[len(unet.up_blocks) - depth - 1].resnets[-1].out_channels
+    """(channels, height, width) of ``deep_feature`` for one row, at the resolution of down level
+    ``depth - 1`` (2^(depth-1) coarser than the latent)."""
+    channels = feature_channels(unet, depth)
     h, w = latent_size
     for _ in range(depth - 1):
         h, w = -(-h // 2), -(-w // 2)
