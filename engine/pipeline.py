@@ -27,7 +27,7 @@ from engine.guidance import COND, UNCOND, GuidancePlan, Groups, guided_denoiser
 from engine.noise import NoiseSource, resolve_seeds
 from engine.presets import preset_config
 from engine.samplers import SAMPLERS
-from engine.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
+from engine.specs import TEXT_ENCODER, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
 from engine.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
