@@ -108,11 +108,14 @@ def test_text_embeddings_are_cached(ort_pipes, rgb_image):
     assert pipe._text_cache["make it red"] is cached
 
 
-@pytest.mark.parametrize("spin, entry", [(False, "0"), (True, "1")])
-def test_spin_sets_whether_idle_cpu_threads_busy_wait(onnx_bundles, ort_pipes, rgb_image, spin, entry):
-    pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend_options={"spin": spin}, progress=False)
+@pytest.mark.parametrize("option, value, key, entry", [
+    ("spin", False, "session.intra_op.allow_spinning", "0"), ("spin", True, "session.intra_op.allow_spinning", "1"),
+    ("spin_after_run", False, "session.force_spinning_stop", "1"),
+    ("spin_after_run", True, "session.force_spinning_stop", "0")])
+def test_spin_sets_whether_idle_cpu_threads_busy_wait(onnx_bundles, ort_pipes, rgb_image, option, value, key, entry):
+    pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend_options={option: value}, progress=False)
     options = pipe.backend._sessions["unet"].get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+    assert options.get_session_config_entry(key) == entry
     edit = dict(image=rgb_image, instruction="make it blue", steps=2, seed=0)
     np.testing.assert_array_equal(np.asarray(pipe.edit(**edit).images[0]),
                                   np.asarray(ort_pipes["fp32"].edit(**edit).images[0]))  # the same numbers

@@ -170,7 +170,7 @@ class OnnxRuntimeBackend(HostArrays):
     a GPU (or wherever ``io_binding`` asks for it)."""
 
     def __init__(self, bundle: Bundle, providers: list, threads: int | None = None, io_binding: bool | None = None,
-                 cuda_graph: bool = False, spin: bool | None = None):
+                 cuda_graph: bool = False, spin: bool | None = None, spin_after_run: bool | None = None):
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -182,6 +182,8 @@ class OnnxRuntimeBackend(HostArrays):
         options.log_severity_level = 3
         if spin is not None:  # ORT's CPU threads busy-wait for work between calls unless told not to
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin_after_run is not None:  # off: threads spin within a run, and stop as soon as it returns
+            options.add_session_config_entry("session.force_spinning_stop", "0" if spin_after_run else "1")
         gpu = [p for p in providers if _provider_name(p) != "CPUExecutionProvider"]
         self.on_gpu = bool(gpu)
         device_id = gpu[0][1].get("device_id", 0) if gpu and isinstance(gpu[0], tuple) else 0
@@ -215,10 +217,11 @@ class OnnxRuntimeBackend(HostArrays):
 
 def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, providers: Sequence[str] | None = None,
          threads: int | None = None, io_binding: bool | None = None, cuda_graph: bool = False,
-         spin: bool | None = None) -> OnnxRuntimeBackend:
+         spin: bool | None = None, spin_after_run: bool | None = None) -> OnnxRuntimeBackend:
     """An OnnxRuntimeBackend for an ONNX bundle. ``dtype``, if given, must match the bundle's precision.
     ``io_binding`` defaults to on for GPUs; ``cuda_graph`` needs a GPU and a static-shape bundle. ``spin``:
-    whether idle CPU threads busy-wait (ORT's default, on); off leaves the cores to a server's other threads."""
+    whether idle CPU threads busy-wait (ORT's default, on); off leaves the cores to a server's other threads.
+    ``spin_after_run`` off keeps the busy-waiting inside each run and stops it when the run returns."""
     import onnxruntime as ort
 
     if bundle.format != "onnx":
@@ -234,7 +237,7 @@ def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, provider
     chosen = choose_providers(device, available if providers else usable_providers(available), providers, cuda_graph)
     if device.startswith("cuda") and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN from pip's nvidia-* packages, where no system CUDA is installed
-    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph, spin)
+    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph, spin, spin_after_run)
 
 
 def _check_dtype(bundle: Bundle, dtype: str | None) -> None:
