@@ -79,15 +79,23 @@ def unet_split(depth: int) -> tuple[ComponentSpec, ComponentSpec]:
     return full, shallow
 
 
+def split_of(name: str) -> tuple[str, int] | None:
+    """("full" or "shallow", depth) of a split UNet's component name; None for any other name."""
+    kind, _, depth = name.rpartition("_d")
+    if kind in ("unet_full", "unet_shallow") and depth.isdigit():
+        return kind.removeprefix("unet_"), int(depth)
+    return None
+
+
 def component_spec(name: str) -> ComponentSpec:
     """The spec of any component a bundle or backend may hold, the split UNets included."""
     if name in COMPONENTS:
         return COMPONENTS[name]
-    kind, _, depth = name.rpartition("_d")
-    if kind in ("unet_full", "unet_shallow") and depth.isdigit():
-        full, shallow = unet_split(int(depth))
-        return full if kind == "unet_full" else shallow
-    raise KeyError(f"no component {name!r}")
+    split = split_of(name)
+    if split is None:
+        raise KeyError(f"no component {name!r}")
+    full, shallow = unet_split(split[1])
+    return full if split[0] == "full" else shallow
 # The float32 VAE decoder a backend may offer as a fallback when reduced precision overflows.
 VAE_DECODER_FP32 = VAE_DECODER.name + "_fp32"
 

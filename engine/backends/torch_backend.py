@@ -147,15 +147,12 @@ FP32_DECODER = specs.VAE_DECODER_FP32
 def split_modules(unet: nn.Module, name: str, kv_downsample: int = 1) -> nn.Module | None:
     """The step-caching half ``name`` (``unet_full_dK`` or ``unet_shallow_dK``) of ``unet``, sharing its
     weights; None for any other name."""
-    try:
-        spec = specs.component_spec(name)
-    except KeyError:
+    split = specs.split_of(name)
+    if split is None:
         return None
-    if spec.name.startswith("unet_full_d"):
-        return unet_split.FullUNet(unet, int(spec.name.rpartition("_d")[2]), kv_downsample).eval()
-    if spec.name.startswith("unet_shallow_d"):
-        return unet_split.ShallowUNet(unet, int(spec.name.rpartition("_d")[2]), kv_downsample).eval()
-    return None
+    kind, depth = split
+    half = unet_split.FullUNet if kind == "full" else unet_split.ShallowUNet
+    return half(unet, depth, kv_downsample).eval()
 
 
 def unet_macs(unet: nn.Module, name: str, latent_size: tuple[int, int], text_dim: int, kv_downsample: int = 1) -> float:
@@ -165,13 +162,14 @@ def unet_macs(unet: nn.Module, name: str, latent_size: tuple[int, int], text_dim
 
     with torch.device("meta"):
         twin = type(unet).from_config(unet.config)
-        module = split_modules(twin, name, kv_downsample) or UNet(twin, kv_downsample)
+        plain = UNet(twin, kv_downsample)  # installs the token downsampling the halves then share
+        module = split_modules(twin, name, kv_downsample) or plain
         h, w = latent_size
         inputs = {"sample": torch.empty(1, twin.config.in_channels, h, w), "timestep": torch.empty(1),
                   "encoder_hidden_states": torch.empty(1, 77, text_dim)}
-        if name.startswith("unet_shallow_d"):
-            depth = int(name.rpartition("_d")[2])
-            inputs["deep_feature"] = torch.empty(1, *unet_split.feature_shape(twin, depth, latent_size))
+        split = specs.split_of(name)
+        if split is not None and split[0] == "shallow":
+            inputs["deep_feature"] = torch.empty(1, *unet_split.feature_shape(twin, split[1], latent_size))
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             module(**inputs)
