@@ -59,11 +59,12 @@ class EngineRunner:
         self.pipe, self.preset = pipe, preset
         self.edit_steps = edit_steps if preset == "exact" else preset_config(preset).steps
         self.unet_evaluations = 3 * self.edit_steps  # until an edit has run and counted them
+        self.unet_work = float(self.unet_evaluations)  # the same, MAC-weighted (differs with step caching)
 
     def _edit(self, photo: np.ndarray, resolution: int) -> np.ndarray:
         result = self.pipe.edit(photo, PROMPT, preset=self.preset, steps=self.edit_steps, seed=0,
                                 resolution=resolution, output_type="np")
-        self.unet_evaluations = result.unet_evaluations[0]
+        self.unet_evaluations, self.unet_work = result.unet_evaluations[0], result.unet_work[0]
         return result.images
 
     def stage(self, name: str, resolution: int) -> Callable[[], Any]:

@@ -33,6 +33,7 @@ def test_stage(benchmark, case, systems):
         info["edit_steps"] = runner.edit_steps
         info["preset"] = getattr(runner, "preset", "exact")
         info["unet_evaluations"] = getattr(runner, "unet_evaluations", 3 * runner.edit_steps)
+        info["unet_work"] = getattr(runner, "unet_work", float(info["unet_evaluations"]))  # MAC-weighted rows
         # same seed, same noise, same steps: only our exact backends are comparable with the reference
         if not case.backend.startswith("diffusers") and info["preset"] == "exact":
             info["psnr_db"] = edit_psnr(out, systems.reference(case))

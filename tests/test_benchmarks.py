@@ -47,7 +47,7 @@ def test_one_tiny_case_runs_and_reports(tmp_path):
     assert row["flops"] > 0 and row["peak_flops"] > 0 and row["accuracy_max_rel"] < 1e-5
     edit = next(r for r in rows if r["backend"] == "torch-bf16")
     assert edit["edit_steps"] == 4 and 20 < edit["psnr_db"] < 100  # bf16 against float32, same seed
-    assert edit["unet_evaluations"] == 12 and edit["preset"] == "exact"
+    assert edit["unet_evaluations"] == 12 and edit["unet_work"] == 12.0 and edit["preset"] == "exact"
     assert set(edit["cpu"]) == {"torch_capability", "native_bf16", "native_fp16"}
     fast = next(r for r in rows if r["backend"] == "torch-fast-bf16")
     assert fast["preset"] == "fast" and fast["edit_steps"] == 10 and fast["unet_evaluations"] <= 30
