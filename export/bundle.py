@@ -189,7 +189,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             if failed:
                 raise ExportError(f"{name}: verification failed: {failed[0]}")
             checks += component_checks
-            if name.startswith(specs.UNET.name):  # what one row costs, to weigh step caching's shallow calls
+            if name == specs.UNET.name or specs.split_of(name):  # a row's cost weighs step caching's shallow calls
                 entry["macs"] = {"per_row": unet_macs(unet, name, opt_latent, model_config.text_dim),
                                  "latent_size": list(opt_latent)}
             components[name] = entry

@@ -8,6 +8,13 @@ from PIL import Image
 from engine.random_models import create_model
 
 
+def cli_error(capsys) -> str:
+    """What the CLI wrote to stderr, checked to be one ``ip2p: error: ...`` line."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ip2p: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(create_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0))

@@ -11,6 +11,7 @@ from PIL import Image
 
 from engine.errors import InputError
 from ip2p.cli import main
+from tests.conftest import cli_error
 from training.clip_metrics import ClipScorer, resolve_clip
 
 CAPTIONS = [("a red circle on white", "a blue circle on white", "make the circle blue"),
@@ -136,5 +137,4 @@ def test_eval_clip_bad_input_is_one_line(tmp_path, tiny_model, tiny_clip, capsys
     names = {"CLIP": tiny_clip, "MODEL": tiny_model, "DATA": str(plain), "NOCAPTIONS": str(plain),
              "MISSING": str(tmp_path / "missing")}
     assert main(["-q", "eval", tiny_model, *[names.get(a, a) for a in args]]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ip2p: error: ") and message in err and len(err.splitlines()) == 1
+    assert message in cli_error(capsys)

@@ -10,6 +10,7 @@ import torch
 
 from engine.errors import InputError
 from ip2p.cli import main
+from tests.conftest import cli_error
 from training.pairs import PairSettings, align_tokens, clip_filter, load_base, sample_pair
 
 PROMPTS = [{"input": "a red circle on a white wall", "edit": "make the circle blue",
@@ -239,8 +240,7 @@ def test_generate_pairs_bad_input_is_one_line(tmp_path, saved_models, tiny_clip,
         extra = ["--p-range", "0.9:0.1"]
     code = main(["-q", "generate-pairs", str(prompts), "--base", base, "--clip", clip, "-o", str(tmp_path / "out"),
                  *extra])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("ip2p: error: ") and message in err and len(err.splitlines()) == 1
+    assert code == 2 and message in cli_error(capsys)
 
 
 def test_load_base_refuses_an_edit_model(saved_models):
