@@ -104,7 +104,7 @@ def test_variants_are_chosen_or_named(saved_models, tmp_path, caplog):
 
     fp16 = Path(saved_models["fp16"]) / "unet"
     assert component_weights(fp16, "fp16").files == (fp16 / "diffusion_pytorch_model.fp16.safetensors",)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="engine"):  # a CLI run earlier may have left "engine" at WARNING
         assert component_weights(fp16).variant == "fp16"  # the only weights there are
     assert "loading the fp16 variant" in caplog.text
     with pytest.raises(InputError, match=r"ip2p/unet: no fp16 weights \(this folder has: plain\)"):
