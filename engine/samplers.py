@@ -107,6 +107,52 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: Any, sigmas, noise_sampler: NoiseSam
     return x
 
 
+def unipc_correct(x_prev: Any, denoised: Any, history: list[Any], sigmas, i: int) -> Any:
+    """UniC, UniPC's corrector (Zhao et al. 2023, alg. 2, B(h) = e^h - 1 "bh2", data prediction): redo the
+    step from sigmas[i - 1] to sigmas[i] that produced the current sample, now that the model has been
+    evaluated there (``denoised``), with the predictions of the steps before it (``history``, newest last:
+    one gives order 1, the trapezoidal rule; two give order 2). ``x_prev`` is the sample that step started
+    from. Reuses the evaluation: no extra model call."""
+    sigma_prev, sigma = float(sigmas[i - 1]), float(sigmas[i])
+    h = math.log(sigma_prev) - math.log(sigma)  # log-SNR step, lambda = -log(sigma)
+    phi = math.expm1(-h)  # h phi_1(h) in data prediction, and B(h)
+    x = x_prev * (sigma / sigma_prev) - history[-1] * phi
+    d_now = denoised - history[-1]
+    if len(history) == 1:
+        return x - d_now * (0.5 * phi)
+    r = (math.log(sigma_prev) - math.log(float(sigmas[i - 2]))) / h  # the older point's offset, in units of h
+    b1 = (phi / -h - 1) / phi  # b_k = h phi_k(h) k! / B(h), k = 1, 2
+    b2 = ((phi / -h - 1) / -h - 0.5) * 2 / phi
+    rho_old = (b1 - b2) / (1 - r)  # R rho = b, R = [[1, 1], [r, 1]]
+    rho_now = b1 - rho_old
+    return x - ((history[-2] - history[-1]) * (rho_old / r) + d_now * rho_now) * phi
+
+
+def sample_unipc(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
+    """UniPC (Zhao et al. 2023), order 2, "bh2", as diffusers' UniPCMultistepScheduler: each step first
+    corrects the sample it is at with the model's prediction there (UniC), then predicts the next one
+    (UniP, of order 2 equal to DPM-Solver++(2M)'s step). First order on the first and last step."""
+    history: list[Any] = []  # denoised predictions of the last two steps, newest last
+    x_prev = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma)
+        if history:
+            x = unipc_correct(x_prev, denoised, history, sigmas, i)
+        x_prev = x
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            last = i == len(sigmas) - 2
+            d = denoised if last or not history else multistep_denoised(denoised, history[-1], sigmas, i, h)
+            x = x * (sigma_next / sigma) - d * math.expm1(-h)
+        history = (history + [denoised])[-2:]
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
 @dataclass(frozen=True)
 class Sampler:
     sample: Callable[..., Any]
@@ -119,6 +165,7 @@ SAMPLERS: dict[str, Sampler] = {
     "euler_ancestral": Sampler(sample_euler_ancestral, schedules.euler_schedule, stochastic=True),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, schedules.karras_schedule, stochastic=False),
     "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, schedules.karras_schedule, stochastic=True),
+    "unipc": Sampler(sample_unipc, schedules.multistep_schedule, stochastic=False),
     # Deterministic DDIM (eta = 0) is exactly an Euler step in sigma space (Karras et al. 2022, sec. 3);
     # what makes it DDIM is its schedule of integer timesteps.
     "ddim": Sampler(sample_euler, schedules.ddim_schedule, stochastic=False),

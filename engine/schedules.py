@@ -105,6 +105,19 @@ def karras_schedule(config: dict, steps: int, rho: float = 7.0) -> Schedule:
     return Schedule(sigmas=sigmas, timesteps=timesteps, init_noise_sigma=float((sigma_max**2 + 1) ** 0.5))
 
 
+def multistep_schedule(config: dict, steps: int) -> Schedule:
+    """The integer timesteps of diffusers' multistep solvers (UniPC, and DPM-Solver without Karras sigmas):
+    "linspace" and "leading" space ``steps + 1`` and drop the last, then sigma 0."""
+    spacing = config.get("timestep_spacing", "linspace")
+    if spacing == "trailing":
+        timesteps = spaced_timesteps(config, steps, spacing, integer=True)
+    else:
+        timesteps = spaced_timesteps(config, steps + 1, spacing, integer=True)[:-1]
+    train = training_sigmas(config)
+    sigmas = np.concatenate([train[timesteps.astype(np.int64)], [0.0]]).astype(np.float32)
+    return Schedule(sigmas=sigmas, timesteps=timesteps, init_noise_sigma=float((sigmas[0] ** 2 + 1) ** 0.5))
+
+
 def ddim_schedule(config: dict, steps: int) -> Schedule:
     """DDIM's integer timesteps (Song et al. 2021); it ends at alpha_bar = 1 (sigma 0) or alpha_bar_0."""
     spacing = config.get("timestep_spacing", "leading")

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       UniPCMultistepScheduler)
 
 from engine.guidance import COND, GuidancePlan, guided_denoiser
 from engine.random_models import SD15_SCHEDULER
@@ -116,3 +117,14 @@ def test_ancestral_step_conserves_variance():
     down, up = ancestral_step(5.0, 2.0)
     assert down**2 + up**2 == pytest.approx(4.0)
     assert ancestral_step(5.0, 2.0, eta=0.0) == (2.0, 0.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8, 20])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_unipc_matches_unipc_multistep(noise, steps, spacing):
+    config = {**SD15_SCHEDULER, "timestep_spacing": spacing}
+    ref = run_diffusers(UniPCMultistepScheduler.from_config(config), steps, noise)
+    torch.testing.assert_close(run_ours("unipc", config, steps, noise), ref, rtol=1e-4, atol=1e-4)
+    predictor_only = UniPCMultistepScheduler.from_config(config, disable_corrector=list(range(steps)))
+    if steps > 2:  # the corrector changes the trajectory (on the last step its correction is dropped, as diffusers does)
+        assert (run_diffusers(predictor_only, steps, noise) - ref).abs().max() > 1e-3

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       UniPCMultistepScheduler)
 
 from engine import schedules
 from engine.random_models import SD15_SCHEDULER
@@ -24,6 +25,18 @@ def test_karras_schedule_matches_dpm_solver(steps):
     ref = DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER, use_karras_sigmas=True)
     ref.set_timesteps(steps)
     ours = schedules.karras_schedule(SD15_SCHEDULER, steps)
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("cls", [UniPCMultistepScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("steps", [1, 6, 20])
+def test_multistep_schedule_matches_diffusers(cls, spacing, steps):
+    config = {**SD15_SCHEDULER, "timestep_spacing": spacing}
+    ref = cls.from_config(config)
+    ref.set_timesteps(steps)
+    ours = schedules.multistep_schedule(config, steps)
     np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5)
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
 
