@@ -41,15 +41,29 @@ TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 
 @dataclass
 class EditResult:
-    """Edited images (PIL, or float32 (B, H, W, 3) in [0, 1]), the seed of each, seconds per stage, and the
-    work done per image: UNet rows evaluated (a 20-step edit with all three branches: 60) and their
-    MAC-weighted sum, in whole-UNet rows (the same while every row runs the whole UNet)."""
+    """Edited images (PIL, or float32 (B, H, W, 3) in [0, 1]), the seed of each, seconds per stage (adding up to
+    the edit's wall time), and the work done per image: UNet rows evaluated (a 20-step edit with all three
+    branches: 60) and their MAC-weighted sum, in whole-UNet rows (the same while every row runs the whole UNet)."""
 
     images: list[Image.Image] | np.ndarray | list[np.ndarray]
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     unet_evaluations: list[int] = field(default_factory=list)
     unet_work: list[float] = field(default_factory=list)
+
+
+class StageClock:
+    """Wall-clock seconds per stage with no gaps: a lap charges the time since the previous lap to its stage, so
+    the stages add up to the whole call."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._last
+        self._last = now
 
 
 class EditPipeline:
@@ -170,8 +184,7 @@ class EditPipeline:
         ``guidance_scales``: (s_T, s_I) per image, in place of the config's (each image gets the pixels it
         would get alone with its own). ``on_step(steps_done)`` runs after every denoising step of every
         batch; raising ``engine.errors.Cancelled`` there stops the edit before the next UNet call."""
-        timings: dict[str, float] = defaultdict(float)
-        start = time.perf_counter()
+        clock = StageClock()
         if not images:
             raise InputError("no images to edit")
         instructions = _instructions_for(instruction, len(images))
@@ -187,7 +200,7 @@ class EditPipeline:
             latents = np.asarray(latents, dtype=np.float32)
             if len(groups) > 1:
                 raise InputError("explicit latents need all images to be edited at the same size")
-        timings["preprocess"] = time.perf_counter() - start
+        clock.lap("preprocess")
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
         evaluations, work = [0] * len(images), [0.0] * len(images)
@@ -206,27 +219,31 @@ class EditPipeline:
         for start, members in chunks:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
+            clock.lap("preprocess")
             edited, rows, cost = self._edit_batch(
-                pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, timings,
+                pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, clock,
                 [scales[i] for i in members], on_step,
             )
             for i, out, count, done in zip(members, edited, rows, cost):
                 outputs[i], evaluations[i], work[i] = out, count, done
 
-        start = time.perf_counter()
-        if config.keep_size:
-            outputs = [
-                imaging.resize_array(out, im.size) if out.shape[1::-1] != im.size else out
-                for out, im in zip(outputs, loaded)
-            ]
-        if config.output_type == "pil":
-            result: Any = [imaging.to_pil(out) for out in outputs]
-        elif len({out.shape for out in outputs}) == 1:
-            result = np.stack(outputs)
+        if config.output_type == "pil" and not config.keep_size:
+            result: Any = [imaging.output_to_pil(out) for out in outputs]
         else:
-            result = outputs
-        timings["postprocess"] = time.perf_counter() - start
-        return EditResult(images=result, seeds=seeds, timings=dict(timings), unet_evaluations=evaluations,
+            arrays = [imaging.from_model_output(out[None])[0] for out in outputs]  # (H, W, 3) in [0, 1]
+            if config.keep_size:
+                arrays = [
+                    imaging.resize_array(out, im.size) if out.shape[1::-1] != im.size else out
+                    for out, im in zip(arrays, loaded)
+                ]
+            if config.output_type == "pil":
+                result = [imaging.to_pil(out) for out in arrays]
+            elif len({out.shape for out in arrays}) == 1:
+                result = np.stack(arrays)
+            else:
+                result = arrays
+        clock.lap("postprocess")
+        return EditResult(images=result, seeds=seeds, timings=dict(clock.seconds), unet_evaluations=evaluations,
                           unet_work=work)
 
     def _sizing(self, resolution: Resolution) -> tuple[int | None, int]:
@@ -290,26 +307,23 @@ class EditPipeline:
         seeds: list[int],
         latents: np.ndarray | None,
         config: EditConfig,
-        timings: dict[str, float],
+        clock: "StageClock",
         scales: list[tuple[float, float]],
         on_step: Callable[[int], None] | None,
     ) -> tuple[np.ndarray, list[int], list[float]]:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, H, W, 3) edited pixels in [0, 1], the UNet rows each image
-        took, and their MAC-weighted sum in whole-UNet rows."""
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, 3, H, W) edited pixels as the VAE decodes them (about [-1, 1]), the
+        UNet rows each image took, and their MAC-weighted sum in whole-UNet rows."""
         be, b = self.backend, len(instructions)
         plan = GuidancePlan(b, [t for t, _ in scales], [i for _, i in scales], config.guidance,
                             all_branches=self.all_branches)
 
-        start = time.perf_counter()
         text = self.encode_text(instructions)  # (B, 77, D)
         null = self.null_embedding() if set(plan.needed) != {COND} else None  # (1, 77, D)
-        timings["text_encode"] += time.perf_counter() - start
+        clock.lap("text_encode")
 
-        start = time.perf_counter()
         image_latents = be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]  # (B, 4, h, w)
-        timings["image_encode"] += time.perf_counter() - start
+        clock.lap("image_encode")
 
-        start = time.perf_counter()
         sampler = SAMPLERS[config.sampler]
         schedule = sampler.schedule(self.model.scheduler, config.steps)
         noise = NoiseSource(seeds)
@@ -392,12 +406,11 @@ class EditPipeline:
         with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
             x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
         x = x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)  # back to the DDPM scale the VAE expects
-        timings["denoise"] += time.perf_counter() - start
+        clock.lap("denoise")
 
-        start = time.perf_counter()
         decoded = self._decode(x)
-        timings["decode"] += time.perf_counter() - start
-        return imaging.from_model_output(decoded), evaluations, work
+        clock.lap("decode")
+        return decoded, evaluations, work
 
     def _decode(self, latents: Any) -> np.ndarray:
         """(B, 3, H, W) decoded pixels; a reduced-precision overflow is retried with the float32 decoder."""

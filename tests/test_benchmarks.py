@@ -80,3 +80,15 @@ def test_only_one_system_per_model_stays_alive_besides_the_reference(tmp_path):
     assert set(systems._runners) == {("sd15", "diffusers-fp32"), ("sd15", REFERENCE), ("tiny", "torch-bf16")}
     systems.runner("sd15", "onnxruntime-fp32")
     assert set(systems._runners) == {("sd15", "onnxruntime-fp32"), ("sd15", REFERENCE), ("tiny", "torch-bf16")}
+
+
+def test_serving_overhead_run_measures_the_shipped_bundle():
+    """``ip2p bench serve``'s one-client run: real server, the lean client's prebuilt multipart body accepted, the
+    overhead taken against stages that add up to the pipeline's time (so it is below the whole latency)."""
+    from benchmarks.serving import uncontended
+    from engine.pipeline import DEFAULT_BUNDLE
+
+    run = uncontended({"model": str(DEFAULT_BUNDLE)}, 64, 1, repeats=2, fmt="jpeg", block=1)
+    assert run["repeats"] == 2 and run["format"] == "jpeg"
+    assert 0 < run["overhead_p50_ms"] < run["http_p50_s"] * 1000
+    assert run["read_p50_ms"] > 0 and run["write_p50_ms"] > 0

@@ -15,6 +15,14 @@ def test_exif_orientation_is_applied(tmp_path):
     assert images.load_image(path).size == (20, 40)
 
 
+def test_upright_rgb_is_not_copied_and_files_stay_usable(tmp_path):
+    upright = Image.new("RGB", (8, 8), (1, 2, 3))
+    assert images.load_image(upright) is upright  # a copy per request is measurable at 512x512
+    path = tmp_path / "rgb.png"
+    upright.save(path)
+    assert images.load_image(path).getpixel((7, 7)) == (1, 2, 3)  # loaded from a file: not closed under the caller
+
+
 def test_rgba_is_composited_on_white():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert images.load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
@@ -101,6 +109,13 @@ def test_save_image_is_atomic_and_checks_extension(tmp_path):
     images.save_image(Image.new("RGB", (4, 4)), target)
     assert Image.open(target).size == (4, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_output_to_pil_equals_the_float_path():
+    decoded = np.random.default_rng(1).normal(0, 0.8, (3, 64, 48)).astype(np.float32)  # some outside [-1, 1]
+    decoded[0, 0, :5] = [-1.0, 1.0, 0.0, 1 / 255 - 1, 0.5 / 127.5 - 1]  # the edges, and rounding ties
+    expected = images.to_pil(images.from_model_output(decoded[None])[0])
+    assert np.array_equal(np.asarray(images.output_to_pil(decoded)), np.asarray(expected))
 
 
 def test_resize_array_keeps_float_range():

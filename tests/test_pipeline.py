@@ -1,3 +1,6 @@
+import gc
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +77,20 @@ def test_resolution_keep_size_and_outputs(tiny_pipe):
     kept = tiny_pipe.edit(image, "x", steps=1, seed=0, resolution=128, keep_size=True)
     assert kept.images[0].size == (96, 48)
     assert set(auto.timings) == {"preprocess", "text_encode", "image_encode", "denoise", "decode", "postprocess"}
+
+
+def test_stage_timings_add_up_to_the_edit(tiny_pipe):
+    """Every part of an edit is charged to a stage (the service's overhead is its latency less these)."""
+    images = random_images(3, 32, 48) + random_images(1, 48, 32)  # two size groups: stages are summed over them
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        result = tiny_pipe.edit(images, "x", steps=2, seed=0, resolution=None, keep_size=True)
+        wall = time.perf_counter() - start
+    finally:
+        gc.enable()
+    total = sum(result.timings.values())
+    assert 0 < total <= wall and wall - total < 1e-3
 
 
 def test_mixed_sizes_are_grouped_and_kept_in_order(tiny_pipe):
