@@ -104,3 +104,25 @@ def test_compile_is_refused_without_a_cpp_compiler_or_with_a_bad_value(tiny_mode
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(InputError, match="compile on a CPU needs a C.. compiler"):
         EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"compile": True})
+
+
+def test_vae_runs_channels_last_on_a_cpu_with_the_same_results(tiny_pipe):
+    """The CPU VAE runs NHWC (faster oneDNN convolutions); its outputs are those of the NCHW modules, in NCHW."""
+    backend = tiny_pipe.backend
+    encoder, decoder = backend._modules["vae_encoder"][0], backend._modules["vae_decoder"][0]
+    assert encoder.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not backend._modules["unet"][0].unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 48, 40) * 2 - 1
+    latents = backend.run("vae_encoder", {"images": images})["image_latents"]
+    pixels = backend.run("vae_decoder", {"latents": latents})["images"]
+    assert latents.is_contiguous() and pixels.is_contiguous()
+    with torch.inference_mode():
+        encoder.to(memory_format=torch.contiguous_format)
+        decoder.to(memory_format=torch.contiguous_format)
+        try:
+            expected_latents, expected_pixels = encoder(images), decoder(latents)
+        finally:
+            encoder.to(memory_format=torch.channels_last)
+            decoder.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(latents, expected_latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pixels, expected_pixels, rtol=1e-5, atol=1e-5)
