@@ -1,9 +1,10 @@
 """The whole 512x512 sd15 edit per preset against diffusers' float32 20-step edit, in one process:
-``python -m benchmarks.presets_cpu [--model DIR] [--dtype bfloat16] [-o OUT.json]``.
+``python -m benchmarks.presets_cpu [--model DIR] [--dtype bfloat16] [--no-onnxruntime] [-o OUT.json]``.
 
 One timed run of each after a 1-step warm-up (an sd15 edit takes minutes on a small CPU); the pytest
-suite (``pytest benchmarks``) repeats its cases, this script answers one question quickly. The random-weight
-sd15 model is built once in the benchmark cache when no model is given.
+suite (``pytest benchmarks``) repeats its cases, this script answers one question quickly. The presets run
+on the torch backend in ``--dtype`` and on onnxruntime's CPU provider with the fp32 bundle. The random-weight
+sd15 model and its bundle are built once in the benchmark cache when no model is given.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from benchmarks.hardware import cpu_capability, device_name
 
 log = logging.getLogger(__name__)
 PROMPT = "make it snowy"
-# Timed besides the presets: step caching on top of them (DeepCache's share of the UNet, measured in time).
-COMBINATIONS = {"exact + cache 3": dict(cache_interval=3), "fast + cache 2": dict(preset="fast", cache_interval=2)}
+# Timed besides the presets: step caching (DeepCache's share of the UNet, measured in time), and `fast` as it was
+# until 2026-12-03 (10 Euler-ancestral steps), to compare with today's 8 Euler steps.
+COMBINATIONS = {"exact + cache 3": dict(cache_interval=3),
+                "fast, 10 euler_ancestral steps": dict(preset="fast", steps=10, sampler="euler_ancestral")}
 
 
 def time_diffusers(model: Path, photo: np.ndarray) -> float:
@@ -40,14 +43,16 @@ def time_diffusers(model: Path, photo: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def time_presets(model: Path, photo: np.ndarray, dtype: str) -> dict[str, dict]:
+def time_presets(model: Path, photo: np.ndarray, dtype: str | None, combinations: dict[str, dict]) -> dict[str, dict]:
+    """Seconds, UNet rows and work of each preset's edit (and of ``combinations``) on ``model``: a model folder
+    (torch, in ``dtype``) or a bundle (its own runtime and precision)."""
     from engine import EditPipeline
     from engine.presets import PRESETS
 
     pipe = EditPipeline.from_pretrained(model, dtype=dtype, progress=False)
     pipe.edit(photo, PROMPT, steps=1, seed=0, resolution=512)  # warm-up
     out = {}
-    for name, settings in {**{p: dict(preset=p) for p in PRESETS}, **COMBINATIONS}.items():
+    for name, settings in {**{p: dict(preset=p) for p in PRESETS}, **combinations}.items():
         start = time.perf_counter()
         result = pipe.edit(photo, PROMPT, seed=0, resolution=512, **settings)
         out[name] = {"seconds": time.perf_counter() - start, "unet_evaluations": result.unet_evaluations[0],
@@ -59,19 +64,27 @@ def time_presets(model: Path, photo: np.ndarray, dtype: str) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="default: the random-weight sd15 model in the benchmark cache")
+    parser.add_argument("--model", help="default: the random-weight sd15 model in the benchmark cache (and its fp32 "
+                        "bundle; a model given is timed on the torch backend only)")
     parser.add_argument("--dtype", default="bfloat16", help="the engine's dtype (float32 where bf16 is emulated)")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="time the torch backend only")
     parser.add_argument("-o", "--output", default="presets_cpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from benchmarks.conftest import CACHE, Systems
 
-    model = Path(args.model) if args.model else Systems(CACHE, "cpu").model_dir("sd15")
+    systems = Systems(CACHE, "cpu")
+    model = Path(args.model) if args.model else systems.model_dir("sd15")
     photo = (np.random.default_rng(1).random((512, 512, 3)) * 255).astype(np.uint8)
     results = {"device": device_name("cpu"), "cpu": cpu_capability(), "torch": torch.__version__,
                "diffusers-fp32-20": time_diffusers(model, photo)}
     log.info("diffusers fp32, 20 steps: %.1f s", results["diffusers-fp32-20"])
-    results[f"engine-{args.dtype}"] = time_presets(model, photo, args.dtype)
+    results[f"engine-{args.dtype}"] = time_presets(model, photo, args.dtype, COMBINATIONS)
+    if not (args.no_onnxruntime or args.model):  # the cached model's fp32 bundle (no split UNet: presets only)
+        import onnxruntime
+
+        results["onnxruntime"] = onnxruntime.__version__
+        results["engine-onnxruntime-fp32"] = time_presets(systems.bundle_dir("sd15", "fp32"), photo, None, {})
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 

@@ -17,8 +17,9 @@ PRESETS: dict[str, dict] = {
     "exact": {},  # 20 euler_ancestral steps, all that eq. 3 weights: 60 UNet rows per edit at s_T 7.5, s_I 1.5
     # adaptive guidance only: 26.2 rows per edit on the shapes model, success within 1 point of exact
     "balanced": {"guidance": GuidanceOptions(adaptive_threshold=0.99)},
-    # half the steps and an earlier adaptive cut: 14.0 rows per edit, success within 1 point there too
-    "fast": {"steps": 10, "guidance": GuidanceOptions(adaptive_threshold=0.9)},
+    # 8 deterministic Euler steps and an earlier adaptive cut: 11.9 rows per edit, success within 1.7 points (on
+    # this model Euler keeps its quality at 8 steps where Euler-ancestral, DPM++ and UniPC lose 5-30 points)
+    "fast": {"steps": 8, "sampler": "euler", "guidance": GuidanceOptions(adaptive_threshold=0.9)},
 }
 
 

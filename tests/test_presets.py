@@ -9,11 +9,12 @@ def test_presets_are_documented_combinations_and_settings_override_them():
     exact = preset_config("exact")
     assert exact.steps == 20 and exact.sampler == "euler_ancestral" and exact.guidance.exact
     fast = preset_config("fast")
-    assert fast.steps == 10 and fast.guidance.adaptive_threshold == 0.9
+    assert (fast.steps, fast.sampler, fast.guidance.adaptive_threshold) == (8, "euler", 0.9)
     assert preset_config("balanced").guidance.adaptive_threshold == 0.99 and preset_config("balanced").steps == 20
-    mine = preset_config("fast", {"resolution": None}, steps=12, adaptive_guidance=0.95, sampler=None)
+    mine = preset_config("fast", {"resolution": None}, steps=12, adaptive_guidance=0.95, sampler="euler_ancestral")
     assert (mine.steps, mine.guidance.adaptive_threshold, mine.resolution, mine.sampler) == (12, 0.95, None,
                                                                                               "euler_ancestral")
+    assert preset_config("fast", sampler=None).sampler == "euler"  # None: the preset's
     assert preset_config("exact", guidance_interval=(1.0, 5.0)).guidance.interval == (1.0, 5.0)
     with pytest.raises(InputError, match="unknown preset 'turbo'; choose from exact, balanced, fast"):
         preset_config("turbo")

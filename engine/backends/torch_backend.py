@@ -143,8 +143,8 @@ def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, kv
 
 FP32_DECODER = specs.VAE_DECODER_FP32
 # On a CPU, oneDNN's convolutions run faster on NHWC ("channels last") tensors: the sd15 VAE, nothing but
-# convolutions and one attention, took 18-30% less time that way at 512 px in bf16 and fp32 (AVX512 host,
-# docs/benchmarks.md); the UNet did not gain (its attention reshapes undo the layout), so it stays NCHW.
+# convolutions and one attention, took 13-21% less time that way at 512 px in bf16 and fp32 (interleaved A/B,
+# AVX512 host, docs/benchmarks.md); the UNet did not gain (its attention reshapes undo the layout): NCHW.
 CHANNELS_LAST_ON_CPU = (specs.VAE_ENCODER.name, specs.VAE_DECODER.name, FP32_DECODER)
 
 
