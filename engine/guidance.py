@@ -19,7 +19,7 @@ Array-agnostic: the combination works on torch tensors and numpy arrays alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -99,7 +99,8 @@ class GuidancePlan:
     for all images or one per image (a server's batch of requests, each with its own).
 
     ``branches(sigma)`` is asked before each UNet call; ``observe(outputs)`` after it, with each image's
-    evaluated branch outputs as numpy arrays (used by the adaptive rule only)."""
+    evaluated branch outputs as numpy arrays (used by the adaptive rule only). ``drop(images)`` stops every
+    row of images no longer wanted (a server's cancelled requests): they evaluate no branch from then on."""
 
     def __init__(self, count: int, text_scale: float | Sequence[float], image_scale: float | Sequence[float],
                  options: GuidanceOptions = GuidanceOptions(), all_branches: bool = False):
@@ -109,15 +110,23 @@ class GuidancePlan:
         self._needed = [ALL if all_branches else needed_branches(t, i) for t, i in zip(texts, images)]
         self.needed = tuple(k for k in ALL if any(k in n for n in self._needed))  # branches some image needs
         self._dropped: list[set[int]] = [set() for _ in range(count)]  # adaptive: converged branches per image
+        self.gone: set[int] = set()  # images dropped whole
+
+    def drop(self, images: Iterable[int]) -> None:
+        """Evaluate nothing more for ``images`` (except on static engines, whose rows are fixed)."""
+        self.gone.update(images)
 
     def branches(self, sigma: float) -> list[tuple[int, ...]]:
-        """The branches each image evaluates at this step."""
+        """The branches each image evaluates at this step (none for a dropped image)."""
         if self.all_branches:  # static engines take exactly 3B rows
             return [ALL] * len(self._dropped)
         interval = self.options.interval
         if interval is not None and not interval[0] < sigma <= interval[1]:
-            return [(COND,)] * len(self._dropped)
-        return [tuple(k for k in needed if k not in dropped) for needed, dropped in zip(self._needed, self._dropped)]
+            wanted = [(COND,)] * len(self._dropped)
+        else:
+            wanted = [tuple(k for k in needed if k not in dropped)
+                      for needed, dropped in zip(self._needed, self._dropped)]
+        return [() if i in self.gone else b for i, b in enumerate(wanted)]
 
     def watching(self, branches: list[tuple[int, ...]]) -> bool:
         """Whether the adaptive rule needs this step's outputs: it is on and some image can still drop a branch."""
@@ -199,7 +208,8 @@ def guided_denoiser(
         outputs = unet(x * c_in, timestep_of(sigma), groups)
         if plan.watching(branches):
             plan.observe(_per_image(groups, outputs, to_numpy, x.shape[0]))
-        parts = [combine(out, plan.weights_for(b, indices[0])) for (indices, b), out in zip(groups, outputs)]
+        parts = [combine(out, plan.weights_for(b, indices[0])) if b else x[indices] * 0  # dropped: no prediction
+                 for (indices, b), out in zip(groups, outputs)]
         if len(parts) == 1:
             out = parts[0]  # (B, 4, h, w), images in order
         else:

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 from PIL import Image
@@ -177,13 +177,15 @@ class EditPipeline:
         seed: int | Sequence[int] | None = None,
         latents: Any = None,
         guidance_scales: Sequence[tuple[float, float]] | None = None,
-        on_step: Callable[[int], None] | None = None,
+        on_step: Callable[[int], Collection[int] | None] | None = None,
     ) -> EditResult:
         """Edit ``images`` with ``config``; images that end up the same size are denoised as one batch.
 
         ``guidance_scales``: (s_T, s_I) per image, in place of the config's (each image gets the pixels it
         would get alone with its own). ``on_step(steps_done)`` runs after every denoising step of every
-        batch; raising ``engine.errors.Cancelled`` there stops the edit before the next UNet call."""
+        batch; raising ``engine.errors.Cancelled`` there stops the edit before the next UNet call, and
+        returning indices into ``images`` drops those images: they cost no UNet rows from the next step on
+        and come back mid-grey, while the others keep exactly their pixels."""
         clock = StageClock()
         if not images:
             raise InputError("no images to edit")
@@ -222,7 +224,7 @@ class EditPipeline:
             clock.lap("preprocess")
             edited, rows, cost = self._edit_batch(
                 pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, clock,
-                [scales[i] for i in members], on_step,
+                [scales[i] for i in members], on_step and _members_callback(on_step, members),
             )
             for i, out, count, done in zip(members, edited, rows, cost):
                 outputs[i], evaluations[i], work[i] = out, count, done
@@ -309,7 +311,7 @@ class EditPipeline:
         config: EditConfig,
         clock: "StageClock",
         scales: list[tuple[float, float]],
-        on_step: Callable[[int], None] | None,
+        on_step: Callable[[int], list[int]] | None,
     ) -> tuple[np.ndarray, list[int], list[float]]:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, 3, H, W) edited pixels as the VAE decodes them (about [-1, 1]), the
         UNet rows each image took, and their MAC-weighted sum in whole-UNet rows."""
@@ -365,6 +367,8 @@ class EditPipeline:
 
         def unet(x_in: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
             nonlocal calls
+            if not any(branches for _, branches in groups):  # every image dropped: no UNet call
+                return [{} for _ in groups]
             text_rows, image_rows = rows_for(groups)
             xs, keys = [], []
             for indices, branches in groups:
@@ -401,14 +405,20 @@ class EditPipeline:
         def step_done(i: int, *_: Any) -> None:
             bar.update()
             if on_step is not None:
-                on_step(i + 1)
+                plan.drop(on_step(i + 1))
 
         with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
             x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
         x = x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)  # back to the DDPM scale the VAE expects
         clock.lap("denoise")
 
-        decoded = self._decode(x)
+        kept = [i for i in range(b) if i not in plan.gone]
+        if len(kept) == b:
+            decoded = self._decode(x)
+        else:  # dropped images are not decoded: they come back mid-grey
+            decoded = np.zeros((b, 3, pixels.shape[2], pixels.shape[3]), np.float32)
+            if kept:
+                decoded[kept] = self._decode(take(x, kept))
         clock.lap("decode")
         return decoded, evaluations, work
 
@@ -423,6 +433,16 @@ class EditPipeline:
         if not np.isfinite(decoded).all():
             raise NumericalError("the decoded image contains NaN or Inf (the model's weights or latents are broken)")
         return decoded
+
+
+def _members_callback(on_step: Callable[[int], Collection[int] | None],
+                      members: list[int]) -> Callable[[int], list[int]]:
+    """``on_step`` for one batch of ``run``'s images: the dropped images it names, as indices into the batch."""
+    def batch_step(done: int) -> list[int]:
+        dropped = set(on_step(done) or ())
+        return [j for j, i in enumerate(members) if i in dropped]
+
+    return batch_step
 
 
 def default_model(backend: str | None = None) -> Path:

@@ -127,3 +127,20 @@ def test_per_image_rows_come_back_in_image_order():
     out = guided_denoiser(unet, lambda s: 0.0, plan, np.concatenate)(x, 1.0)  # x - eps * sigma
     assert seen[0][1] == [([0, 2], ALL), ([1], (COND,))]
     np.testing.assert_allclose(-out[:, 0], [combine_guidance(3, 2, 1, 7.5, 1.5), 4.0, combine_guidance(5, 4, 3, 7.5, 1.5)])
+
+
+def test_a_dropped_image_evaluates_nothing_and_leaves_the_others_as_they_were():
+    seen = []
+    unet = fake_unet({COND: 3.0, IMAGE: 2.0, UNCOND: 1.0}, seen)
+    plan = GuidancePlan(3, 7.5, 1.5, GuidanceOptions(interval=(1.0, 10.0)))
+    plan.drop([1])
+    assert plan.branches(5.0) == [ALL, (), ALL] and plan.branches(20.0) == [(COND,), (), (COND,)]
+    x = np.ones((3, 2))
+    out = guided_denoiser(unet, lambda s: 0.0, plan, np.concatenate)(x, 5.0)  # x - eps * sigma
+    assert seen[0][1] == [([0, 2], ALL), ([1], ())]
+    np.testing.assert_allclose(out[1], x[1])  # no prediction: the sample stays where it is
+    np.testing.assert_allclose(out[[0, 2], 0], 1 - 5.0 * np.array([combine_guidance(3, 2, 1, 7.5, 1.5),
+                                                                    combine_guidance(5, 4, 3, 7.5, 1.5)]))
+    static = GuidancePlan(2, 7.5, 1.5, all_branches=True)
+    static.drop([0])
+    assert static.branches(5.0) == [ALL, ALL]  # fixed rows: a static engine runs them anyway

@@ -245,6 +245,21 @@ def test_a_step_callback_sees_progress_and_can_cancel(tiny_pipe):
     assert seen == [1, 2]  # no further step ran
 
 
+def test_a_step_callback_can_drop_images_and_the_others_keep_their_pixels(tiny_pipe):
+    from engine.presets import preset_config
+
+    config = preset_config("exact", dict(resolution=None, output_type="np"), steps=4)
+    images = random_images(3)
+    dropped = tiny_pipe.run(images, "x", config, seed=[5, 6, 7], on_step=lambda done: [1] if done >= 2 else None)
+    assert dropped.unet_evaluations == [12, 6, 12]  # image 1: two steps of three rows, then none
+    assert np.all(dropped.images[1] == 0.5)  # not decoded: mid-grey
+    for i in (0, 2):
+        alone = tiny_pipe.run([images[i]], "x", config, seed=5 + i)
+        np.testing.assert_allclose(dropped.images[i], alone.images[0], atol=1e-5)
+    everyone = tiny_pipe.run(images[:2], "x", config, seed=0, on_step=lambda done: [0, 1])
+    assert everyone.unet_evaluations == [3, 3] and np.all(everyone.images == 0.5)
+
+
 def test_edit_size_is_the_size_run_denoises_at(tiny_pipe):
     image = random_images(1, height=50, width=90)[0]
     result = tiny_pipe.edit(image, "x", steps=1, resolution=64)

@@ -250,6 +250,28 @@ def test_deleting_a_job_stops_its_denoising_loop(local):
     assert httpx.get(f"{url}/v1/jobs/{job_id}/image").status_code == 409
 
 
+def test_a_job_cancelled_inside_a_batch_drops_out_and_the_other_keeps_its_pixels(library):
+    with local_server(Settings(max_batch=2, batch_wait_ms=5000, max_steps=2000)) as (url, worker):
+        ids = [httpx.post(f"{url}/v1/jobs", data={"instruction": INSTRUCTION, "steps": "120", "seed": str(seed)},
+                          files={"image": ("a.png", png_bytes())}).json()["id"] for seed in (1, 2)]
+        while httpx.get(f"{url}/v1/jobs/{ids[0]}").json()["steps_done"] == 0:
+            time.sleep(0.02)
+        httpx.delete(f"{url}/v1/jobs/{ids[0]}")
+        deadline = time.monotonic() + 10
+        while (gone := httpx.get(f"{url}/v1/jobs/{ids[0]}").json())["state"] != "cancelled":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        other = httpx.get(f"{url}/v1/jobs/{ids[1]}").json()
+        assert other["state"] == "running" and other["steps_done"] < 120  # answered at once, not with the batch
+        while (other := httpx.get(f"{url}/v1/jobs/{ids[1]}").json())["state"] != "succeeded":
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        samples = worker.metrics.batch_size.collect()[0].samples
+    assert [s.value for s in samples if s.name.endswith(("_count", "_sum"))] == [1, 2]  # one batch of both
+    assert other["result"]["unet_evaluations"] == 360 and gone["steps_done"] < 120
+    np.testing.assert_array_equal(pixels(base64.b64decode(other["result"]["image"])), solo(library, 2, steps=120))
+
+
 def test_a_client_that_disconnects_cancels_its_edit(local):
     url, worker = local
     body = (b"--b\r\nContent-Disposition: form-data; name=\"instruction\"\r\n\r\nx\r\n--b\r\nContent-Disposition: "

@@ -7,7 +7,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Callable, Collection, Hashable
 
 from PIL import Image
 
@@ -130,9 +130,9 @@ class JobTable:
                 excess -= 1
 
 
-def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], None] | None = None) -> list[Outcome]:
+def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], Collection[int] | None] | None = None) -> list[Outcome]:
     """Edit jobs of one batch key in one pipeline call; each keeps its seed and scales, and gets the pixels it
-    would get alone."""
+    would get alone. ``on_step`` as for ``EditPipeline.run``: it may name jobs (by index) to drop."""
     result = pipe.run([j.image for j in jobs], [j.params.instruction for j in jobs], jobs[0].config,
                       seed=[j.seed for j in jobs], guidance_scales=[j.scales for j in jobs], on_step=on_step)
     return [Outcome(image, seed, rows, dict(result.timings))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from PIL import Image
 
 from engine.errors import Cancelled, InputError
-from engine.serving.jobs import Job, JobTable, Settings, batch_key, check_limits, job_config, run_batch
+from engine.serving.jobs import FINISHED, Job, JobTable, Settings, batch_key, check_limits, job_config, run_batch
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -190,31 +190,35 @@ class EditWorker:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.in_flight.inc(len(batch))
 
-        def on_step(done: int) -> None:
+        def on_step(done: int) -> list[int]:
+            """Progress for every job; cancelled ones are answered now and drop out of the batch (no more UNet
+            rows for them), and the edit stops once none is left."""
             now = time.monotonic()
             for job in batch:
                 if job.expired(now):
                     job.cancel("timeout")
+                if job.cancel_reason is not None and job.state not in FINISHED:
+                    job.finish("cancelled")
                 job.steps_done = done
                 job.changed.set()
             if all(job.cancel_reason is not None for job in batch):
                 raise Cancelled("every request of the batch was cancelled")
+            return [i for i, job in enumerate(batch) if job.cancel_reason is not None]
 
         start = time.perf_counter()
         try:
             outcomes = run_batch(self.pipe, batch, on_step)
         except Cancelled:
-            for job in batch:
-                job.finish("cancelled")
+            finish_unfinished(batch, "cancelled")
         except InputError as err:  # a request the pipeline refuses (e.g. a size outside a bundle's profile)
-            for job in batch:
-                job.finish("failed", error=err, status=422)
+            finish_unfinished(batch, "failed", error=err, status=422)
         except Exception as err:  # an engine fault: the requests fail, the worker goes on serving
             log.exception("batch of %d failed", len(batch))
-            for job in batch:
-                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
+            finish_unfinished(batch, "failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
         else:
             for job, outcome in zip(batch, outcomes):
+                if job.state in FINISHED:  # cancelled during the edit, and answered then
+                    continue
                 job.timings.update(outcome.timings)
                 if job.cancel_reason is not None:
                     job.finish("cancelled")
@@ -226,3 +230,10 @@ class EditWorker:
             self.metrics.in_flight.dec(len(batch))
             elapsed = time.perf_counter() - start
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+
+
+def finish_unfinished(jobs: list[Job], state: str, **details) -> None:
+    """End the jobs not ended yet (those cancelled during the edit were answered then)."""
+    for job in jobs:
+        if job.state not in FINISHED:
+            job.finish(state, **details)
