@@ -309,7 +309,7 @@ class EditPipeline:
         seeds: list[int],
         latents: np.ndarray | None,
         config: EditConfig,
-        clock: "StageClock",
+        clock: StageClock,
         scales: list[tuple[float, float]],
         on_step: Callable[[int], list[int]] | None,
     ) -> tuple[np.ndarray, list[int], list[float]]:
