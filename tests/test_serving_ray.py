@@ -4,9 +4,11 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
+
 from engine.serving.jobs import Settings
 from tests.serving_server import ray_server
-from tests.test_serving import post_edit
+from tests.test_serving import png_bytes, post_edit
 
 
 def test_ray_a_killed_replica_fails_in_flight_requests_with_503_then_recovers():
@@ -30,3 +32,21 @@ def test_ray_a_killed_replica_fails_in_flight_requests_with_503_then_recovers():
             status = post_edit(url, seed=0, timeout=60).status_code
             time.sleep(0.5)
         assert status == 200  # Serve restarted the replica
+
+
+def test_ray_a_deleted_job_frees_its_replica_at_the_next_step():
+    """One replica, one edit at a time: a 30,000-step job deleted mid-edit must stop there, or the next edit
+    would wait behind it for minutes."""
+    with ray_server(Settings(max_batch=1, max_steps=100_000, timeout=300), replicas=1) as (url, _):
+        job_id = httpx.post(f"{url}/v1/jobs", data={"instruction": "x", "steps": "30000"},
+                            files={"image": ("a.png", png_bytes())}).json()["id"]
+        deadline = time.monotonic() + 60
+        while (view := httpx.get(f"{url}/v1/jobs/{job_id}").json())["steps_done"] == 0:
+            assert view["state"] in ("queued", "running") and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert view["state"] == "running"
+        httpx.delete(f"{url}/v1/jobs/{job_id}")
+        start = time.monotonic()
+        assert post_edit(url, seed=0, timeout=120).status_code == 200
+        assert time.monotonic() - start < 30  # the rest of the 30,000 steps would take minutes
+        assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["state"] == "cancelled"

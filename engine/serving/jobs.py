@@ -130,6 +130,17 @@ class JobTable:
                 excess -= 1
 
 
+def advance(batch: list[Job], done: int) -> list[int]:
+    """Record ``done`` denoising steps on every job of a running batch; the indices of those cancelled, which
+    drop out (``run_batch``'s ``on_step``). Raises Cancelled once every job is."""
+    for job in batch:
+        job.steps_done = done
+        job.changed.set()
+    if all(job.cancel_reason is not None for job in batch):
+        raise Cancelled("every request of the batch was cancelled")
+    return [i for i, job in enumerate(batch) if job.cancel_reason is not None]
+
+
 def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], Collection[int] | None] | None = None) -> list[Outcome]:
     """Edit jobs of one batch key in one pipeline call; each keeps its seed and scales, and gets the pixels it
     would get alone. ``on_step`` as for ``EditPipeline.run``: it may name jobs (by index) to drop."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -22,7 +23,8 @@ from ray.serve.exceptions import BackPressureError
 from engine.errors import Cancelled, InputError
 from engine.serving.app import create_app
 from engine.serving.cli import API_KEY_ENV
-from engine.serving.jobs import Job, JobTable, Outcome, Settings, batch_key, check_limits, job_config, run_batch
+from engine.serving.jobs import (Job, JobTable, Settings, advance, batch_key, check_limits, job_config,
+                                 run_batch)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 from engine.serving.worker import QueueFull, Unavailable
@@ -49,34 +51,52 @@ class EditModel:
         self._thread.submit(self.pipe.edit, Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1,
                             seed=0).result()
 
-    async def edit(self, image: Image.Image, params: EditParameters) -> Outcome:
-        return await self.edit_batch((image, params))
+    async def edit(self, image: Image.Image, params: EditParameters):
+        """Stream one edit: 0 when its batch starts, the denoising steps done as they advance, then its Outcome
+        (or the InputError). Cancelling the call (``response.cancel()`` at the ingress) drops the request from
+        its batch at the next step: no more UNet rows for it, the others go on."""
+        try:
+            config = job_config(params)
+            check_limits(config, self.settings)
+            key = batch_key(config, self.pipe.edit_size(image.size, config.resolution))
+        except InputError as err:
+            yield err
+            return
+        job = Job(image, params, config, key, None)
+        batch = asyncio.ensure_future(self.edit_batch(job))
+        reported = None
+        try:
+            while not batch.done():
+                await asyncio.wait([batch], timeout=POLL_S)
+                progress = job.steps_done if job.state == "running" else None
+                if progress != reported:
+                    reported = progress
+                    yield progress
+            yield batch.result()
+        finally:
+            if not batch.done():  # cancelled, or the caller stopped listening
+                job.cancel("cancelled")
+                batch.cancel()  # a batch not started yet leaves it out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def edit_batch(self, requests: list[tuple[Image.Image, EditParameters]]) -> list:
-        """Edit a gathered batch: requests of one size, steps, sampler and guidance options share a pipeline
-        call (one at a time: ``max_concurrent_batches`` is 1); each answer is its Outcome, or the InputError."""
-        jobs, answers = [], [None] * len(requests)
-        for i, (image, params) in enumerate(requests):
-            try:
-                config = job_config(params)
-                check_limits(config, self.settings)
-                jobs.append((i, Job(image, params, config, batch_key(config, self.pipe.edit_size(image.size,
-                                                                                       config.resolution)), None)))
-            except InputError as err:
-                answers[i] = err
+    async def edit_batch(self, jobs: list[Job]) -> list:
+        """Edit a gathered batch: jobs of one batch key share a pipeline call (one at a time:
+        ``max_concurrent_batches`` is 1); each answer is its Outcome, the InputError, or Cancelled."""
         groups: dict = {}
-        for i, job in jobs:
-            groups.setdefault(job.key, []).append((i, job))
+        for job in jobs:
+            groups.setdefault(job.key, []).append(job)
+        outcomes: dict[str, object] = {}
         for members in groups.values():
+            for job in members:
+                job.state = "running"
             try:
-                outcomes = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, run_batch, self.pipe, [job for _, job in members])
-            except InputError as err:
-                outcomes = [err] * len(members)
-            for (i, _), outcome in zip(members, outcomes):
-                answers[i] = outcome
-        return answers
+                done = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, run_batch, self.pipe, members, functools.partial(advance, members))
+            except (InputError, Cancelled) as err:
+                done = [err] * len(members)
+            outcomes.update((job.id, Cancelled(job.cancel_reason) if job.cancel_reason else outcome)
+                            for job, outcome in zip(members, done))
+        return [outcomes[job.id] for job in jobs]
 
     def check_health(self) -> None:
         if self.pipe is None:
@@ -110,20 +130,21 @@ class RayEditService:
         return job
 
     async def _run(self, job: Job) -> None:
-        job.state, sent = "running", time.perf_counter()
+        sent = time.perf_counter()
         self.metrics.in_flight.inc()
-        response = self.handle.edit.remote(job.image, job.params.model_copy(update={"seed": job.seed}))
-        waited = asyncio.ensure_future(_result(response))
+        params = job.params.model_copy(update={"seed": job.seed})
+        stream = self.handle.options(stream=True).edit.remote(job.image, params)
+        followed = asyncio.ensure_future(_follow(job, stream))
         try:
-            while not waited.done():
-                await asyncio.wait([waited], timeout=POLL_S)
-                if not waited.done() and (job.cancel_reason or job.expired(time.monotonic())):
+            while not followed.done():
+                await asyncio.wait([followed], timeout=POLL_S)
+                if not followed.done() and (job.cancel_reason or job.expired(time.monotonic())):
                     job.cancel("timeout" if job.cancel_reason is None else job.cancel_reason)
-                    response.cancel()
-                    waited.cancel()
+                    stream.cancel()  # the replica drops the edit from its batch at the next step
+                    followed.cancel()
                     job.finish("cancelled")
                     return
-            self._finish(job, waited, time.perf_counter() - sent)
+            self._finish(job, followed, time.perf_counter() - sent)
         finally:
             self.metrics.in_flight.dec()
 
@@ -138,7 +159,9 @@ class RayEditService:
         except (asyncio.CancelledError, Cancelled):
             job.finish("cancelled")
         else:
-            if isinstance(outcome, InputError):
+            if isinstance(outcome, Cancelled):
+                job.finish("cancelled")
+            elif isinstance(outcome, InputError):
                 job.finish("failed", error=outcome, status=422)
             else:
                 job.steps_done = job.config.steps
@@ -166,8 +189,17 @@ class RayEditService:
             job.cancel("shutdown")
 
 
-async def _result(response):
-    return await response
+async def _follow(job: Job, stream):
+    """Read an edit's stream from a replica into its job: running once its batch starts, the steps done, and
+    the last item, the outcome (returned)."""
+    outcome = None
+    async for item in stream:
+        if isinstance(item, int):
+            job.state, job.steps_done = "running", item
+            job.changed.set()
+        else:
+            outcome = item
+    return outcome
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Callable
 from PIL import Image
 
 from engine.errors import Cancelled, InputError
-from engine.serving.jobs import FINISHED, Job, JobTable, Settings, batch_key, check_limits, job_config, run_batch
+from engine.serving.jobs import (FINISHED, Job, JobTable, Settings, advance, batch_key, check_limits, job_config,
+                                 run_batch)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -199,11 +200,7 @@ class EditWorker:
                     job.cancel("timeout")
                 if job.cancel_reason is not None and job.state not in FINISHED:
                     job.finish("cancelled")
-                job.steps_done = done
-                job.changed.set()
-            if all(job.cancel_reason is not None for job in batch):
-                raise Cancelled("every request of the batch was cancelled")
-            return [i for i, job in enumerate(batch) if job.cancel_reason is not None]
+            return advance(batch, done)
 
         start = time.perf_counter()
         try:
