@@ -73,8 +73,9 @@ class Bundle:
 
     @property
     def all_branches(self) -> bool:
-        """Whether the UNet takes exactly 3B rows (static ONNX graphs, for CUDA graphs): every guidance branch
-        at every step. Dynamic bundles, and static TensorRT engines with a profile per row count, take B to 3B."""
+        """Whether the UNet takes exactly 3B rows, every guidance branch at every step: static ONNX bundles of
+        older exports. Bundles exported now take B to 3B rows (static ones: one CUDA graph or TensorRT profile
+        per row count)."""
         rows = self.manifest["components"]["unet"]["inputs"][0]["shapes"][0][0]  # min N of the sample input
         return rows == 3 * self.profile.batch[0]
 

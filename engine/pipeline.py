@@ -83,7 +83,7 @@ class EditPipeline:
     ):
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.profile = profile  # shapes an exported bundle accepts; None: any
-        self.all_branches = all_branches  # the UNet takes only 3B rows (a static ONNX bundle)
+        self.all_branches = all_branches  # the UNet takes only 3B rows (a static ONNX bundle of an older export)
         self.max_image_pixels, self.progress = max_image_pixels, progress
         self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
@@ -213,8 +213,8 @@ class EditPipeline:
         ]
         if self.all_branches and not config.guidance.exact:
             raise InputError("the guidance interval and adaptive guidance change the UNet rows from step to step; "
-                             "this static-shape ONNX bundle always runs all three branches: export without "
-                             "--static, or as TensorRT (one engine profile per row count)")
+                             "this static-shape ONNX bundle, exported before static bundles took every row "
+                             "count, always runs all three branches: export it again")
         self._check_step_cache(config.step_cache)
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))

@@ -121,13 +121,10 @@ class Profile:
                 raise InputError(f"{name} profile {lo}:{opt}:{hi}: sides must be multiples of {multiple}")
         return self
 
-    def dims(self, vae_factor: int, text_dim: int, guided_only: bool = False,
-             feature: tuple[int, int] | None = None) -> dict[str, Range]:
-        """Range of every symbolic dimension. UNet rows N run from B (no guidance) to 3B, unless
-        ``guided_only`` (static engines), where N is exactly 3B. ``feature``: (channels, downscale from the
-        latent) of the step cache's deep feature, for bundles with the split UNet."""
+    def dims(self, vae_factor: int, text_dim: int, feature: tuple[int, int] | None = None) -> dict[str, Range]:
+        """Range of every symbolic dimension. UNet rows N run from B (no guidance) to 3B. ``feature``: (channels,
+        downscale from the latent) of the step cache's deep feature, for bundles with the split UNet."""
         b = self.batch
-        n_min = 3 * b[0] if guided_only else b[0]
         extra = {}
         if feature is not None:
             channels, scale = feature
@@ -135,7 +132,7 @@ class Profile:
                      "FW": tuple(v // vae_factor // scale for v in self.width)}
         return extra | {
             "B": b,
-            "N": (n_min, 3 * b[1], 3 * b[2]),
+            "N": (b[0], 3 * b[1], 3 * b[2]),
             "HP": self.height,
             "WP": self.width,
             "H": tuple(v // vae_factor for v in self.height),

@@ -158,10 +158,9 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(depth)}
         feature = (feature_channels(unet, depth), 2 ** (depth - 1))  # (channels, downscale from the latent)
     vocab_size = int(text_encoder.config.vocab_size)
-    # Static ONNX graphs (ORT's CUDA graphs) always run all three guidance branches: UNet rows are exactly 3B.
-    # TensorRT's static engines instead get one optimisation profile per row count, from graphs with N dynamic.
-    guided_only = profile.static and options.format == "onnx"
-    dims = profile.dims(model_config.vae_factor, model_config.text_dim, guided_only=guided_only, feature=feature)
+    # The UNet's rows N stay dynamic (B to 3B) in static bundles too: ORT captures one CUDA graph per row count
+    # (gpu_graph_id), TensorRT builds one optimisation profile per row count; every other axis is fixed there.
+    dims = profile.dims(model_config.vae_factor, model_config.text_dim, feature=feature)
     # TensorRT builds its fp16 engines from float32 graphs; only ONNX bundles convert the graphs.
     graph_precision = options.precision if options.format == "onnx" else "fp32"
     names = [spec.name for spec in component_specs]

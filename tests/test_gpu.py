@@ -158,9 +158,9 @@ def test_onnxruntime_on_cuda_keeps_its_device_buffers_and_uploads_the_text_once(
     pipe = EditPipeline.from_pretrained(onnx_bundles["fp16"], backend="onnxruntime", device=DEVICE, progress=False)
     unet = pipe.backend.bound["unet"]
     edit(pipe)
-    buffers, before = [v.data_ptr() for v in unet._inputs.values()], unet.copies
+    buffers, before = unet.buffers(), unet.copies
     edit(pipe, seed=4)
-    assert [v.data_ptr() for v in unet._inputs.values()] == buffers
+    assert unet.buffers() == buffers
     assert unet.copies - before == 3 + 2 * 5  # step 1: all three inputs; steps 2-6: sample and timestep only
 
 
@@ -186,5 +186,9 @@ def test_onnxruntime_cuda_graph_replays_a_static_bundle(static_bundle):
     assert options["enable_cuda_graph"] == "1"
     for seed, prompt in ((3, PROMPT), (5, "make it red"), (3, PROMPT)):  # capture, then replays
         np.testing.assert_allclose(edit(graphed, prompt, seed=seed), edit(plain, prompt, seed=seed), atol=1e-4)
+    for _ in range(2):  # adaptive guidance: the UNet's rows fall from 3 to fewer; a graph is captured per count
+        np.testing.assert_allclose(edit(graphed, PROMPT, seed=3, adaptive_guidance=0.2),
+                                   edit(plain, PROMPT, seed=3, adaptive_guidance=0.2), atol=1e-4)
+    assert len(graphed.backend.bound["unet"].signatures) >= 2
     with pytest.raises(InputError, match="outside this bundle's profile: width 64-64, height 48-48"):
         graphed.edit(photo(64, 64), PROMPT, steps=2, seed=0, resolution=None)

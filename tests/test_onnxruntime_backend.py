@@ -56,9 +56,9 @@ def test_io_binding_gives_the_same_pictures_and_uploads_the_text_once(onnx_bundl
         np.testing.assert_allclose(out, ref, atol=1e-5)
         # first step binds 3 fresh buffers (new shapes) or updates 3 inputs; later steps skip the embeddings
         assert unet.copies - before == 3 + 3 * 2
-    values = [v.data_ptr() for v in unet._inputs.values()]
+    values = unet.buffers()
     bound.edit(rgb_image.resize((64, 64)), "make it blue", **kwargs)
-    assert [v.data_ptr() for v in unet._inputs.values()] == values  # same shapes: same buffers
+    assert unet.buffers() == values and len(unet.signatures) == 1  # same shapes: same buffers; one binding kept
 
 
 def test_bound_session_reuses_its_buffers_and_never_writes_into_the_callers_arrays():
@@ -74,21 +74,39 @@ def test_bound_session_reuses_its_buffers_and_never_writes_into_the_callers_arra
     first = np.arange(4, dtype=np.float32)
     first.flags.writeable = False  # a constant: uploaded once while it is passed again
     np.testing.assert_array_equal(session.run({"a": first, "b": np.ones(4, np.float32)})["c"], first + 1)
-    buffers = [v.data_ptr() for v in session._inputs.values()]
+    buffers = session.buffers()
     np.testing.assert_array_equal(session.run({"a": first, "b": np.full(4, 2, np.float32)})["c"], first + 2)
     assert session.copies == 3
     second = np.full(4, 10, np.float32)
     np.testing.assert_array_equal(session.run({"a": second, "b": np.zeros(4, np.float32)})["c"], second)
-    assert [v.data_ptr() for v in session._inputs.values()] == buffers and session.copies == 5
+    assert session.buffers() == buffers and session.copies == 5
     np.testing.assert_array_equal(first, np.arange(4))  # its old buffer was overwritten, not the array
     np.testing.assert_array_equal(session.run({"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)})["c"], 2)
+    assert len(session.signatures) == 1  # without graphs, only the latest shapes keep a binding
     onnx.checker.check_model(model)
-    graphed = BoundSession(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), "cpu",
-                           fixed=True)  # the CUDA graph mode's rule, checked on CPU buffers
-    graphed.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
-    graphed.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
-    with pytest.raises(InputError, match=r"captured for inputs a \(4,\), b \(4,\), this call has a \(2,\)"):
-        graphed.run({"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)})
+
+
+def test_with_graphs_every_signature_keeps_its_buffers_and_its_own_graph_id():
+    """CUDA graphs' bookkeeping, checked on CPU buffers (the CPU provider ignores the graph id): one capture
+    per input signature, each replayed on addresses that never change."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Mul", ["a", "b"], ["c"])], "mul",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n"]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = BoundSession(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), "cpu",
+                           graphs=True)
+    addresses = {}
+    for rows in (3, 2, 1, 3, 2):  # adaptive guidance: 3B, then 2B, then B rows; the next edit starts again
+        out = session.run({"a": np.full(rows, 2, np.float32), "b": np.arange(rows, dtype=np.float32)})["c"]
+        np.testing.assert_array_equal(out, 2 * np.arange(rows))
+        signature = next(s for s in session.signatures if s[0][1] == (rows,))
+        assert addresses.setdefault(rows, session.buffers(signature)) == session.buffers(signature)
+    assert [s[0][1] for s in session.signatures] == [(3,), (2,), (1,)]
+    graph_ids = [session._bindings[s].run_options.get_run_config_entry("gpu_graph_id") for s in session.signatures]
+    assert graph_ids == ["1", "2", "3"]
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_work(onnx_bundles):
@@ -216,3 +234,42 @@ def test_bundles_take_the_rows_each_saving_asks_for(tiny_pipe, ort_pipes, rgb_im
     out = ort_pipes["fp32"].edit(images, ["make it blue", "add snow"], **kwargs)
     assert out.unet_evaluations == ref.unet_evaluations and max(out.unet_evaluations) < 18
     assert psnr(out.images, ref.images) >= 40
+
+
+@pytest.fixture(scope="module")
+def static_bundle(tiny_model, tmp_path_factory):
+    """A fixed-shape bundle (one 64x64 image), as CUDA graphs need."""
+    from engine.specs import Profile
+    from export.bundle import ExportOptions, export_bundle
+
+    profile = Profile(batch=(1, 1, 1), height=(64, 64, 64), width=(64, 64, 64))
+    return str(export_bundle(tiny_model, tmp_path_factory.mktemp("static") / "b",
+                             ExportOptions(precision="fp32", profile=profile), progress=False)[0])
+
+
+@pytest.mark.parametrize("options", [dict(image_guidance=1.0), dict(adaptive_guidance=0.2)])
+def test_static_bundles_take_every_row_count_with_one_graph_binding_each(tiny_pipe, static_bundle, rgb_image,
+                                                                         options):
+    """A static bundle fixes every axis but the UNet rows: the savings run on it, and CUDA graph mode's
+    bindings (one per row count, each its own gpu_graph_id; run here on CPU buffers) give torch's pictures."""
+    from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from engine.manifest import read_bundle
+    from engine.tokenizer import ClipTokenizer
+
+    bundle = read_bundle(static_bundle)
+    assert bundle.profile.static and not bundle.all_branches
+    graphed = EditPipeline(OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], io_binding=True, cuda_graph=True),
+                           bundle.model, ClipTokenizer(bundle.tokenizer_dir), progress=False,
+                           null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile)
+    kwargs = dict(steps=6, seed=3, resolution=None, output_type="np", **options)
+    image = rgb_image.resize((64, 64))
+    ref = tiny_pipe.edit(image, "make it blue", **kwargs)
+    for _ in range(2):  # captures, then replays
+        out = graphed.edit(image, "make it blue", **kwargs)
+        assert out.unet_evaluations == ref.unet_evaluations and out.unet_evaluations[0] < 18
+        assert psnr(out.images, ref.images) >= 40
+    rows = sorted(signature[0][1][0] for signature in graphed.backend.bound["unet"].signatures)
+    if "image_guidance" in options:
+        assert rows == [2]  # s_I = 1: cond and image branches, every step
+    else:
+        assert rows[-1] == 3 and len(rows) >= 2  # all branches first, fewer once guidance has converged

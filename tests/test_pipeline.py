@@ -189,9 +189,9 @@ def test_guidance_interval_counts_its_rows(tiny_pipe):
     assert result.unet_evaluations == [3 * 3 + 3 * 1]
 
 
-def test_static_bundles_run_all_three_branches_and_refuse_row_changing_options(tiny_pipe):
-    """A static-shape ONNX graph takes exactly 3B rows: the exact saving gives way (same pictures, 3 rows a
-    step), and the options that change rows step by step are refused up front."""
+def test_older_static_bundles_run_all_three_branches_and_refuse_row_changing_options(tiny_pipe):
+    """A static-shape ONNX graph of an older export takes exactly 3B rows: the exact saving gives way (same
+    pictures, 3 rows a step), and the options that change rows step by step are refused up front."""
     from engine.specs import Profile
 
     static = EditPipeline(tiny_pipe.backend, tiny_pipe.model, tiny_pipe.tokenizer, progress=False,
@@ -201,7 +201,7 @@ def test_static_bundles_run_all_three_branches_and_refuse_row_changing_options(t
     full, saved = static.edit(image, "x", **kwargs), tiny_pipe.edit(image, "x", **kwargs)
     assert full.unet_evaluations == [9] and saved.unet_evaluations == [6]
     np.testing.assert_allclose(full.images, saved.images, atol=1e-5)
-    with pytest.raises(InputError, match="export without --static"):
+    with pytest.raises(InputError, match="export it again"):
         static.edit(image, "x", adaptive_guidance=0.99, **kwargs)
 
 

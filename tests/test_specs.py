@@ -14,10 +14,12 @@ def test_profile_dims_and_shapes():
     assert specs.shape_ranges(specs.VAE_ENCODER, dims)["images"][0] == (1, 3, 256, 256)
 
 
-def test_static_profile_runs_all_three_branches():
+def test_a_static_profile_fixes_every_axis_but_the_unet_rows():
     profile = specs.Profile(batch=(2, 2, 2), height=(512,) * 3, width=(384,) * 3)
     assert profile.static
-    assert profile.dims(8, 768, guided_only=True)["N"] == (6, 6, 6)
+    dims = profile.dims(8, 768)
+    assert dims["N"] == (2, 6, 6)  # B (no guidance) to 3B: one CUDA graph or TensorRT profile per row count
+    assert all(lo == hi for name, (lo, _, hi) in dims.items() if name != "N")
 
 
 @pytest.mark.parametrize("text, expected", [("4", (4, 4, 4)), ("1:4", (1, 1, 4)), ("1:2:4", (1, 2, 4))])

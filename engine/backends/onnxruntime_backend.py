@@ -8,13 +8,15 @@ binding (``BoundSession``): every input has a device buffer that persists while 
 step copies only the new values into it; the text embeddings, the largest UNet input, are copied once
 per edit and then skipped while they are unchanged. Outputs are written into persistent device
 buffers. Because the bound addresses never change, ``cuda_graph=True`` (static-shape bundles) lets
-ORT's CUDA provider capture each session's kernels once and replay them.
+ORT's CUDA provider capture each session's kernels once per input signature (the UNet: once per row count
+the guidance asks for) and replay them.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -110,59 +112,83 @@ def _provider_name(provider) -> str:
 class BoundSession:
     """One session run through IO binding with persistent buffers on ``device`` ("cpu" or "cuda").
 
-    Inputs: a buffer per input, made for the first call and reused while the input's shape and dtype
-    stay the same; a call copies the new values into it in place, or nothing when the caller passes the
-    very array it passed last time (a read-only array, such as the text embeddings of an edit). Outputs:
-    the buffers ORT allocated on the first call for these shapes, bound for every later call. The
-    addresses therefore stay fixed while the shapes do, as CUDA graph replay requires.
+    Inputs: a buffer per input, made for the first call of a signature (the inputs' shapes and dtypes) and
+    reused while calls keep it; a call copies the new values into it in place, or nothing when the caller
+    passes the very array it passed last time (a read-only array, such as the text embeddings of an edit).
+    Outputs: the buffers ORT allocated on the first call, bound for every later one. So the addresses stay
+    fixed for a signature, as CUDA graph replay requires. Without ``graphs`` only the latest signature's
+    binding is kept. With ``graphs`` (CUDA graphs) every signature keeps its own binding and runs under its
+    own ``gpu_graph_id``: ORT captures one graph per signature (a static bundle's UNet, one per row count
+    the guidance asks for) and replays each on its own buffers.
     """
 
-    def __init__(self, session, device: str, device_id: int = 0, fixed: bool = False):
+    def __init__(self, session, device: str, device_id: int = 0, graphs: bool = False):
         import onnxruntime as ort
 
         self._ort, self.session, self.device, self.device_id = ort, session, device, device_id
-        self.fixed = fixed  # CUDA graphs: a captured graph replays its first shapes' addresses, so no others
+        self.graphs = graphs
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
-        self._binding = session.io_binding()
-        self._signature: tuple | None = None
-        self._inputs: dict[str, Any] = {}  # name -> OrtValue
-        self._last: dict[str, Any] = {}  # name -> the array last copied in (read-only ones only)
+        self._bindings: dict[tuple, _Binding] = {}  # by signature; the latest one only, unless ``graphs``
         self.copies = 0  # input copies made, for tests and logs
 
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
         arrays = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
         signature = tuple((name, a.shape, a.dtype.str) for name, a in arrays.items())
-        if self.fixed and self._signature not in (None, signature):
-            raise InputError(f"a CUDA graph was captured for inputs {_shapes(self._signature)}, this call has "
-                             f"{_shapes(signature)}: CUDA graphs need the same shapes on every call")
-        if signature != self._signature:  # new shapes: new buffers, bound once
-            self._binding.clear_binding_inputs()
-            self._binding.clear_binding_outputs()
-            for name, array in arrays.items():  # owned buffers (on CPU, from_numpy would wrap the caller's array)
-                self._inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
-                    array.shape, array.dtype, self.device, self.device_id)
-                self._binding.bind_ortvalue_input(name, self._inputs[name])
-            for name in self.output_names:
-                self._binding.bind_output(name, self.device, self.device_id)
-            self._last = {}
+        bound = self._bindings.get(signature)
+        if bound is None:  # new shapes: new buffers, bound once
+            if not self.graphs:
+                self._bindings.clear()
+            bound = self._bindings[signature] = self._bind(arrays, graph_id=len(self._bindings) + 1)
         for name, array in arrays.items():
-            if self._last.get(name) is not array:
-                self._inputs[name].update_inplace(array)
+            if bound.last.get(name) is not array:
+                bound.inputs[name].update_inplace(array)
                 self.copies += 1
-        self._last = {name: a for name, a in arrays.items() if not a.flags.writeable}
-        self.session.run_with_iobinding(self._binding)
-        if signature != self._signature:  # keep the buffers ORT just allocated for the outputs
-            outputs = self._binding.get_outputs()
-            self._binding.clear_binding_outputs()
+        bound.last = {name: a for name, a in arrays.items() if not a.flags.writeable}
+        self.session.run_with_iobinding(bound.binding, bound.run_options)
+        if not bound.outputs_kept:  # keep the buffers ORT just allocated for the outputs
+            outputs = bound.binding.get_outputs()
+            bound.binding.clear_binding_outputs()
             for name, value in zip(self.output_names, outputs):
-                self._binding.bind_ortvalue_output(name, value)
-            self._signature = signature
-        return dict(zip(self.output_names, self._binding.copy_outputs_to_cpu()))
+                bound.binding.bind_ortvalue_output(name, value)
+            bound.outputs_kept = True
+        return dict(zip(self.output_names, bound.binding.copy_outputs_to_cpu()))
+
+    @property
+    def signatures(self) -> list[tuple]:
+        """The input signatures with a binding (and, with ``graphs``, a graph) kept."""
+        return list(self._bindings)
+
+    def buffers(self, signature: tuple | None = None) -> list[int]:
+        """Addresses of the input buffers of ``signature`` (default: the latest)."""
+        bound = self._bindings[signature] if signature is not None else list(self._bindings.values())[-1]
+        return [value.data_ptr() for value in bound.inputs.values()]
+
+    def _bind(self, arrays: dict[str, np.ndarray], graph_id: int) -> "_Binding":
+        binding = self.session.io_binding()
+        inputs = {}
+        for name, array in arrays.items():  # owned buffers (on CPU, from_numpy would wrap the caller's array)
+            inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, self.device,
+                                                                            self.device_id)
+            binding.bind_ortvalue_input(name, inputs[name])
+        for name in self.output_names:
+            binding.bind_output(name, self.device, self.device_id)
+        run_options = None
+        if self.graphs:
+            run_options = self._ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))  # ORT's CUDA graph annotation, >= 1
+        return _Binding(binding, inputs, run_options)
 
 
-def _shapes(signature: tuple) -> str:
-    return ", ".join(f"{name} {tuple(shape)}" for name, shape, _ in signature)
+@dataclass
+class _Binding:
+    """One signature's IO binding: its input buffers, the read-only arrays last copied in, its run options."""
+
+    binding: Any
+    inputs: dict[str, Any]
+    run_options: Any
+    last: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs_kept: bool = False
 
 
 class OnnxRuntimeBackend(HostArrays):
