@@ -44,9 +44,17 @@ def test_ray_a_deleted_job_frees_its_replica_at_the_next_step():
         while (view := httpx.get(f"{url}/v1/jobs/{job_id}").json())["steps_done"] == 0:
             assert view["state"] in ("queued", "running") and time.monotonic() < deadline
             time.sleep(0.05)
-        assert view["state"] == "running"
+        assert view["state"] == "running" and view["position"] is None
+        waiting = [httpx.post(f"{url}/v1/jobs", data={"instruction": "x", "steps": "10", "seed": str(seed)},
+                              files={"image": ("a.png", png_bytes())}).json()["id"] for seed in (1, 2)]
+        time.sleep(0.5)
+        views = [httpx.get(f"{url}/v1/jobs/{i}").json() for i in waiting]
+        assert [(v["state"], v["position"]) for v in views] == [("queued", 0), ("queued", 1)]  # behind the first
         httpx.delete(f"{url}/v1/jobs/{job_id}")
         start = time.monotonic()
         assert post_edit(url, seed=0, timeout=120).status_code == 200
         assert time.monotonic() - start < 30  # the rest of the 30,000 steps would take minutes
         assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        while (states := [httpx.get(f"{url}/v1/jobs/{i}").json()["state"] for i in waiting]) != ["succeeded"] * 2:
+            assert time.monotonic() - start < 60 and "failed" not in states and "cancelled" not in states
+            time.sleep(0.1)

@@ -176,10 +176,16 @@ class RayEditService:
         self.jobs.forget(job)
 
     def position(self, job: Job) -> int | None:
-        return None  # the replicas' queues are Serve's
+        """0-based place among this ingress's jobs that no replica has started yet, oldest first; None once
+        started. (The replicas' own queues are Serve's: this counts what waits ahead of a job, not where.)"""
+        waiting = self._waiting()
+        return waiting.index(job) if job in waiting else None
 
     def queue_depth(self) -> int:
-        return len(self.jobs.unfinished())
+        return len(self._waiting())
+
+    def _waiting(self) -> list[Job]:
+        return [j for j in self.jobs.unfinished() if j.state == "queued"]
 
     def stop(self, drain_timeout: float) -> None:
         deadline = time.monotonic() + drain_timeout
