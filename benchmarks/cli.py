@@ -34,6 +34,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     serve.add_argument("--requests", type=int, default=300)
     serve.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="one load run per value")
     serve.add_argument("--soak", type=int, default=0, metavar="N", help="also N edits of mixed sizes, memory measured")
+    serve.add_argument("--ray", type=int, metavar="REPLICAS", help="load runs on `ip2p serve --ray` with this many "
+                       "replicas, sharing this machine's CPUs (needs the ray extra)")
     serve.add_argument("--overhead-size", type=int, default=512, help="side of the uncontended edits")
     serve.add_argument("--json", required=True, help="results file to write")
 
@@ -91,7 +93,8 @@ def run_serving(args: argparse.Namespace) -> None:
     if "load" in args.parts:
         for max_batch in args.max_batch:
             settings = Settings(max_batch=max_batch, batch_wait_ms=10, max_queue=4 * args.clients)
-            results["load"].append(load_run(load_args, settings, Load(clients=args.clients, requests=args.requests)))
+            results["load"].append(load_run(load_args, settings, Load(clients=args.clients, requests=args.requests),
+                                            ray_replicas=args.ray))
             log.info("max batch %d: %s", max_batch, results["load"][-1])
     if "soak" in args.parts and args.soak:
         results["soak"] = soak(load_args, Settings(max_batch=8, max_queue=64), args.soak, sizes=(64, 96, 128))

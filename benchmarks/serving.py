@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import signal
 import socket
 import statistics
@@ -51,9 +52,11 @@ def example_png(size: int, fmt: str = "png") -> bytes:
 
 
 @contextmanager
-def serve_process(load_args: dict, settings: Settings):
+def serve_process(load_args: dict, settings: Settings, ray_replicas: int | None = None):
     """``ip2p serve`` in its own process on a free loopback port, as users run it (so the load's clients do not
-    share its interpreter); yields the base URL once ready, stops it with SIGTERM."""
+    share its interpreter); with ``ray_replicas``, ``ip2p serve --ray`` on a local Ray with that many replicas
+    sharing this machine's CPUs. Yields the base URL once ready, stops it with SIGTERM (SIGINT for Ray, which
+    then shuts Serve and Ray down)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -63,6 +66,9 @@ def serve_process(load_args: dict, settings: Settings):
     for flag in ("backend", "dtype"):
         if load_args.get(flag):
             command += [f"--{flag}", load_args[flag]]
+    if ray_replicas:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        command += ["--ray", "--replicas", str(ray_replicas), "--num-cpus", f"{cpus / ray_replicas:g}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -80,7 +86,7 @@ def serve_process(load_args: dict, settings: Settings):
             time.sleep(0.2)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT if ray_replicas else signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -143,15 +149,17 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = True) -> dict:
-    """One load run against a fresh ``ip2p serve`` process with ``settings``; latency percentiles, throughput,
-    and (``verify``) how many answers differ from the library's edit with their seed."""
+def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = True,
+             ray_replicas: int | None = None) -> dict:
+    """One load run against a fresh ``ip2p serve`` process with ``settings`` (``ray_replicas``: on Ray Serve);
+    latency percentiles, throughput, and (``verify``) how many answers differ from the library's edit with their
+    seed."""
     pngs = {size: example_png(size) for size in load.sizes}
-    with serve_process(load_args, settings) as url:
+    with serve_process(load_args, settings, ray_replicas) as url:
         result = asyncio.run(drive(url, load, pngs))
     latencies = result.pop("latencies")
     answers = result.pop("answers")
-    summary = dict(max_batch=settings.max_batch, clients=load.clients, requests=load.requests, steps=load.steps,
+    summary = dict(max_batch=settings.max_batch, ray_replicas=ray_replicas, clients=load.clients, requests=load.requests, steps=load.steps,
                    sizes=list(load.sizes), wall_s=result["wall_s"], statuses=result["statuses"],
                    throughput_per_s=len(answers) / result["wall_s"], p50_s=percentile(latencies, 50),
                    p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
@@ -259,7 +267,8 @@ def serving_table(results: dict) -> str:
              "| load run | requests | answers | throughput | p50 | p99 | pixels differing |", "|---|---:|---|---:|---:|---:|---:|"]
     for run in results["load"]:
         answers = ", ".join(f"{n} x {code}" for code, n in sorted(run["statuses"].items()))
-        lines.append(f"| max batch {run['max_batch']}, {run['clients']} clients, {run['steps']} steps, "
+        server = f"Ray Serve, {run['ray_replicas']} replicas, " if run.get("ray_replicas") else ""
+        lines.append(f"| {server}max batch {run['max_batch']}, {run['clients']} clients, {run['steps']} steps, "
                      f"{'/'.join(map(str, run['sizes']))} px | {run['requests']} | {answers} | "
                      f"{run['throughput_per_s']:.2f} edits/s | {run['p50_s']:.2f} s | {run['p99_s']:.2f} s | "
                      f"{run.get('pixels_differing', 'not checked')} |")

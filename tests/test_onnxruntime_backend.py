@@ -180,6 +180,21 @@ def test_provider_choice():
     assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
 
 
+def test_threads_follow_omp_num_threads_where_it_is_set(onnx_bundles, monkeypatch):
+    """Ray sets $OMP_NUM_THREADS to each replica's CPUs (torch reads it): onnxruntime's sessions follow it."""
+    from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, default_threads
+    from engine.manifest import read_bundle
+
+    for value in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert default_threads() == physical_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    backend = OnnxRuntimeBackend(read_bundle(onnx_bundles["fp32"]), ["CPUExecutionProvider"])
+    assert backend._sessions["unet"].get_session_options().intra_op_num_threads == 1
+    threads = OnnxRuntimeBackend(read_bundle(onnx_bundles["fp32"]), ["CPUExecutionProvider"], threads=2)
+    assert threads._sessions["unet"].get_session_options().intra_op_num_threads == 2  # asked for: as asked
+
+
 def test_cli_edit_with_a_bundle(onnx_bundles, image_file, tmp_path):
     from ip2p.cli import main
 

@@ -73,6 +73,14 @@ def physical_cores() -> int:
     return max(1, min(count or available, available))
 
 
+def default_threads() -> int:
+    """Intra-op threads when none are asked for: $OMP_NUM_THREADS where set (torch reads it too, and Ray sets it
+    to each replica's CPUs: two replicas on 2 cores each spinning 2 threads edited at half the throughput),
+    else one per physical core."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
+
+
 def choose_providers(device: str, available: Sequence[str], requested: Sequence[str] | None = None,
                      cuda_graph: bool = False) -> list:
     """Execution providers for ``device``: the requested ones (checked), else the best available.
@@ -203,7 +211,7 @@ class OnnxRuntimeBackend(HostArrays):
         self.profile = bundle.profile
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or physical_cores()
+        options.intra_op_num_threads = threads or default_threads()
         options.enable_mem_pattern = False  # shapes vary between edits; patterns would be re-planned each time
         options.log_severity_level = 3
         if spin is not None:  # ORT's CPU threads busy-wait for work between calls unless told not to
