@@ -145,6 +145,9 @@ FP32_DECODER = specs.VAE_DECODER_FP32
 # On a CPU, oneDNN's convolutions run faster on NHWC ("channels last") tensors: the sd15 VAE, nothing but
 # convolutions and one attention, took 13-21% less time that way at 512 px in bf16 and fp32 (interleaved A/B,
 # AVX512 host, docs/benchmarks.md); the UNet did not gain (its attention reshapes undo the layout): NCHW.
+# They run image by image: at another batch size they round differently (by up to 16 levels of a pixel in
+# bf16 on the shipped model), and a server batching requests promises each its solo pixels. The cost was
+# within noise on the shipped model at 64 px, batch 8 (2.13 against 2.11 edits/s in fp32, 2.82 / 2.70 in bf16).
 CHANNELS_LAST_ON_CPU = (specs.VAE_ENCODER.name, specs.VAE_DECODER.name, FP32_DECODER)
 
 
@@ -230,9 +233,17 @@ class TorchBackend:
         args = {k: v.to(dtype).contiguous(memory_format=layout) if v.is_floating_point() else v
                 for k, v in inputs.items()}
         with torch.inference_mode():
-            out = module(**args)
-        outs = out if isinstance(out, tuple) else (out,)
+            if layout is torch.channels_last:  # image by image: see CHANNELS_LAST_ON_CPU
+                rows = len(next(iter(args.values())))
+                outs = [self._outputs(module(**{k: v[i : i + 1] for k, v in args.items()})) for i in range(rows)]
+                outs = tuple(torch.cat(parts) for parts in zip(*outs))
+            else:
+                outs = self._outputs(module(**args))
         return {name: value.float().contiguous() for name, value in zip(spec.output_names, outs)}
+
+    @staticmethod
+    def _outputs(out) -> tuple:
+        return out if isinstance(out, tuple) else (out,)
 
     def macs(self, component: str, latent_size: tuple[int, int]) -> float:
         """Multiply-accumulates of one row of a UNet component at ``latent_size`` (counted once per size)."""
