@@ -191,7 +191,8 @@ def multipart_body(fields: dict[str, str], upload: bytes, filename: str) -> tupl
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: str = "png", block: int = 10) -> dict:
+def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: str = "png", block: int = 10,
+                own_process: bool = True) -> dict:
     """One client, one edit at a time at ``size``: library calls and HTTP requests in alternating blocks of
     ``block`` (the first of each block not counted: the other side's threads may still be busy), so both see
     the same machine. Reports both latencies and the server's overhead per request: the client's latency less
@@ -204,12 +205,13 @@ def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: 
     png = example_png(size, fmt)
     pipe = EditPipeline.from_pretrained(**load_args, progress=False)
     image = Image.open(io.BytesIO(png))
-    service = local_service(load_args, Settings(max_batch=1, batch_wait_ms=0, max_resolution=max(1024, size)))
+    settings = Settings(max_batch=1, batch_wait_ms=0, max_resolution=max(1024, size))
     fields = {"instruction": INSTRUCTIONS[0], "seed": "0", "steps": str(steps), "resolution": str(size),
               "output_format": fmt}
     body, content_type = multipart_body(fields, png, f"in.{fmt}")
     library, served, overhead, stages = [], [], [], {"read": [], "queue": [], "write": []}
-    with background_server(service) as url:
+    server = serve_process(load_args, settings) if own_process else background_server(local_service(load_args, settings))
+    with server as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         while len(library) < repeats:
             for i in range(block + 1):

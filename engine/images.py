@@ -42,6 +42,12 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
     """An RGB image from encoded bytes (an upload), checked like a file: not empty, an image, within the limit."""
+    return decode_opened(open_encoded(data, max_pixels, name), name)
+
+
+def open_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """``decode_image``'s first half: the image opened from its header and checked, no pixel decoded yet (so that
+    a caller can see its format and size before deciding where to decode it)."""
     if not data:
         raise InputError(f"{name}: the file is empty")
     try:
@@ -50,7 +56,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         raise InputError(f"{name}: not an image file, or a format Pillow cannot read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{name}: corrupt or truncated image ({err})") from None
-    _check_size(image, max_pixels, name)
+    return _check_size(image, max_pixels, name)
+
+
+def decode_opened(image: Image.Image, name: str = "image") -> Image.Image:
+    """``decode_image``'s second half: the pixels of an image from ``open_encoded``, as RGB."""
     try:
         image.load()
         return to_rgb(image)

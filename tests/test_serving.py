@@ -110,6 +110,29 @@ def test_lossy_formats_by_field_or_accept_header(server, library, how, fmt, medi
     np.testing.assert_array_equal(pixels(response.content), pixels(expected))
 
 
+def test_small_images_are_coded_on_the_event_loop_and_big_ones_in_the_pool(local, library):
+    import asyncio
+
+    from engine.serving.app import off_loop
+
+    async def where(fmt: str, side: int) -> str:
+        return await off_loop(fmt, side * side, lambda: threading.current_thread().name)
+
+    loop_thread = threading.current_thread().name  # asyncio.run runs the loop on this thread
+    assert asyncio.run(where("JPEG", 512)) == loop_thread and asyncio.run(where("jpeg", 64)) == loop_thread
+    assert asyncio.run(where("PNG", 256)) != loop_thread and asyncio.run(where("JPEG", 513)) != loop_thread
+    assert asyncio.run(where("TIFF", 8)) != loop_thread  # formats not named go to the pool
+    url, _ = local  # either way the answer is the library's edit: a 300 px JPEG (inline), a 300 px PNG (pool)
+    scene = Image.open(EXAMPLE).convert("RGB").resize((300, 300), Image.Resampling.LANCZOS)
+    for fmt in ("jpeg", "png"):
+        upload = encode_image(scene, fmt)
+        response = httpx.post(f"{url}/v1/edits", files={"image": (f"a.{fmt}", upload)},
+                              data=dict(instruction=INSTRUCTION, seed="3", output_format=fmt), timeout=60)
+        assert response.status_code == 200, response.text
+        expected = library.edit(Image.open(io.BytesIO(upload)), INSTRUCTION, seed=3).images[0]
+        np.testing.assert_array_equal(pixels(response.content), pixels(encode_image(expected, fmt)))
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_solo_pixels(server, library):
     url, worker = server
     local = not isinstance(worker, str)  # the Ray app batches in its replicas, which keep no metrics here
