@@ -1,8 +1,9 @@
 """Load, soak and overhead runs of the edit service on loopback (``ip2p bench serve``): real server, real HTTP.
 
 A load run starts ``ip2p serve`` in its own process, drives it with concurrent asyncio clients from this one, and
-checks every answer's pixels against the library edit with its seed. The uncontended and soak runs start the
-service in this process (uvicorn in a thread), to read its stage timings and its resident memory.
+checks every answer's pixels against the library edit with its seed. The uncontended runs do the same with one
+client (stage timings from the answers' Server-Timing headers); the soak run starts the service in this process
+(uvicorn in a thread), to read its resident memory.
 """
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: 
     the pipeline's own stages (which add up to its wall time), i.e. HTTP, upload parsing, image decode, queue,
     image encode and transfer. The upload and the answer are both in ``fmt``. The client is the leanest there
     is (the standard library's http.client, one kept-alive connection per block, the body built once), so
-    that what is measured is the server, not a client library's own per-request work."""
+    that what is measured is the server, not a client library's own per-request work; and the server runs in
+    its own process as users run it (``own_process=False``: in this one, sharing the client's interpreter)."""
     import http.client
 
     png = example_png(size, fmt)
