@@ -134,15 +134,18 @@ async def drive(url: str, load: Load, pngs: dict[int, bytes], progress: bool = T
     return dict(wall_s=wall, statuses=statuses, latencies=latencies, answers=answers)
 
 
-def check_pixels(pipe: EditPipeline, load: Load, pngs: dict[int, bytes], answers: dict[int, bytes]) -> int:
-    """How many answers differ from the library's edit with their seed (0 expected)."""
-    wrong = 0
+def check_pixels(pipe: EditPipeline, load: Load, pngs: dict[int, bytes], answers: dict[int, bytes]) -> tuple[int, int]:
+    """How many answers differ from the library's edit with their seed (0 expected), and by how many levels at
+    most."""
+    wrong, largest = 0, 0
     for i, png in answers.items():
         size = load.sizes[i % len(load.sizes)]
         expected = pipe.edit(Image.open(io.BytesIO(pngs[size])), INSTRUCTIONS[i % len(INSTRUCTIONS)], seed=i,
                              steps=load.steps).images[0]
-        wrong += not np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected))
-    return wrong
+        got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+        difference = int(np.abs(got - np.asarray(expected, dtype=np.int16)).max())
+        wrong, largest = wrong + (difference > 0), max(largest, difference)
+    return wrong, largest
 
 
 def rss_mb() -> float:
@@ -166,7 +169,7 @@ def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = Tru
                    p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
     if verify:
         pipe = EditPipeline.from_pretrained(**load_args, progress=False)
-        summary["pixels_differing"] = check_pixels(pipe, load, pngs, answers)
+        summary["pixels_differing"], summary["largest_difference"] = check_pixels(pipe, load, pngs, answers)
     return summary
 
 
@@ -260,6 +263,14 @@ def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...]
                 growth_pct=100 * (after - before) / before, statuses=result["statuses"])
 
 
+def differing(run: dict) -> str:
+    """A load run's answers that differ from the library's edit, with the largest difference where any does."""
+    if "pixels_differing" not in run:
+        return "not checked"
+    count, largest = run["pixels_differing"], run.get("largest_difference")
+    return f"{count} (at most {largest} level{'s' * (largest > 1)})" if count and largest is not None else str(count)
+
+
 def serving_table(results: dict) -> str:
     """The markdown of one ``ip2p bench serve`` run (docs/serving.md)."""
     cpu = results["cpu"]
@@ -268,14 +279,15 @@ def serving_table(results: dict) -> str:
              f"model {Path(model.get('model') or 'shapes-onnx').name}, backend {model.get('backend') or 'its own'}, "
              f"dtype {model.get('dtype') or 'its own'} (torch {results['versions'].get('torch')}, onnxruntime "
              f"{results['versions'].get('onnxruntime')}).", "",
-             "| load run | requests | answers | throughput | p50 | p99 | pixels differing |", "|---|---:|---|---:|---:|---:|---:|"]
+             "| load run | requests | answers | throughput | p50 | p99 | answers differing from the library's |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for run in results["load"]:
         answers = ", ".join(f"{n} x {code}" for code, n in sorted(run["statuses"].items()))
         server = f"Ray Serve, {run['ray_replicas']} replicas, " if run.get("ray_replicas") else ""
         lines.append(f"| {server}max batch {run['max_batch']}, {run['clients']} clients, {run['steps']} steps, "
                      f"{'/'.join(map(str, run['sizes']))} px | {run['requests']} | {answers} | "
                      f"{run['throughput_per_s']:.2f} edits/s | {run['p50_s']:.2f} s | {run['p99_s']:.2f} s | "
-                     f"{run.get('pixels_differing', 'not checked')} |")
+                     f"{differing(run)} |")
     if len(results["load"]) > 1:
         first = results["load"][0]
         gains = ", ".join(f"max batch {run['max_batch']} {run['throughput_per_s'] / first['throughput_per_s']:.2f}x"

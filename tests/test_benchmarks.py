@@ -92,3 +92,17 @@ def test_serving_overhead_run_measures_the_shipped_bundle():
     assert run["repeats"] == 2 and run["format"] == "jpeg"
     assert 0 < run["overhead_p50_ms"] < run["http_p50_s"] * 1000
     assert run["read_p50_ms"] > 0 and run["write_p50_ms"] > 0
+
+
+def test_serving_load_run_checks_every_answer_against_the_library():
+    """``ip2p bench serve``'s load run: ``ip2p serve`` in its own process, concurrent clients, every answer
+    compared with the library's edit of its seed (the shipped bundle batches bit for bit)."""
+    from benchmarks.serving import Load, differing, load_run
+    from engine.pipeline import DEFAULT_BUNDLE
+    from engine.serving.jobs import Settings
+
+    run = load_run({"model": str(DEFAULT_BUNDLE)}, Settings(max_batch=2, batch_wait_ms=50),
+                   Load(clients=3, requests=6, steps=2))
+    assert run["statuses"] == {200: 6} and run["throughput_per_s"] > 0
+    assert (run["pixels_differing"], run["largest_difference"]) == (0, 0) and differing(run) == "0"
+    assert differing(dict(pixels_differing=70, largest_difference=1)) == "70 (at most 1 level)"
