@@ -163,10 +163,10 @@ def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = Tru
         result = asyncio.run(drive(url, load, pngs))
     latencies = result.pop("latencies")
     answers = result.pop("answers")
-    summary = dict(max_batch=settings.max_batch, ray_replicas=ray_replicas, clients=load.clients, requests=load.requests, steps=load.steps,
-                   sizes=list(load.sizes), wall_s=result["wall_s"], statuses=result["statuses"],
-                   throughput_per_s=len(answers) / result["wall_s"], p50_s=percentile(latencies, 50),
-                   p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
+    summary = dict(max_batch=settings.max_batch, ray_replicas=ray_replicas, clients=load.clients,
+                   requests=load.requests, steps=load.steps, sizes=list(load.sizes), wall_s=result["wall_s"],
+                   statuses=result["statuses"], throughput_per_s=len(answers) / result["wall_s"],
+                   p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
     if verify:
         pipe = EditPipeline.from_pretrained(**load_args, progress=False)
         summary["pixels_differing"], summary["largest_difference"] = check_pixels(pipe, load, pngs, answers)
@@ -215,7 +215,8 @@ def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: 
               "output_format": fmt}
     body, content_type = multipart_body(fields, png, f"in.{fmt}")
     library, served, overhead, stages = [], [], [], {"read": [], "queue": [], "write": []}
-    server = serve_process(load_args, settings) if own_process else background_server(local_service(load_args, settings))
+    server = (serve_process(load_args, settings) if own_process
+              else background_server(local_service(load_args, settings)))
     with server as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         while len(library) < repeats:

@@ -40,14 +40,9 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     return rgb
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
-    """An RGB image from encoded bytes (an upload), checked like a file: not empty, an image, within the limit."""
-    return decode_opened(open_encoded(data, max_pixels, name), name)
-
-
 def open_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
-    """``decode_image``'s first half: the image opened from its header and checked, no pixel decoded yet (so that
-    a caller can see its format and size before deciding where to decode it)."""
+    """An upload opened from its header and checked like a file (not empty, an image, within the limit), no pixel
+    decoded yet: a caller sees its format and size before deciding where ``decode_opened`` decodes it."""
     if not data:
         raise InputError(f"{name}: the file is empty")
     try:
@@ -60,7 +55,7 @@ def open_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
 
 
 def decode_opened(image: Image.Image, name: str = "image") -> Image.Image:
-    """``decode_image``'s second half: the pixels of an image from ``open_encoded``, as RGB."""
+    """The pixels of an image from ``open_encoded``, as RGB; InputError naming ``name`` where they are corrupt."""
     try:
         image.load()
         return to_rgb(image)
