@@ -153,4 +153,4 @@ def test_a_batched_edit_gives_each_image_its_solo_pixels_on_the_shipped_model(dt
         if dtype == "bfloat16":
             np.testing.assert_array_equal(batch[i], solo)
         else:
-            np.testing.assert_allclose(batch[i], solo, atol=1e-4)
+            np.testing.assert_allclose(batch[i], solo, atol=2e-5)  # measured 3.5e-6; 1.6e-4 before the fix
