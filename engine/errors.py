@@ -15,3 +15,10 @@ class ExportError(RuntimeError):
 
 class Cancelled(RuntimeError):
     """Raised by a step callback to stop an edit at the next step (a cancelled or timed-out request)."""
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """``str(text)`` on one line and at most ``limit`` characters: for messages and logs that quote what a
+    client sent."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -6,13 +6,14 @@ import math
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import InputError
+from engine.errors import InputError, one_line
 
 DEFAULT_MAX_PIXELS = 64_000_000
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -30,11 +31,11 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     path = Path(source)
     image = open_image(path, max_pixels)
     try:
-        image.load()
-        rgb = to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as err:
+        with reading(str(path)):
+            rgb = to_rgb(image)
+    except InputError:
         image.close()
-        raise InputError(f"{path}: corrupt or truncated image ({err})") from None
+        raise
     if rgb is not image:  # the file's own image is returned when it needed no conversion
         image.close()
     return rgb
@@ -45,22 +46,32 @@ def open_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
     decoded yet: a caller sees its format and size before deciding where ``decode_opened`` decodes it."""
     if not data:
         raise InputError(f"{name}: the file is empty")
-    try:
+    with reading(name):
         image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image file, or a format Pillow cannot read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{name}: corrupt or truncated image ({err})") from None
     return _check_size(image, max_pixels, name)
 
 
 def decode_opened(image: Image.Image, name: str = "image") -> Image.Image:
     """The pixels of an image from ``open_encoded``, as RGB; InputError naming ``name`` where they are corrupt."""
-    try:
-        image.load()
+    with reading(name):
         return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise InputError(f"{name}: corrupt or truncated image ({err})") from None
+
+
+@contextmanager
+def reading(name: str):
+    """Pillow's errors while opening or decoding ``name`` as one InputError line. Its decoders raise many kinds on
+    crafted files (OSError, SyntaxError, ValueError, struct.error, IndexError, NotImplementedError, EOFError, a
+    DecompressionBombError past its own pixel limit, ...): each is the file's fault, none the server's."""
+    try:
+        yield
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image file, or a format Pillow cannot read") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{name}: too many pixels to decode ({one_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise InputError(f"{name}: corrupt or truncated image ({type(err).__name__}: {one_line(err)})") from None
 
 
 # The formats the service answers in: Pillow's name (None: written by ``encode_png``), the media type, the save
@@ -114,12 +125,8 @@ def open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise InputError(f"{path}: no such image file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty")
-    try:
+    with reading(str(path)):
         image = Image.open(path)
-    except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image file, or a format Pillow cannot read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{path}: corrupt or truncated image ({err})") from None
     try:
         return _check_size(image, max_pixels, str(path))
     except InputError:

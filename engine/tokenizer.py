@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from engine.errors import InputError
+from engine.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class ClipTokenizer:
         for row, text in enumerate(texts):
             tokens = self._tokenizer.encode(text.strip(), add_special_tokens=False).ids
             if len(tokens) > room:
-                log.warning("instruction is %d tokens, over CLIP's %d; truncated: %r", len(tokens), room, text)
+                log.warning("instruction is %d tokens, over CLIP's %d; the rest is ignored: %r", len(tokens), room,
+                            one_line(text, 80))
                 tokens = tokens[:room]
             seq = [self.bos_id, *tokens, self.eos_id]
             ids[row, : len(seq)] = seq

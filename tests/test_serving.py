@@ -334,7 +334,7 @@ def test_health_metrics_and_the_page(server):
     for name in ("ip2p_requests_total", "ip2p_queue_depth", "ip2p_batch_size_bucket", "ip2p_stage_seconds_bucket",
                  "ip2p_edits_in_flight", "ip2p_request_seconds_bucket"):
         assert name in text
-    assert 'route="/v1/jobs/{id}"' in text or "/v1/jobs/" not in text  # job ids never become labels
+    assert 'route="/v1/jobs/{job_id}"' in text or "/v1/jobs/" not in text  # job ids never become labels
     page = httpx.get(f"{url}/").text
     assert 'id="image"' in page and "Randomize seed" in page and "/v1/edits" in page
 

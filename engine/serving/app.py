@@ -1,7 +1,9 @@
 """The HTTP API (FastAPI), the same for the single-machine worker and the Ray Serve app: ``create_app(service)``.
 
 ``service`` is an EditWorker or a RayEditService: ``submit(image, params) -> Job``, ``get``, ``forget``,
-``position``, ``queue_depth``, ``ready``, and ``settings``/``metrics``.
+``position``, ``queue_depth``, ``ready``, ``stop``, and ``settings``/``metrics``/``jobs`` (its JobTable).
+
+Every error is ``{"error": "..."}`` with a 4xx (or 503 while unavailable); what a client sends never causes a 5xx.
 """
 from __future__ import annotations
 
@@ -10,20 +12,23 @@ import base64
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from engine.errors import InputError
+from engine.errors import InputError, one_line
 from engine.images import OUTPUT_FORMATS, decode_opened, encode_image, open_encoded
-from engine.serving.jobs import FINISHED, Job
+from engine.serving.jobs import FINISHED, Job, QueueFull, Unavailable
 from engine.serving.schema import EditOutput, JobView, decode_base64, parse_parameters
-from engine.serving.worker import QueueFull, Unavailable
 
 log = logging.getLogger("engine.serving")
 OPEN_PATHS = ("/healthz", "/readyz", "/")  # answered without the API key
@@ -35,6 +40,8 @@ KEEPALIVE_S = 15.0
 # (~0.7 ms), and these sizes take 1-2 ms at most. Bigger images, and other formats, go to the pool, so that no
 # other connection waits on one long decode or encode.
 INLINE_PIXELS = {"JPEG": 512 * 512, "PNG": 128 * 128, "WEBP": 128 * 128}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a client's X-Request-Id is logged only if it looks like one
+UNMATCHED = "unmatched"  # the metrics label of every path no route matches
 
 
 class BadImage(InputError):
@@ -46,20 +53,24 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 
 class Gate:
-    """ASGI middleware: request id, one log line per request, the API key, the body size limit, status metrics."""
+    """ASGI middleware: request id, one log line per request, the cap on requests in progress, the API key, the
+    body size limit and read deadline, status metrics labelled by route template (bounded: one label per route,
+    one for every unknown path)."""
 
-    def __init__(self, app, service):
-        self.app, self.service = app, service
+    def __init__(self, app, service, router):
+        self.app, self.service, self.router = app, service, router
+        self.active = 0  # requests in progress, health checks left out (only the event loop changes it)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        given_id = headers.get("x-request-id", "")
+        request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
-        route = _route_of(scope["path"])
+        route = self._route_of(scope)
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -67,8 +78,13 @@ class Gate:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
+        counted = scope["path"] not in OPEN_PATHS
+        self.active += counted
         try:
             refusal = self._refusal(scope["path"], headers)
+            if refusal is None and counted and self.active > self.service.settings.max_connections:
+                refusal = error(503, f"this server has {self.service.settings.max_connections} requests in progress, "
+                                     "its limit", {"Retry-After": "1"})
             if refusal is None:
                 receive, refusal = await self._buffered(receive, headers)
             if refusal is not None:
@@ -76,31 +92,50 @@ class Gate:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
+            self.active -= counted
             elapsed = time.perf_counter() - start
             metrics = self.service.metrics
             metrics.requests.labels(route, str(status["code"])).inc()
             metrics.request_seconds.labels(route).observe(elapsed)
-            log.info("%s %s %s %d %.1f ms", request_id, scope["method"], scope["path"], status["code"], elapsed * 1000)
+            log.info("%s %s %s %d %.1f ms", request_id, scope["method"], one_line(scope["path"], 120), status["code"],
+                     elapsed * 1000)
+
+    def _route_of(self, scope) -> str:
+        """The template of the route ``scope`` asks for (``/v1/jobs/{job_id}``), else ``unmatched``."""
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:  # PARTIAL: the path matches, not the method (405)
+                return route.path
+        return UNMATCHED
 
     def _refusal(self, path: str, headers: dict):
         key = self.service.settings.api_key
         if key is None or path in OPEN_PATHS:
             return None
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+        given = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else "")
         if hmac.compare_digest(given.encode(), key.encode()):
             return None
         return error(401, "missing or wrong API key (send it as 'Authorization: Bearer KEY' or 'X-API-Key')",
                      {"WWW-Authenticate": "Bearer"})
 
     async def _buffered(self, receive, headers: dict):
-        """The body read up to the limit (413 past it), replayed to the app; then the client's own messages."""
-        limit = self.service.settings.max_body_bytes
+        """The body read up to the limit (413 past it) within the read deadline (408 past it), replayed to the
+        app; then the client's own messages."""
+        settings = self.service.settings
+        limit = settings.max_body_bytes
         too_large = error(413, f"the request body is over this server's limit of {limit:,} bytes")
-        if int(headers.get("content-length") or 0) > limit:
+        length = headers.get("content-length", "0").strip() or "0"
+        if not length.isdigit() or len(length) > 15 or int(length) > limit:
             return receive, too_large
+        deadline = time.monotonic() + settings.read_timeout
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                return receive, error(408, f"the request body did not arrive within {settings.read_timeout:g} s",
+                                      {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return receive, error(400, "the client went away")
             chunks.append(message.get("body", b""))
@@ -121,18 +156,10 @@ class Gate:
         return replay, None
 
 
-def _route_of(path: str) -> str:
-    """A bounded label for metrics: job ids folded."""
-    parts = path.split("/")
-    if len(parts) >= 4 and parts[1:3] == ["v1", "jobs"]:
-        parts[3] = "{id}"
-    return "/".join(parts)
-
-
 async def read_edit(request: Request, service) -> tuple:
-    """(RGB image, EditParameters) from a multipart form or JSON body; BadImage or InputError naming the problem."""
-    content_type = request.headers.get("content-type", "")
-    start = time.perf_counter()
+    """(the upload's bytes, EditParameters) from a multipart form or JSON body; BadImage or InputError naming the
+    problem."""
+    content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
     if content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
         form = await request.form(max_files=1, max_fields=32, max_part_size=service.settings.max_body_bytes)
         upload = form.get("image")
@@ -143,8 +170,8 @@ async def read_edit(request: Request, service) -> tuple:
     elif content_type.startswith("application/json"):
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"body: invalid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:  # bad syntax or encoding, a 5000-digit number, deep nesting
+            raise InputError(f"body: invalid JSON ({one_line(err, 120)})") from None
         if not isinstance(body, dict):
             raise InputError("body: a JSON object is expected")
         try:
@@ -153,16 +180,23 @@ async def read_edit(request: Request, service) -> tuple:
             raise BadImage(str(err)) from None
         fields = body
     else:
-        raise InputError(f"content-type: send multipart/form-data or application/json, got {content_type or 'none'!r}")
-    params = parse_parameters(fields)
+        raise InputError(f"content-type: send multipart/form-data or application/json, got "
+                         f"{one_line(content_type, 80) or 'none'!r}")
+    return data, parse_parameters(fields)
+
+
+async def decode_upload(data: bytes, service):
+    """The upload as an RGB image, decoded while its bytes are reserved in the service's budget (QueueFull when
+    they do not fit); BadImage naming the problem."""
     try:
-        image = open_encoded(data, service.settings.max_pixels, "image")
-        image = await off_loop(image.format, image.width * image.height, decode_opened, image, "image")
+        opened = open_encoded(data, service.settings.max_pixels, "image")
     except InputError as err:
         raise BadImage(str(err)) from None
-    decode_s = time.perf_counter() - start
-    service.metrics.stage_seconds.labels("read").observe(decode_s)
-    return image, params, decode_s
+    with service.jobs.room_for(opened.width * opened.height * 3):  # RGB, as the job will hold it
+        try:
+            return await off_loop(opened.format, opened.width * opened.height, decode_opened, opened, "image")
+        except InputError as err:
+            raise BadImage(str(err)) from None
 
 
 async def off_loop(fmt: str | None, pixels: int, work, *args):
@@ -171,12 +205,6 @@ async def off_loop(fmt: str | None, pixels: int, work, *args):
     if pixels <= INLINE_PIXELS.get((fmt or "").upper(), 0):
         return work(*args)
     return await run_in_threadpool(work, *args)
-
-
-def submit(service, image, params, decode_s: float) -> Job:
-    job = service.submit(image, params)
-    job.timings["read"] = decode_s
-    return job
 
 
 def output_format(job: Job, request: Request) -> str:
@@ -190,14 +218,33 @@ def output_format(job: Job, request: Request) -> str:
 
 
 async def encoded(job: Job, service, fmt: str) -> bytes:
-    """The job's image in ``fmt``, encoded once per format."""
-    if fmt not in job.encoded:
-        start = time.perf_counter()
-        image = job.future.result().image
-        job.encoded[fmt] = await off_loop(fmt, image.width * image.height, encode_image, image, fmt)
+    """The job's image in ``fmt``, encoded once per format while the decoded result is held. A job that keeps
+    only its encoded answer (``keep_encoded``: PNG unless the request named a format) is decoded from it for
+    another format, which is not kept."""
+    if fmt in job.encoded:
+        return job.encoded[fmt]
+    start = time.perf_counter()
+    image = job.future.result().image
+    kept = image is None
+    if kept:
+        image = await run_in_threadpool(decode_opened, open_encoded(next(iter(job.encoded.values()))))
+    data = await off_loop(fmt, image.width * image.height, encode_image, image, fmt)
+    if not kept:
+        job.encoded[fmt] = data
         job.timings["write"] = time.perf_counter() - start
         service.metrics.stage_seconds.labels("write").observe(job.timings["write"])
-    return job.encoded[fmt]
+    return data
+
+
+async def keep_encoded(job: Job, service) -> None:
+    """Once a queued job (``/v1/jobs``) finishes: its answer encoded in the format it asked for (PNG unless it
+    named one), and only those bytes kept."""
+    try:
+        await asyncio.wrap_future(job.future)
+    except BaseException:  # noqa: BLE001 - a failed or cancelled job holds no image
+        return
+    fmt = job.params.output_format or "png"
+    job.keep_encoded(fmt, await encoded(job, service, fmt))
 
 
 def image_response(job: Job, fmt: str, data: bytes) -> Response:
@@ -217,6 +264,7 @@ async def output_of(job: Job, service, fmt: str = "png") -> EditOutput:
 
 
 async def view_of(job: Job, service, with_result: bool = True, fmt: str = "png") -> JobView:
+    job.cancel_if_expired()
     result = await output_of(job, service, fmt) if with_result and job.state == "succeeded" else None
     position = service.position(job) if job.state == "queued" else None
     return JobView(id=job.id, state=job.state, position=position, steps_done=job.steps_done,
@@ -239,8 +287,16 @@ def job_timeout(job: Job) -> float:
     return (job.deadline or job.created) - job.created
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """Done callback: the outcome looked at, so asyncio does not log a failed edit nobody waited for."""
+    if not future.cancelled():
+        future.exception()
+
+
 def create_app(service, title: str = "ip2p edit service") -> FastAPI:
     """The HTTP API over ``service``."""
+    keepers: set[asyncio.Task] = set()  # keep_encoded tasks of queued jobs
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         service.start()
@@ -248,7 +304,15 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         await run_in_threadpool(service.stop, service.settings.drain_timeout)
 
     app = FastAPI(title=title, docs_url="/docs", redoc_url=None, lifespan=lifespan)
-    app.add_middleware(Gate, service=service)
+    app.add_middleware(Gate, service=service, router=app.router)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException):  # 404, 405, the multipart parser's limits
+        return error(err.status_code, one_line(err.detail), getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError):
+        return error(422, one_line(err.errors()[0].get("msg", "invalid request") if err.errors() else err))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):  # never a traceback in a response
@@ -256,10 +320,13 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         return error(500, f"internal error: {type(err).__name__}")
 
     async def accepted(request: Request):
-        """Read and queue an edit; or the error response that refuses it."""
+        """Read, decode and queue an edit; or the error response that refuses it."""
+        start = time.perf_counter()
         try:
-            image, params, decode_s = await read_edit(request, service)
-            return submit(service, image, params, decode_s)
+            data, params = await read_edit(request, service)
+            image = await decode_upload(data, service)
+            read_s = time.perf_counter() - start
+            job = service.submit(image, params)
         except BadImage as err:
             return error(400, str(err))
         except InputError as err:
@@ -268,6 +335,9 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
             return error(429, str(err), {"Retry-After": str(err.retry_after)})
         except Unavailable as err:
             return error(503, str(err), {"Retry-After": "5"})
+        job.timings["read"] = read_s
+        service.metrics.stage_seconds.labels("read").observe(read_s)
+        return job
 
     @app.post("/v1/edits")
     async def edits(request: Request):
@@ -275,17 +345,15 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         if not isinstance(job, Job):
             return job
         waited = asyncio.wrap_future(job.future)
+        waited.add_done_callback(_retrieve)
         try:
             while not waited.done():
                 await asyncio.wait([waited], timeout=DISCONNECT_POLL_S)  # returns at once when done
                 if not waited.done() and await request.is_disconnected():
                     job.cancel("disconnected")
                     return error(499, "the client went away")
-                if not waited.done() and job.expired(time.monotonic()):
-                    job.cancel("timeout")  # the worker frees itself at the next step
-                    return failure(job)
+                job.cancel_if_expired()  # answered at once; the worker frees itself at the next step
             if job.state != "succeeded":
-                waited.exception()  # retrieved, so asyncio does not log it
                 return failure(job)
             fmt = output_format(job, request)
             if "application/json" in request.headers.get("accept", ""):
@@ -301,6 +369,9 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         job = await accepted(request)
         if not isinstance(job, Job):
             return job
+        keeper = asyncio.get_running_loop().create_task(keep_encoded(job, service))
+        keepers.add(keeper)
+        keeper.add_done_callback(keepers.discard)
         view = await view_of(job, service)
         return JSONResponse(view.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -326,9 +397,13 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str):
+        """A queued or running job is cancelled (and shown as such until its result would expire); a finished
+        one is deleted with its result."""
         job = find(job_id)
         if job is None:
             return error(404, f"no job {job_id}")
+        if job.state in FINISHED:
+            service.forget(job)
         job.cancel("cancelled")
         return (await view_of(job, service, with_result=False)).model_dump()
 
@@ -358,20 +433,22 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz():
         if service.ready:
             return {"status": "ready", "queue_depth": service.queue_depth()}
-        return error(503, "the model is loading or warming up")
+        return error(503, "the model is loading, warming up or shutting down", {"Retry-After": "5"})
 
     @app.get("/metrics")
     async def metrics():
         service.metrics.queue_depth.set(service.queue_depth())
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        service.metrics.held_bytes.set(service.jobs.held_bytes())
+        text = await run_in_threadpool(service.metrics.render)  # no edit or health check waits on it
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

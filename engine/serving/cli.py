@@ -31,6 +31,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-resolution", type=int, default=1024)
     parser.add_argument("--result-ttl", type=float, default=600.0, help="seconds a finished job's result is kept")
     parser.add_argument("--max-results", type=int, default=256, help="finished jobs kept at most")
+    parser.add_argument("--max-held-mb", type=float, default=1024.0,
+                        help="images held by queued and finished jobs, decoded inputs and kept answers; 429 past it "
+                        "(the oldest finished results are let go first)")
+    parser.add_argument("--read-timeout", type=float, default=30.0,
+                        help="seconds a client may take to send its request body; 408 past it")
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="requests in progress at once (health checks exempt); 503 past it")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds queued work may finish on SIGTERM")
     parser.add_argument("--api-key", help=f"require this key (or set ${API_KEY_ENV}); health endpoints stay open")
     parser.add_argument("--ray", action="store_true", help="run on Ray Serve (a local Ray cluster unless one is running)")
@@ -42,15 +49,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace):
     from engine.serving.jobs import Settings
 
-    for name in ("max_batch", "max_queue", "max_steps", "max_resolution", "max_results", "max_pixels"):
+    for name in ("max_batch", "max_queue", "max_steps", "max_resolution", "max_results", "max_pixels",
+                 "max_connections"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.timeout <= 0 or args.max_body_mb <= 0 or args.batch_wait_ms < 0:
-        raise InputError("--timeout and --max-body-mb must be positive, --batch-wait-ms not negative")
+    for name in ("timeout", "max_body_mb", "max_held_mb", "read_timeout"):
+        if not getattr(args, name) > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.batch_wait_ms < 0 or args.drain_timeout < 0:
+        raise InputError("--batch-wait-ms and --drain-timeout must not be negative")
     return Settings(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                     timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                     max_steps=args.max_steps, max_resolution=args.max_resolution, result_ttl=args.result_ttl,
-                    max_results=args.max_results, drain_timeout=args.drain_timeout,
+                    max_results=args.max_results, max_held_bytes=int(args.max_held_mb * 2**20),
+                    read_timeout=args.read_timeout, max_connections=args.max_connections,
+                    drain_timeout=args.drain_timeout,
                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
 
 
@@ -64,10 +77,7 @@ def run_serve(args: argparse.Namespace) -> None:
         ray_app.serve_locally(load, settings, host=args.host, port=args.port, replicas=args.replicas,
                               num_cpus=args.num_cpus, num_gpus=args.num_gpus)
         return
-    import uvicorn
-
-    from engine.serving.app import create_app
-    from engine.serving.service import local_service
+    from engine.serving.service import http_server, local_service
 
     service = local_service(load, settings)
     log.info("serving on http://%s:%d (max batch %d, queue %d)", args.host, args.port, settings.max_batch,
@@ -75,8 +85,7 @@ def run_serve(args: argparse.Namespace) -> None:
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down; a drained shutdown is a clean exit, not a kill
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(settings.drain_timeout) + 1)
+    http_server(service, args.host, args.port).run()
     log.info("stopped")
 
 

@@ -6,8 +6,9 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Hashable
+from typing import Callable, Collection, Hashable, Iterator
 
 from PIL import Image
 
@@ -19,18 +20,34 @@ from engine.serving.schema import EditParameters, draw_seed
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+class QueueFull(RuntimeError):
+    """No room for another edit (429): the queue holds --max-queue jobs, or the images held would pass
+    --max-held-mb; ``retry_after`` is the estimated seconds until there is room."""
+
+    def __init__(self, retry_after: int, why: str = "the edit queue is full"):
+        super().__init__(f"{why}; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Unavailable(RuntimeError):
+    """The service is not taking edits (shutting down, or its model failed)."""
+
+
 @dataclass
 class Outcome:
-    """What a finished edit produced."""
+    """What a finished edit produced; ``image`` is let go once the answer is kept encoded (``Job.keep_encoded``)."""
 
-    image: Image.Image
+    image: Image.Image | None
     seed: int
     unet_evaluations: int
     timings: dict[str, float]
 
 
 class Job:
-    """One request: decoded image, resolved config and seed, and its progress; ``future`` holds the Outcome."""
+    """One request: decoded image, resolved config and seed, and its progress; ``future`` holds the Outcome.
+
+    The decoded input is let go when the job finishes; a finished job keeps its answer, encoded once it is
+    (``keep_encoded``). ``held_bytes`` is what it holds in images, for the service's byte budget."""
 
     def __init__(self, image: Image.Image, params: EditParameters, config: EditConfig, key: Hashable,
                  timeout: float | None):
@@ -47,30 +64,67 @@ class Job:
         self.encoded: dict[str, bytes] = {}  # the answer's bytes by output format, encoded once each
         self.status: int | None = None
         self.changed = threading.Event()  # set on every change; SSE streams wait on it
+        self._state_lock = threading.Lock()  # the worker and the event loop both start, cancel and finish jobs
 
     @property
     def scales(self) -> tuple[float, float]:
         return self.config.text_guidance, self.config.image_guidance
 
+    def start(self) -> bool:
+        """Mark a queued job running; False if it was cancelled meanwhile (the worker leaves it out)."""
+        with self._state_lock:
+            if self.state != "queued" or self.cancel_reason is not None:
+                return False
+            self.state = "running"
+        self.changed.set()
+        return True
+
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the job to stop; the worker drops it before it runs, or at the next denoising step."""
-        if self.cancel_reason is None and self.state not in FINISHED:
+        """Stop the job: it is answered as cancelled at once, and the worker drops it before it runs or at the
+        next denoising step."""
+        with self._state_lock:
+            if self.cancel_reason is not None or self.state in FINISHED:
+                return
             self.cancel_reason = reason
-            self.changed.set()
+        self.finish("cancelled")
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    def cancel_if_expired(self) -> None:
+        """Cancel the job as timed out once its deadline has passed, whoever looks first (worker, handler, view)."""
+        if self.expired(time.monotonic()):
+            self.cancel("timeout")
+
     def finish(self, state: str, outcome: Outcome | None = None, error: BaseException | None = None,
                status: int | None = None) -> None:
-        """End the job; ``status`` is the HTTP status a failure answers (422 bad input, 503 unavailable)."""
-        self.state, self.finished_at, self.status = state, time.monotonic(), status
-        self.error = None if error is None else str(error)
+        """End the job, once (later calls do nothing); ``status`` is the HTTP status a failure answers (422 bad
+        input, 503 unavailable). The decoded input is let go."""
+        with self._state_lock:
+            if self.state in FINISHED:
+                return
+            self.state, self.finished_at, self.status = state, time.monotonic(), status
+            self.error = None if error is None else str(error)
+            self.image = None
         if outcome is not None:
             self.future.set_result(outcome)
         else:
             self.future.set_exception(error or Cancelled(self.cancel_reason or "cancelled"))
         self.changed.set()
+
+    def keep_encoded(self, fmt: str, data: bytes) -> None:
+        """Keep a succeeded job's answer as ``data`` (encoded in ``fmt``) only: the decoded result is let go."""
+        self.encoded = {fmt: data}
+        self.future.result().image = None
+
+    def held_bytes(self) -> int:
+        """Bytes of image data the job holds: its decoded input until it finishes, then its answer (decoded until
+        ``keep_encoded``, and every encoding made)."""
+        held = sum(len(data) for data in self.encoded.values())
+        images = [self.image]
+        if self.state == "succeeded" and self.future.done():
+            images.append(self.future.result().image)
+        return held + sum(image.width * image.height * len(image.getbands()) for image in images if image is not None)
 
 
 def job_config(params: EditParameters) -> EditConfig:
@@ -94,13 +148,58 @@ def check_limits(config: EditConfig, settings: "Settings") -> None:
         raise InputError(f"resolution: at most {settings.max_resolution} on this server, got {config.resolution}")
 
 
+def check_size(config: EditConfig, size: tuple[int, int], settings: "Settings") -> None:
+    """Refuse an edit size (width, height) this server does not run. ``resolution=none`` edits at the input's own
+    size: its long side obeys --max-resolution as an asked-for resolution does."""
+    width, height = size
+    if config.resolution is None and max(size) > settings.max_resolution:
+        raise InputError(f"resolution: 'none' would edit at the image's {width}x{height}, over this server's limit "
+                         f"of {settings.max_resolution} px a side; ask for a resolution")
+    if width * height > settings.max_pixels:
+        raise InputError(f"the edit would run at {width}x{height}, over this server's limit of "
+                         f"{settings.max_pixels:,} pixels; ask for a smaller resolution")
+
+
 class JobTable:
-    """Jobs by id; finished ones are kept ``result_ttl`` seconds and at most ``max_results`` of them."""
+    """Jobs by id; finished ones are kept ``result_ttl`` seconds, at most ``max_results`` of them, and the oldest
+    let go first when the images held by all jobs would pass ``max_held_bytes``."""
 
     def __init__(self, settings: "Settings"):
         self.settings = settings
         self._jobs: dict[str, Job] = {}  # insertion order: oldest first
         self._lock = threading.Lock()
+        self._reserved = 0  # bytes promised to uploads being decoded
+
+    @contextmanager
+    def room_for(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget while an upload is decoded and queued (its job then counts itself);
+        QueueFull when even without finished jobs there is no room."""
+        budget = self.settings.max_held_bytes
+        with self._lock:
+            self._prune()
+            held = self._held()
+            finished = [(job, job.held_bytes()) for job in self._jobs.values() if job.state in FINISHED]
+            if held - sum(size for _, size in finished) + nbytes > budget:
+                raise QueueFull(2, f"this server holds its limit of {budget / 2**20:,.0f} MB of images")
+            for job, size in finished:  # oldest first
+                if held + nbytes <= budget:
+                    break
+                held -= size
+                del self._jobs[job.id]
+            self._reserved += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
+
+    def held_bytes(self) -> int:
+        """Bytes of image data held by every known job, and promised to uploads being decoded."""
+        with self._lock:
+            return self._held()
+
+    def _held(self) -> int:
+        return self._reserved + sum(job.held_bytes() for job in self._jobs.values())
 
     def add(self, job: Job) -> None:
         with self._lock:
@@ -122,6 +221,9 @@ class JobTable:
 
     def _prune(self) -> None:
         now = time.monotonic()
+        for job in self._jobs.values():
+            if job.state not in FINISHED:
+                job.cancel_if_expired()
         finished = [j for j in self._jobs.values() if j.state in FINISHED]
         excess = len(finished) - self.settings.max_results
         for job in finished:
@@ -131,11 +233,14 @@ class JobTable:
 
 
 def advance(batch: list[Job], done: int) -> list[int]:
-    """Record ``done`` denoising steps on every job of a running batch; the indices of those cancelled, which
-    drop out (``run_batch``'s ``on_step``). Raises Cancelled once every job is."""
+    """Record ``done`` denoising steps on every job of a running batch, cancelling those past their deadline;
+    the indices of the cancelled ones, which drop out (``run_batch``'s ``on_step``). Raises Cancelled once every
+    job is."""
     for job in batch:
-        job.steps_done = done
-        job.changed.set()
+        job.cancel_if_expired()
+        if job.state == "running":
+            job.steps_done = done
+            job.changed.set()
     if all(job.cancel_reason is not None for job in batch):
         raise Cancelled("every request of the batch was cancelled")
     return [i for i, job in enumerate(batch) if job.cancel_reason is not None]
@@ -164,5 +269,8 @@ class Settings:
     max_resolution: int = 1024
     result_ttl: float = 600.0  # seconds a finished job's result is kept
     max_results: int = 256
+    max_held_bytes: int = 1024 * 2**20  # images held by queued and finished jobs; 429 past it
+    read_timeout: float = 30.0  # seconds a client may take to send a request body; 408 past it
+    max_connections: int = 256  # open connections; 503 past it (uvicorn's limit_concurrency)
     drain_timeout: float = 30.0  # seconds queued work may take to finish on shutdown
     api_key: str | None = field(default=None, repr=False)

@@ -23,11 +23,10 @@ from ray.serve.exceptions import BackPressureError
 from engine.errors import Cancelled, InputError
 from engine.serving.app import create_app
 from engine.serving.cli import API_KEY_ENV
-from engine.serving.jobs import (Job, JobTable, Settings, advance, batch_key, check_limits, job_config,
-                                 run_batch)
+from engine.serving.jobs import (Job, JobTable, QueueFull, Settings, Unavailable, advance, batch_key, check_limits,
+                                 check_size, job_config, run_batch)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
-from engine.serving.worker import QueueFull, Unavailable
 
 log = logging.getLogger("engine.serving")
 APP_NAME = "ip2p"
@@ -58,7 +57,9 @@ class EditModel:
         try:
             config = job_config(params)
             check_limits(config, self.settings)
-            key = batch_key(config, self.pipe.edit_size(image.size, config.resolution))
+            size = self.pipe.edit_size(image.size, config.resolution)
+            check_size(config, size, self.settings)
+            key = batch_key(config, size)
         except InputError as err:
             yield err
             return
@@ -117,8 +118,10 @@ class RayEditService:
         """Nothing to start: the replicas are Serve's."""
 
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
+        if not self.ready:
+            raise Unavailable("the server is shutting down")
         config = job_config(params)
-        check_limits(config, self.settings)
+        check_limits(config, self.settings)  # the edit's size is checked where the model is
         pending = len(self.jobs.unfinished())
         if pending >= self.settings.max_queue + self.settings.max_batch:
             raise QueueFull(1)
@@ -138,11 +141,11 @@ class RayEditService:
         try:
             while not followed.done():
                 await asyncio.wait([followed], timeout=POLL_S)
-                if not followed.done() and (job.cancel_reason or job.expired(time.monotonic())):
-                    job.cancel("timeout" if job.cancel_reason is None else job.cancel_reason)
+                if not followed.done():
+                    job.cancel_if_expired()
+                if not followed.done() and job.cancel_reason is not None:  # answered when cancelled
                     stream.cancel()  # the replica drops the edit from its batch at the next step
                     followed.cancel()
-                    job.finish("cancelled")
                     return
             self._finish(job, followed, time.perf_counter() - sent)
         finally:
@@ -188,6 +191,8 @@ class RayEditService:
         return [j for j in self.jobs.unfinished() if j.state == "queued"]
 
     def stop(self, drain_timeout: float) -> None:
+        """As EditWorker.stop: no new edits, ``drain_timeout`` s for those held, then the rest cancelled (503)."""
+        self.ready = False
         deadline = time.monotonic() + drain_timeout
         while self.jobs.unfinished() and time.monotonic() < deadline:
             time.sleep(POLL_S)
@@ -201,8 +206,11 @@ async def _follow(job: Job, stream):
     outcome = None
     async for item in stream:
         if isinstance(item, int):
-            job.state, job.steps_done = "running", item
-            job.changed.set()
+            if job.state == "queued":
+                job.start()
+            if job.state == "running":
+                job.steps_done = item
+                job.changed.set()
         else:
             outcome = item
     return outcome

@@ -6,11 +6,13 @@ import binascii
 import secrets
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.errors import InputError
+from engine.errors import InputError, one_line
 
 MAX_SEED = 2**31 - 1
+NUMBER_FIELDS = ("steps", "text_guidance", "image_guidance", "seed", "resolution")
+MAX_DIGITS = 12  # a form or JSON number longer than this is refused before Python parses it
 
 
 class EditParameters(BaseModel):
@@ -27,6 +29,14 @@ class EditParameters(BaseModel):
     resolution: Union[int, Literal["auto", "none"]] = "auto"
     preset: str = "exact"
     output_format: Optional[Literal["png", "jpeg", "webp"]] = None  # default: from the Accept header, else png
+
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object) -> object:
+        """JSON's true and false are not numbers here (pydantic's lax mode would read ``"steps": true`` as 1)."""
+        if isinstance(value, bool):
+            raise ValueError("a number is expected, not true or false")
+        return value
 
 
 class EditOutput(BaseModel):
@@ -57,15 +67,24 @@ class JobView(BaseModel):
 def parse_parameters(fields: dict) -> EditParameters:
     """EditParameters from form or JSON fields (form values arrive as strings); one line naming the field."""
     values = {k: v for k, v in fields.items() if v not in (None, "")}
-    if isinstance(values.get("resolution"), str) and values["resolution"].isdigit():
-        values["resolution"] = int(values["resolution"])
+    for name in NUMBER_FIELDS:
+        value = values.get(name)
+        if isinstance(value, str) and len(value.strip()) > MAX_DIGITS and value.strip().lstrip("+-").isdigit():
+            raise InputError(f"{name}: a number of at most {MAX_DIGITS} digits is expected")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_DIGITS:
+            raise InputError(f"{name}: a number of at most {MAX_DIGITS} digits is expected")
+    resolution = values.get("resolution")
+    if isinstance(resolution, str) and resolution.isascii() and resolution.isdigit():
+        values["resolution"] = int(resolution)
     try:
         return EditParameters.model_validate(values, strict=False)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        message = "missing" if first["type"] == "missing" else first["msg"]
-        raise InputError(f"{where}: {message}") from None
+        message = "missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
+        if where.startswith("resolution"):  # the union's branches would each be named
+            where, message = "resolution", "a whole number of pixels, 'auto' or 'none' is expected"
+        raise InputError(one_line(f"{where}: {message}")) from None
 
 
 def decode_base64(text: object) -> bytes:

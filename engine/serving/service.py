@@ -1,15 +1,21 @@
 """Building the single-machine service (the pipeline, its metrics, the worker that owns it), and running it."""
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from types import FrameType
+
+import uvicorn
 
 from engine.pipeline import EditPipeline
 from engine.serving.jobs import Settings
 from engine.serving.metrics import Metrics
 from engine.serving.worker import EditWorker
+
+GRACE_S = 5  # seconds uvicorn gives responses to finish once the service has drained
 
 
 def serving_pipeline(load: dict, settings: Settings) -> EditPipeline:
@@ -24,20 +30,47 @@ def local_service(load: dict, settings: Settings) -> EditWorker:
     return EditWorker(lambda: serving_pipeline(load, settings), settings, Metrics(settings.max_batch))
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains the service before it closes connections. On SIGTERM or SIGINT the service stops
+    taking edits (503, /readyz 503) and has ``drain_timeout`` seconds to finish what it holds; the rest is
+    cancelled, so their clients get 503 with Retry-After and their event streams a final event; only then does
+    uvicorn close connections. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, service):
+        super().__init__(config)
+        self.service = service
+        self._drain: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None:
+            super().handle_exit(sig, frame)
+            return
+        self._drain = threading.Thread(target=self._drain_then_exit, name="ip2p-drain", daemon=True)
+        self._drain.start()
+
+    def _drain_then_exit(self) -> None:
+        self.service.stop(self.service.settings.drain_timeout)
+        self.should_exit = True
+
+
+def http_server(service, host: str, port: int) -> DrainingServer:
+    """The API over ``service`` on uvicorn at ``host:port``, draining on shutdown."""
+    from engine.serving.app import create_app
+
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=GRACE_S)
+    return DrainingServer(config, service)
+
+
 @contextmanager
 def background_server(service, host: str = "127.0.0.1", port: int = 0, ready_timeout: float = 120.0):
     """Run the API over ``service`` on uvicorn in a thread (embedding, tests, benchmarks); yields its base URL
-    once ``/readyz`` answers 200; shuts it down on exit. ``port=0`` picks a free port."""
-    import uvicorn
-
-    from engine.serving.app import create_app
-
+    once ``/readyz`` answers 200; drains and shuts it down on exit. ``port=0`` picks a free port."""
     if port == 0:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = http_server(service, host, port)
     thread = threading.Thread(target=server.run, name="ip2p-http", daemon=True)
     thread.start()
     url = f"http://{host}:{port}"
@@ -49,5 +82,5 @@ def background_server(service, host: str = "127.0.0.1", port: int = 0, ready_tim
             time.sleep(0.05)
         yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join(timeout=service.settings.drain_timeout + GRACE_S + 30)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable
 from PIL import Image
 
 from engine.errors import Cancelled, InputError
-from engine.serving.jobs import (FINISHED, Job, JobTable, Settings, advance, batch_key, check_limits, job_config,
-                                 run_batch)
+from engine.serving.jobs import (FINISHED, Job, JobTable, QueueFull, Settings, Unavailable, advance, batch_key,
+                                 check_limits, check_size, job_config, run_batch)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -21,18 +21,6 @@ if TYPE_CHECKING:
     from engine.pipeline import EditPipeline
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The queue holds --max-queue jobs; ``retry_after`` is the estimated seconds until there is room."""
-
-    def __init__(self, retry_after: int):
-        super().__init__(f"the edit queue is full; retry in about {retry_after} s")
-        self.retry_after = retry_after
-
-
-class Unavailable(RuntimeError):
-    """The service is not taking edits (shutting down, or its model failed)."""
 
 
 class EditWorker:
@@ -66,13 +54,12 @@ class EditWorker:
         config = job_config(params)
         check_limits(config, settings)
         size = self.pipe.edit_size(image.size, config.resolution)
-        if size[0] * size[1] > settings.max_pixels:
-            raise InputError(f"the edit would run at {size[0]}x{size[1]}, over this server's limit of "
-                             f"{settings.max_pixels:,} pixels; ask for a smaller resolution")
+        check_size(config, size, settings)
         job = Job(image, params, config, batch_key(config, size), settings.timeout)
         with self._lock:
             if self._stopping or not self._thread.is_alive():
                 raise Unavailable("the server is shutting down")
+            self._drop_dead()  # cancelled jobs leave their places at once, not when the running batch ends
             if len(self._queue) >= settings.max_queue:
                 raise QueueFull(self._retry_after())
             self._queue.append(job)
@@ -101,15 +88,15 @@ class EditWorker:
             return len(self._queue)
 
     def stop(self, drain_timeout: float) -> None:
-        """Stop taking edits, let queued ones finish for up to ``drain_timeout`` s, cancel the rest, join."""
+        """Stop taking edits (503, and /readyz 503), let queued and running ones finish for up to
+        ``drain_timeout`` s, cancel the rest (their clients get 503 with Retry-After), join. A second call
+        returns once the first is done."""
         with self._lock:
             self._stopping = True
+            self.ready = False
             self._lock.notify_all()
         deadline = time.monotonic() + drain_timeout
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            with self._lock:
-                if not self._queue:
-                    break
+        while self._thread.is_alive() and time.monotonic() < deadline and self.jobs.unfinished():
             time.sleep(0.05)
         with self._lock:
             for job in self.jobs.unfinished():
@@ -168,21 +155,18 @@ class EditWorker:
                     return []
             for job in batch:
                 self._queue.remove(job)
-                job.state = "running"
+            batch = [job for job in batch if job.start()]  # one cancelled meanwhile stays finished
+            for job in batch:
                 job.timings["queue"] = time.monotonic() - job.created
-                job.changed.set()
             self.metrics.queue_depth.set(len(self._queue))
             return batch
 
     def _drop_dead(self) -> None:
         """Finish queued jobs that were cancelled or ran out of time (caller holds the lock)."""
-        now = time.monotonic()
         for job in list(self._queue):
-            if job.expired(now):
-                job.cancel("timeout")
+            job.cancel_if_expired()
             if job.cancel_reason is not None:
                 self._queue.remove(job)
-                job.finish("cancelled")
         self.metrics.queue_depth.set(len(self._queue))
 
     def _run(self, batch: list[Job]) -> None:
@@ -191,35 +175,22 @@ class EditWorker:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.in_flight.inc(len(batch))
 
-        def on_step(done: int) -> list[int]:
-            """Progress for every job; cancelled ones are answered now and drop out of the batch (no more UNet
-            rows for them), and the edit stops once none is left."""
-            now = time.monotonic()
-            for job in batch:
-                if job.expired(now):
-                    job.cancel("timeout")
-                if job.cancel_reason is not None and job.state not in FINISHED:
-                    job.finish("cancelled")
-            return advance(batch, done)
-
         start = time.perf_counter()
         try:
-            outcomes = run_batch(self.pipe, batch, on_step)
+            outcomes = run_batch(self.pipe, batch, lambda done: advance(batch, done))
         except Cancelled:
-            finish_unfinished(batch, "cancelled")
+            pass  # every job of the batch was cancelled, and answered then
         except InputError as err:  # a request the pipeline refuses (e.g. a size outside a bundle's profile)
-            finish_unfinished(batch, "failed", error=err, status=422)
+            for job in batch:
+                job.finish("failed", error=err, status=422)
         except Exception as err:  # an engine fault: the requests fail, the worker goes on serving
             log.exception("batch of %d failed", len(batch))
-            finish_unfinished(batch, "failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
+            for job in batch:
+                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
         else:
             for job, outcome in zip(batch, outcomes):
-                if job.state in FINISHED:  # cancelled during the edit, and answered then
-                    continue
-                job.timings.update(outcome.timings)
-                if job.cancel_reason is not None:
-                    job.finish("cancelled")
-                else:
+                if job.state not in FINISHED:  # else cancelled during the edit, and answered then
+                    job.timings.update(outcome.timings)
                     job.finish("succeeded", outcome)
             for stage, seconds in outcomes[0].timings.items():
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
@@ -228,9 +199,3 @@ class EditWorker:
             elapsed = time.perf_counter() - start
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
 
-
-def finish_unfinished(jobs: list[Job], state: str, **details) -> None:
-    """End the jobs not ended yet (those cancelled during the edit were answered then)."""
-    for job in jobs:
-        if job.state not in FINISHED:
-            job.finish(state, **details)
