@@ -34,6 +34,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     serve.add_argument("--requests", type=int, default=300)
     serve.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="one load run per value")
     serve.add_argument("--soak", type=int, default=0, metavar="N", help="also N edits of mixed sizes, memory measured")
+    serve.add_argument("--hostile", type=int, default=0, metavar="N",
+                       help="N hostile clients beside each load run and the soak (benchmarks/hostile.py): image "
+                       "bombs, crafted files, odd JSON, unknown paths, slow uploads, big jobs never fetched")
     serve.add_argument("--ray", type=int, metavar="REPLICAS", help="load runs on `ip2p serve --ray` with this many "
                        "replicas, sharing this machine's CPUs (needs the ray extra)")
     serve.add_argument("--overhead-size", type=int, default=512, help="side of the uncontended edits")
@@ -87,17 +90,20 @@ def run_serving(args: argparse.Namespace) -> None:
     results: dict = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=load_args,
                          load=[])
     logging.getLogger("engine.serving").setLevel(logging.WARNING)  # not one line per request
+    # with hostile clients: a short read deadline (their slow uploads) and a small image budget (their big jobs)
+    hostile_limits = dict(read_timeout=2.0, max_held_bytes=256 * 2**20) if args.hostile else {}
     if "uncontended" in args.parts:
         results["uncontended"] = uncontended(load_args, size=64, steps=20, repeats=100)
         log.info("uncontended: %s", results["uncontended"])
     if "load" in args.parts:
         for max_batch in args.max_batch:
-            settings = Settings(max_batch=max_batch, batch_wait_ms=10, max_queue=4 * args.clients)
-            results["load"].append(load_run(load_args, settings, Load(clients=args.clients, requests=args.requests),
-                                            ray_replicas=args.ray))
+            settings = Settings(max_batch=max_batch, batch_wait_ms=10, max_queue=4 * args.clients, **hostile_limits)
+            load = Load(clients=args.clients, requests=args.requests, hostile=args.hostile)
+            results["load"].append(load_run(load_args, settings, load, ray_replicas=args.ray))
             log.info("max batch %d: %s", max_batch, results["load"][-1])
     if "soak" in args.parts and args.soak:
-        results["soak"] = soak(load_args, Settings(max_batch=8, max_queue=64), args.soak, sizes=(64, 96, 128))
+        results["soak"] = soak(load_args, Settings(max_batch=8, max_queue=64, **hostile_limits), args.soak,
+                               sizes=(64, 96, 128), hostile=args.hostile)
         log.info("soak: %s", results["soak"])
     if "overhead" in args.parts:
         # last: the large edits leave onnxruntime's CPU arena grown, which would inflate the soak's baseline.

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmarks.hostile import Attacker, attack_summary, server_errors
 from engine.images import encode_image
 from engine.pipeline import EditPipeline
 from engine.serving.jobs import Settings
@@ -41,6 +42,7 @@ class Load:
     requests: int = 300
     steps: int = 20
     sizes: tuple[int, ...] = (64,)  # input sides, cycled over requests
+    hostile: int = 0  # hostile clients (benchmarks/hostile.py) beside the edit clients, until those are done
 
 
 def example_png(size: int, fmt: str = "png") -> bytes:
@@ -63,7 +65,9 @@ def serve_process(load_args: dict, settings: Settings, ray_replicas: int | None 
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "ip2p.cli", "-q", "serve", load_args["model"], "--port", str(port),
                "--max-batch", str(settings.max_batch), "--batch-wait-ms", str(settings.batch_wait_ms),
-               "--max-queue", str(settings.max_queue), "--max-resolution", str(settings.max_resolution)]
+               "--max-queue", str(settings.max_queue), "--max-resolution", str(settings.max_resolution),
+               "--max-held-mb", f"{settings.max_held_bytes / 2**20:g}", "--read-timeout", f"{settings.read_timeout:g}",
+               "--max-connections", str(settings.max_connections)]
     for flag in ("backend", "dtype"):
         if load_args.get(flag):
             command += [f"--{flag}", load_args[flag]]
@@ -99,8 +103,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def drive(url: str, load: Load, pngs: dict[int, bytes], progress: bool = True) -> dict:
-    """``load.requests`` edits from ``load.clients`` concurrent clients, seed = request index. Returns statuses,
-    latencies and the answers (PNG bytes by seed)."""
+    """``load.requests`` edits from ``load.clients`` concurrent clients, seed = request index, and
+    ``load.hostile`` hostile clients beside them until they are done. Returns statuses, latencies, the answers
+    (PNG bytes by seed), the hostile requests' answers by kind, and the server's resident memory before and
+    after (its own metric)."""
+
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(load.requests):
         queue.put_nowait(i)
@@ -127,11 +134,27 @@ async def drive(url: str, load: Load, pngs: dict[int, bytes], progress: bool = T
                     answers[i] = response.content
                 bar.update()
 
+        attackers = [Attacker(url, Image.open(io.BytesIO(pngs[load.sizes[0]])).convert("RGB"), seed=i)
+                     for i in range(load.hostile)]
+        stop = asyncio.Event()
+        rss_before = await server_rss_mb(client, url)
         start = time.perf_counter()
+        attacks = [asyncio.ensure_future(attacker.run(client, stop)) for attacker in attackers]
         await asyncio.gather(*(one_client() for _ in range(load.clients)))
         wall = time.perf_counter() - start
+        stop.set()
+        await asyncio.gather(*attacks)
+        rss_after = await server_rss_mb(client, url)
     bar.close()
-    return dict(wall_s=wall, statuses=statuses, latencies=latencies, answers=answers)
+    return dict(wall_s=wall, statuses=statuses, latencies=latencies, answers=answers,
+                hostile=attack_summary(attackers), server_rss_mb=[rss_before, rss_after])
+
+
+async def server_rss_mb(client: httpx.AsyncClient, url: str) -> float:
+    """The server process's resident memory from its /metrics (``process_resident_memory_bytes``)."""
+    text = (await client.get(f"{url}/metrics")).text
+    line = next((line for line in text.splitlines() if line.startswith("process_resident_memory_bytes")), None)
+    return float(line.split()[1]) / 2**20 if line else float("nan")
 
 
 def check_pixels(pipe: EditPipeline, load: Load, pngs: dict[int, bytes], answers: dict[int, bytes]) -> tuple[int, int]:
@@ -164,6 +187,7 @@ def load_run(load_args: dict, settings: Settings, load: Load, verify: bool = Tru
     latencies = result.pop("latencies")
     answers = result.pop("answers")
     summary = dict(max_batch=settings.max_batch, ray_replicas=ray_replicas, clients=load.clients,
+                   hostile_clients=load.hostile, hostile=result["hostile"], server_rss_mb=result["server_rss_mb"],
                    requests=load.requests, steps=load.steps, sizes=list(load.sizes), wall_s=result["wall_s"],
                    statuses=result["statuses"], throughput_per_s=len(answers) / result["wall_s"],
                    p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99), mean_s=statistics.fmean(latencies))
@@ -251,17 +275,25 @@ def uncontended(load_args: dict, size: int, steps: int, repeats: int = 20, fmt: 
                 **{f"{stage}_p50_ms": percentile(values, 50) * 1000 for stage, values in stages.items()})
 
 
-def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...]) -> dict:
-    """Resident memory after warm-up against after ``edits`` more edits of mixed sizes."""
+def soak(load_args: dict, settings: Settings, edits: int, sizes: tuple[int, ...], hostile: int = 0) -> dict:
+    """Resident memory after warm-up against after ``edits`` more edits of mixed sizes (with ``hostile``
+    hostile clients beside them)."""
     pngs = {size: example_png(size) for size in sizes}
     service = local_service(load_args, settings)
     with background_server(service) as url:
         asyncio.run(drive(url, Load(clients=8, requests=50, sizes=sizes), pngs, progress=False))
         before = rss_mb()
-        result = asyncio.run(drive(url, Load(clients=8, requests=edits, sizes=sizes), pngs))
+        result = asyncio.run(drive(url, Load(clients=8, requests=edits, sizes=sizes, hostile=hostile), pngs))
         after = rss_mb()
     return dict(edits=edits, sizes=list(sizes), rss_after_warmup_mb=before, rss_after_mb=after,
-                growth_pct=100 * (after - before) / before, statuses=result["statuses"])
+                growth_pct=100 * (after - before) / before, statuses=result["statuses"], hostile_clients=hostile,
+                hostile=result["hostile"], max_held_mb=settings.max_held_bytes / 2**20)
+
+
+def attacks_text(summary: dict[str, dict[str, int]]) -> str:
+    """``bomb 12 x 400; big_job 3 x 202, 9 x 429; ...``"""
+    return "; ".join(f"{kind} " + ", ".join(f"{n} x {status}" for status, n in counts.items())
+                     for kind, counts in summary.items() if counts)
 
 
 def differing(run: dict) -> str:
@@ -289,6 +321,14 @@ def serving_table(results: dict) -> str:
                      f"{'/'.join(map(str, run['sizes']))} px | {run['requests']} | {answers} | "
                      f"{run['throughput_per_s']:.2f} edits/s | {run['p50_s']:.2f} s | {run['p99_s']:.2f} s | "
                      f"{differing(run)} |")
+    hostile = [run for run in results["load"] if run.get("hostile_clients")]
+    if hostile:
+        lines += ["", "| load run, with hostile clients | hostile requests: answers by kind | 5xx or no answer | "
+                  "server memory before / after |", "|---|---|---:|---:|"]
+        for run in hostile:
+            lines.append(f"| max batch {run['max_batch']}, {run['hostile_clients']} hostile beside {run['clients']} | "
+                         f"{attacks_text(run['hostile'])} | {server_errors(run['hostile'])} | "
+                         f"{run['server_rss_mb'][0]:.0f} / {run['server_rss_mb'][1]:.0f} MB |")
     if len(results["load"]) > 1:
         first = results["load"][0]
         gains = ", ".join(f"max batch {run['max_batch']} {run['throughput_per_s'] / first['throughput_per_s']:.2f}x"
@@ -310,4 +350,8 @@ def serving_table(results: dict) -> str:
         lines += ["", f"Soak: {soak_run['edits']} edits of {'/'.join(map(str, soak_run['sizes']))} px ({answers}): "
                       f"resident memory {soak_run['rss_after_warmup_mb']:.0f} MB after warm-up, "
                       f"{soak_run['rss_after_mb']:.0f} MB after ({soak_run['growth_pct']:+.2f}%)."]
+        if soak_run.get("hostile_clients"):
+            lines[-1] += (f" With {soak_run['hostile_clients']} hostile clients beside it (--max-held-mb "
+                          f"{soak_run['max_held_mb']:g}): {attacks_text(soak_run['hostile'])}; "
+                          f"{server_errors(soak_run['hostile'])} answered 5xx or not at all.")
     return "\n".join(lines)

@@ -90,7 +90,7 @@ class ClipTokenizer:
         for row, text in enumerate(texts):
             tokens = self._tokenizer.encode(text.strip(), add_special_tokens=False).ids
             if len(tokens) > room:
-                log.warning("instruction is %d tokens, over CLIP's %d; the rest is ignored: %r", len(tokens), room,
+                log.warning("instruction is %d tokens, over CLIP's %d; truncated: %r", len(tokens), room,
                             one_line(text, 80))
                 tokens = tokens[:room]
             seq = [self.bos_id, *tokens, self.eos_id]

@@ -97,12 +97,17 @@ def test_serving_overhead_run_measures_the_shipped_bundle():
 def test_serving_load_run_checks_every_answer_against_the_library():
     """``ip2p bench serve``'s load run: ``ip2p serve`` in its own process, concurrent clients, every answer
     compared with the library's edit of its seed (the shipped bundle batches bit for bit)."""
+    from benchmarks.hostile import server_errors
     from benchmarks.serving import Load, differing, load_run
     from engine.pipeline import DEFAULT_BUNDLE
     from engine.serving.jobs import Settings
 
-    run = load_run({"model": str(DEFAULT_BUNDLE)}, Settings(max_batch=2, batch_wait_ms=50),
-                   Load(clients=3, requests=6, steps=2))
-    assert run["statuses"] == {200: 6} and run["throughput_per_s"] > 0
+    run = load_run({"model": str(DEFAULT_BUNDLE)}, Settings(max_batch=2, batch_wait_ms=50, read_timeout=0.5),
+                   Load(clients=3, requests=12, steps=2, hostile=1))
+    assert run["statuses"] == {200: 12} and run["throughput_per_s"] > 0
     assert (run["pixels_differing"], run["largest_difference"]) == (0, 0) and differing(run) == "0"
     assert differing(dict(pixels_differing=70, largest_difference=1)) == "70 (at most 1 level)"
+    hostile = run["hostile"]  # one hostile client beside them: every kind sent, none answered 5xx
+    assert hostile["bomb"] == {"400": sum(hostile["bomb"].values())} and hostile["unknown_path"].keys() == {"404"}
+    assert sum(map(sum, (counts.values() for counts in hostile.values()))) >= 3 and server_errors(hostile) == 0
+    assert run["server_rss_mb"][1] > 0

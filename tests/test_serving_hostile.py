@@ -3,7 +3,6 @@ hold): each defect found by trying the server as an attacker would, a fuzz run, 
 from __future__ import annotations
 
 import base64
-import functools
 import gc
 import io
 import json
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.hostile import blank_png, mutate, sample_files
 from engine.images import encode_image
 from engine.serving.jobs import Job, JobTable, Outcome, QueueFull, Settings, job_config
 from engine.serving.schema import EditParameters
@@ -29,13 +29,6 @@ from tests.serving_server import BUNDLE_LOAD, free_port, local_server, wait_read
 from tests.test_serving import INSTRUCTION, pixels, png_bytes, post_edit
 
 FUZZ = Settings(max_batch=4, batch_wait_ms=5, max_queue=64, max_steps=2, max_resolution=64, timeout=30)
-
-
-@functools.lru_cache(maxsize=None)
-def png_of(width: int, height: int, mode: str = "RGB") -> bytes:
-    data = io.BytesIO()
-    Image.new(mode, (width, height)).save(data, format="PNG")
-    return data.getvalue()
 
 
 def is_refusal(response: httpx.Response, status: int | None = None) -> bool:
@@ -119,7 +112,7 @@ def test_odd_json_is_422(guarded, body, message):
 ])
 def test_an_image_bomb_is_400(guarded, side, message):
     url, _ = guarded
-    response = httpx.post(f"{url}/v1/edits", headers=AUTH, files={"image": ("a.png", png_of(side, side, "1"))},
+    response = httpx.post(f"{url}/v1/edits", headers=AUTH, files={"image": ("a.png", blank_png(side, side, "1"))},
                           data={"instruction": "x"}, timeout=30)
     assert is_refusal(response, 400) and message in response.json()["error"], response.text
 
@@ -135,7 +128,7 @@ def test_resolution_none_obeys_max_resolution(guarded):
         assert response.status_code == status, response.text
     assert "would edit at the image's 256x256" in httpx.post(
         f"{url}/v1/edits", headers=AUTH, data={"instruction": "x", "resolution": "none"},
-        files={"image": ("a.png", png_of(256, 256))}, timeout=30).json()["error"]
+        files={"image": ("a.png", blank_png(256, 256))}, timeout=30).json()["error"]
 
 
 def test_every_error_is_json_with_an_error_field(guarded):
@@ -224,7 +217,7 @@ def test_a_finished_job_keeps_only_its_encoded_answer_and_delete_frees_it():
 
 
 def test_held_images_have_a_byte_budget():
-    upload = png_of(600, 600)  # 1.08 MB decoded
+    upload = blank_png(600, 600)  # 1.08 MB decoded
     with local_server(Settings(max_batch=1, max_held_bytes=1_500_000, max_steps=100_000)) as (url, worker):
         first = httpx.post(f"{url}/v1/jobs", data={"instruction": "x", "steps": "20000"},
                            files={"image": ("a.png", upload)})
@@ -324,41 +317,6 @@ def test_shutdown_answers_503_with_retry_after_and_ends_every_stream(tmp_path):
     assert "Traceback" not in text and "CancelledError" not in text and "stopped" in text
 
 
-FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO", "DDS", "QOI", "JPEG2000", "PCX", "SGI",
-           "IM", "SPIDER", "BLP", "DIB", "ICNS", "MPO")
-
-
-def sample_files() -> list[bytes]:
-    """A small picture in every format this Pillow writes (of ``FORMATS``)."""
-    picture = Image.open(io.BytesIO(png_bytes())).convert("RGB").resize((32, 32))
-    files = []
-    for fmt in FORMATS:
-        data = io.BytesIO()
-        try:
-            (picture.convert("L") if fmt == "SPIDER" else picture).save(data, format=fmt)
-        except (KeyError, OSError, ValueError):  # not writable by this Pillow
-            continue
-        files.append(data.getvalue())
-    return files
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    """A crafted variant: bytes flipped, header fields set to extremes, cut short, or spliced."""
-    data = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        kind = rng.randrange(4)
-        at = rng.randrange(min(len(data), 64)) if kind < 2 else rng.randrange(len(data))
-        if kind == 0:  # header byte flipped
-            data[at] ^= 1 << rng.randrange(8)
-        elif kind == 1:  # a header field set to an extreme
-            data[at : at + 4] = rng.choice([b"\xff\xff\xff\x7f", b"\x00\x00\x00\x00", b"\x00\x00\x01\x00"])
-        elif kind == 2:
-            del data[at:]
-        else:
-            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-    return bytes(data)
-
-
 VALUES = ["", " ", "0", "-1", "1", "2", "64", "none", "auto", "²", "٣", "1e999", "nan", "-inf", "9" * 40, "true", "\x00",
           "é" * 300, "{", "[]", "exact", "fast", "euler", "png", "jpeg", "x" * 3000]
 JSON_VALUES = [None, True, False, 0, -1, 1, 2, 1.5, 1e308, 10**30, "", "auto", [], {}, [[[[]]]], {"a": {"b": 1}}, "x" * 3000]
@@ -391,7 +349,7 @@ def fuzz_request(rng: random.Random, samples: list[bytes], image_b64: str) -> di
 def test_fuzz_every_answer_is_2xx_or_a_json_4xx():
     """Mutated images of every format Pillow writes and random form and JSON fields: never a 5xx."""
     rng = random.Random(0)
-    samples = sample_files()
+    samples = sample_files(Image.open(io.BytesIO(png_bytes())).convert("RGB").resize((32, 32)))
     assert len(samples) >= 12
     image_b64 = base64.b64encode(png_bytes()).decode()
     statuses: dict[int, int] = {}
@@ -422,7 +380,7 @@ def test_resident_memory_stays_within_the_stated_bound_under_hostile_clients():
         with httpx.Client(timeout=60) as client:
             post_edit(url, steps=1)
             baseline = rss_mb(process.pid)
-            big = png_of(4000, 4000)  # 16 megapixels: 48 MB decoded
+            big = blank_png(4000, 4000)  # 16 megapixels: 48 MB decoded
             for _ in range(12):
                 created = client.post(f"{url}/v1/jobs", data={"instruction": "x", "steps": "1"},
                                       files={"image": ("a.png", big)})
@@ -431,7 +389,7 @@ def test_resident_memory_stays_within_the_stated_bound_under_hostile_clients():
             for i in range(2000):
                 client.get(f"{url}/x-{i}")
             for _ in range(30):
-                client.post(f"{url}/v1/edits", data={"instruction": "x"}, files={"image": ("a.png", png_of(30000, 30000, "1"))})
+                client.post(f"{url}/v1/edits", data={"instruction": "x"}, files={"image": ("a.png", blank_png(30000, 30000, "1"))})
             host = ("127.0.0.1", port)
             slow = [socket.create_connection(host) for _ in range(12)]
             for sock in slow:

@@ -1,7 +1,7 @@
 """Prometheus metrics of one service instance, in its own registry (no module-level state)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -12,6 +12,7 @@ class Metrics:
 
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, open fds, CPU seconds (Linux)
         self.requests = Counter("ip2p_requests", "HTTP requests answered", ["route", "status"], registry=self.registry)
         self.request_seconds = Histogram("ip2p_request_seconds", "wall time of a request, by route", ["route"],
                                          buckets=LATENCY_BUCKETS, registry=self.registry)
