@@ -3,6 +3,7 @@ arithmetic run in hardware or are emulated (10-200x slower than float32, measure
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 # x86: AVX-512 BF16 (Zen 4, Cooper Lake and later) or AMX; Arm: the bf16 extension (Armv8.6)
@@ -42,3 +43,31 @@ def cpu_precision(dtype: str, flags: frozenset[str] | None = None) -> tuple[str,
     wanted = {"bfloat16": "AVX-512 BF16 or AMX", "float16": "AVX-512 FP16 or AMX-FP16"}.get(dtype, "")
     return "float32", (f"{dtype} is emulated on this CPU (no {wanted}), several times slower than float32 "
                        f"(up to 200x measured); running in float32 instead")
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads share a core's FPUs; ORT runs best on one
+    thread per core)."""
+    try:
+        cores = set()
+        physical = core = None
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    physical = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((physical, core))
+        count = len(cores)
+    except OSError:
+        count = 0
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(count or available, available))
+
+
+def default_threads() -> int:
+    """Intra-op threads of the bundle runtimes (onnxruntime, OpenVINO) when none are asked for: $OMP_NUM_THREADS
+    where set (torch reads it too, and Ray sets it to each replica's CPUs: two replicas on 2 cores each spinning 2
+    threads edited at half the throughput), else one per physical core."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else physical_cores()

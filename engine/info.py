@@ -78,7 +78,22 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(f"{name}: {entry['precision']}, {size / 1e6:.1f} MB, inputs "
                      + ", ".join(f"{t['name']} {tuple(t['dims'])}" for t in entry["inputs"]))
     lines += _scheduler_lines(bundle.model)
+    lines.append(runtime_line(bundle))
     return "\n".join(lines)
+
+
+def runtime_line(bundle: Bundle, device: str = "cpu") -> str:
+    """Which runtime runs ``bundle`` here when none is named, in which precision, and why."""
+    from engine.backends import bundle_runtime
+
+    backend, why = bundle_runtime(bundle.format, device)
+    precision = bundle.manifest["precision"]
+    if backend == "openvino":
+        from engine.backends.openvino_backend import choose_precision
+
+        precision = choose_precision(None)
+        why += "; bfloat16 where the CPU computes it natively, else float32"
+    return f"runtime here: {backend} in {precision} on {device} ({why})"
 
 
 def _scheduler_lines(model) -> list[str]:

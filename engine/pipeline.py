@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from engine import images as imaging
-from engine.backends import BUNDLE_BACKENDS, BUNDLE_RUNTIMES, Backend, backend_module
+from engine.backends import BUNDLE_BACKENDS, Backend, backend_module, bundle_runtime
 from engine.caching import FeatureCache, StepCache
 from engine.checkpoints import resolve_model
 from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
@@ -105,19 +105,22 @@ class EditPipeline:
         """Load a diffusers folder, hub id or single .ckpt/.safetensors file with ``backend="torch"``
         (``config`` names the diffusers folder or hub id that supplies a single file's configs and
         tokenizer; ``variant`` picks variant weight files such as fp16), or an exported bundle with
-        ``backend="onnxruntime"``/``"tensorrt"``. ``backend=None`` is the bundle's own runtime for a bundle,
-        else torch. ``dtype`` defaults to float32 for torch and to the bundle's precision for bundles.
+        ``backend="onnxruntime"``/``"openvino"``/``"tensorrt"``. ``backend=None`` is the fastest exact runtime
+        installed for a bundle (``engine.backends.bundle_runtime``: OpenVINO for ONNX on a CPU), else torch. ``dtype`` defaults to float32 for torch and to the bundle's precision for bundles.
         With no ``model``: $IP2P_MODEL, else the shipped shapes model (its ONNX bundle where torch is
         not installed or a bundle backend is asked for)."""
         model = model or os.environ.get(MODEL_ENV) or default_model(backend)
         bundle = read_bundle(model) if is_bundle(model) else None
-        backend = backend or (BUNDLE_RUNTIMES.get(bundle.format, "onnxruntime") if bundle else "torch")
+        if backend is None and bundle is not None:
+            backend, why = bundle_runtime(bundle.format, device)
+            log.info("%s: running on %s (%s)", model, backend, why)
+        backend = backend or "torch"
         module = backend_module(backend)
         options = backend_options or {}
         check_options(module, backend, options)
         if bundle is not None:
             if backend not in BUNDLE_BACKENDS:
-                raise InputError(f"{model}: an exported bundle; run it with backend 'onnxruntime' or 'tensorrt'")
+                raise InputError(f"{model}: an exported bundle; run it with backend {', '.join(BUNDLE_BACKENDS)}")
             runner = module.load(bundle, device=device, dtype=dtype, **options)
             return cls(runner, bundle.model, ClipTokenizer(bundle.tokenizer_dir),
                        null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from engine import EditPipeline, InputError
-from engine.backends.onnxruntime_backend import BoundSession, choose_providers, physical_cores
+from engine.backends.onnxruntime_backend import BoundSession, choose_providers
+from engine.cpu import default_threads, physical_cores
 
 
 def psnr(a, b):
@@ -182,7 +183,7 @@ def test_provider_choice():
 
 def test_threads_follow_omp_num_threads_where_it_is_set(onnx_bundles, monkeypatch):
     """Ray sets $OMP_NUM_THREADS to each replica's CPUs (torch reads it): onnxruntime's sessions follow it."""
-    from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, default_threads
+    from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
     from engine.manifest import read_bundle
 
     for value in ("", "0", "many"):

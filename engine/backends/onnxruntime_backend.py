@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from engine.backends import HostArrays
+from engine.cpu import default_threads
 from engine.errors import InputError
 from engine.manifest import Bundle
 
@@ -51,34 +51,6 @@ def usable_providers(available: Sequence[str], tensorrt_loads: Callable[[], bool
     if "TensorrtExecutionProvider" in available and not tensorrt_loads():
         return [p for p in available if p != "TensorrtExecutionProvider"]
     return list(available)
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (hyper-threads share a core's FPUs; ORT runs best on one
-    thread per core)."""
-    try:
-        cores = set()
-        physical = core = None
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    physical = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((physical, core))
-        count = len(cores)
-    except OSError:
-        count = 0
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(count or available, available))
-
-
-def default_threads() -> int:
-    """Intra-op threads when none are asked for: $OMP_NUM_THREADS where set (torch reads it too, and Ray sets it
-    to each replica's CPUs: two replicas on 2 cores each spinning 2 threads edited at half the throughput),
-    else one per physical core."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
 
 
 def choose_providers(device: str, available: Sequence[str], requested: Sequence[str] | None = None,

@@ -88,8 +88,9 @@ class EditModel:
             groups.setdefault(job.key, []).append(job)
         outcomes: dict[str, object] = {}
         for members in groups.values():
-            for job in members:
-                job.state = "running"
+            members = [job for job in members if job.start()]  # one cancelled meanwhile is answered already
+            if not members:
+                continue
             try:
                 done = await asyncio.get_running_loop().run_in_executor(
                     self._thread, run_batch, self.pipe, members, functools.partial(advance, members))
@@ -97,7 +98,7 @@ class EditModel:
                 done = [err] * len(members)
             outcomes.update((job.id, Cancelled(job.cancel_reason) if job.cancel_reason else outcome)
                             for job, outcome in zip(members, done))
-        return [outcomes[job.id] for job in jobs]
+        return [outcomes.get(job.id, Cancelled(job.cancel_reason or "cancelled")) for job in jobs]
 
     def check_health(self) -> None:
         if self.pipe is None:
