@@ -72,5 +72,12 @@ def versions() -> dict[str, str]:
     import diffusers
     import onnxruntime
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version()}
+    found = {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnxruntime": onnxruntime.__version__,
+             "python": platform.python_version()}
+    try:
+        import openvino
+
+        found["openvino"] = openvino.get_version().split("-")[0]
+    except ImportError:
+        pass
+    return found
