@@ -78,7 +78,7 @@ def test_bundles_cache_steps_as_torch_does(onnx_bundles, tiny_model):
 
     image = random_images(1, height=64, width=64)[0]
     kwargs = dict(steps=4, seed=1, output_type="np", resolution=None, cache_interval=2)
-    bundle = EditPipeline.from_pretrained(onnx_bundles["fp32"], progress=False)
+    bundle = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", progress=False)
     torch_pipe = EditPipeline.from_pretrained(tiny_model, progress=False)
     got, want = bundle.edit(image, "x", **kwargs), torch_pipe.edit(image, "x", **kwargs)
     np.testing.assert_allclose(got.images, want.images, atol=1e-4)

@@ -132,7 +132,8 @@ def test_text_embeddings_are_cached(ort_pipes, rgb_image):
     ("spin_after_run", False, "session.force_spinning_stop", "1"),
     ("spin_after_run", True, "session.force_spinning_stop", "0")])
 def test_spin_sets_whether_idle_cpu_threads_busy_wait(onnx_bundles, ort_pipes, rgb_image, option, value, key, entry):
-    pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend_options={option: value}, progress=False)
+    pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", backend_options={option: value},
+                                        progress=False)
     options = pipe.backend._sessions["unet"].get_session_options()
     assert options.get_session_config_entry(key) == entry
     edit = dict(image=rgb_image, instruction="make it blue", steps=2, seed=0)
@@ -141,7 +142,7 @@ def test_spin_sets_whether_idle_cpu_threads_busy_wait(onnx_bundles, ort_pipes, r
 
 
 def test_backend_and_model_kind_must_agree(onnx_bundles, tiny_model):
-    with pytest.raises(InputError, match="run it with backend 'onnxruntime' or 'tensorrt'"):
+    with pytest.raises(InputError, match="run it with backend onnxruntime, openvino, tensorrt"):
         EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="torch")
     with pytest.raises(InputError, match="export it first"):
         EditPipeline.from_pretrained(tiny_model, backend="onnxruntime")

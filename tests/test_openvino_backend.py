@@ -115,7 +115,7 @@ def test_bfloat16_keeps_a_float32_decoder_for_the_overflow_fallback(onnx_bundles
 def test_the_default_for_a_bundle_on_a_cpu_is_openvino(onnx_bundles, caplog):
     assert bundle_runtime("onnx", "cpu")[0] == "openvino"
     assert bundle_runtime("onnx", "cuda")[0] == "onnxruntime" and bundle_runtime("tensorrt", "cuda")[0] == "tensorrt"
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="engine"):
         pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], progress=False)
     assert isinstance(pipe.backend, OpenVinoBackend) and "running on openvino" in caplog.text
 

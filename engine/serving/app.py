@@ -185,18 +185,19 @@ async def read_edit(request: Request, service) -> tuple:
     return data, parse_parameters(fields)
 
 
-async def decode_upload(data: bytes, service):
-    """The upload as an RGB image, decoded while its bytes are reserved in the service's budget (QueueFull when
-    they do not fit); BadImage naming the problem."""
+async def submit_upload(data: bytes, params, service) -> Job:
+    """The upload decoded to RGB and queued, its bytes reserved in the service's budget from before the decode
+    until the job counts them itself (QueueFull when they do not fit); BadImage naming a bad image."""
     try:
         opened = open_encoded(data, service.settings.max_pixels, "image")
     except InputError as err:
         raise BadImage(str(err)) from None
     with service.jobs.room_for(opened.width * opened.height * 3):  # RGB, as the job will hold it
         try:
-            return await off_loop(opened.format, opened.width * opened.height, decode_opened, opened, "image")
+            image = await off_loop(opened.format, opened.width * opened.height, decode_opened, opened, "image")
         except InputError as err:
             raise BadImage(str(err)) from None
+        return service.submit(image, params)
 
 
 async def off_loop(fmt: str | None, pixels: int, work, *args):
@@ -324,9 +325,7 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         start = time.perf_counter()
         try:
             data, params = await read_edit(request, service)
-            image = await decode_upload(data, service)
-            read_s = time.perf_counter() - start
-            job = service.submit(image, params)
+            job = await submit_upload(data, params, service)
         except BadImage as err:
             return error(400, str(err))
         except InputError as err:
@@ -335,8 +334,8 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
             return error(429, str(err), {"Retry-After": str(err.retry_after)})
         except Unavailable as err:
             return error(503, str(err), {"Retry-After": "5"})
-        job.timings["read"] = read_s
-        service.metrics.stage_seconds.labels("read").observe(read_s)
+        job.timings["read"] = time.perf_counter() - start  # parsed, decoded and queued
+        service.metrics.stage_seconds.labels("read").observe(job.timings["read"])
         return job
 
     @app.post("/v1/edits")
