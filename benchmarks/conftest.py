@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("IP2P_BENCH_CACHE", Path.home() / ".cache" / "ip2p" / "bench"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# variants of a backend between its name and precision: "kv2" token downsampling (kv_downsample=2, approximate
-# by design), "compile" the UNet through torch.compile, "graph" onnxruntime's CUDA graphs (static bundles only),
-# a preset name (balanced, fast: the edit stage runs that preset)
-CPU_BACKENDS = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-compile-bf16", "torch-kv2-bf16",
-                "torch-kv2-compile-bf16", "onnxruntime-fp32", "onnxruntime-fp16", "torch-balanced-bf16",
-                "torch-fast-bf16", "onnxruntime-fast-fp32")
+# variants of a backend between its name and precision: "cl" channels-last UNet and VAE (diffusers' best CPU
+# setting, with bf16 where native), "kv2" token downsampling (kv_downsample=2, approximate by design), "compile"
+# the UNet through torch.compile, "graph" onnxruntime's CUDA graphs (static bundles only), a preset name
+# (balanced, fast: the edit stage runs that preset)
+CPU_BACKENDS = ("diffusers-fp32", "diffusers-cl-bf16", "torch-fp32", "torch-bf16", "torch-compile-bf16",
+                "torch-kv2-bf16", "torch-kv2-compile-bf16", "onnxruntime-fp32", "onnxruntime-fp16",
+                "torch-balanced-bf16", "torch-fast-bf16", "onnxruntime-fast-fp32", "openvino-bf16",
+                "openvino-fast-bf16")
 GPU_BACKENDS = ("diffusers-fp16", "torch-fp32", "torch-fp16", "torch-compile-fp16", "torch-kv2-fp16",
                 "onnxruntime-fp16", "onnxruntime-graph-fp16", "tensorrt-fp16", "torch-balanced-fp16",
                 "torch-fast-fp16", "onnxruntime-fast-fp16")
@@ -131,7 +133,7 @@ class Systems:
         name, *variants, precision = backend.split("-")
         if name == "diffusers":
             return DiffusersRunner(self.model_dir(kind), self.device, getattr(torch, DTYPES[precision]),
-                                   self.edit_steps)
+                                   self.edit_steps, channels_last="cl" in variants)
         preset = preset_of(backend) or "exact"
         variants = [v for v in variants if v not in PRESETS]
         if name == "torch":
@@ -158,6 +160,14 @@ class Systems:
             bundle = self.bundle_dir(kind, precision)
             return EngineRunner(EditPipeline.from_pretrained(bundle, backend="onnxruntime", device=self.device,
                                                              progress=False, backend_options=options),
+                                self.edit_steps, preset)
+        if name == "openvino":  # the fp32 bundle, computed in bf16 where the CPU has it natively
+            from engine.cpu import native_dtype
+
+            if precision == "bf16" and not native_dtype("bfloat16"):
+                pytest.skip("bfloat16 is emulated on this CPU: OpenVINO runs float32 here (openvino-fp32)")
+            return EngineRunner(EditPipeline.from_pretrained(self.bundle_dir(kind, "fp32"), backend="openvino",
+                                                             dtype=DTYPES[precision], progress=False),
                                 self.edit_steps, preset)
         if name == "tensorrt":
             pytest.skip("TensorRT bundles are benchmarked where TensorRT is installed: export with --format tensorrt")

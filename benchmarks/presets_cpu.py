@@ -3,8 +3,9 @@
 
 One timed run of each after a 1-step warm-up (an sd15 edit takes minutes on a small CPU); the pytest
 suite (``pytest benchmarks``) repeats its cases, this script answers one question quickly. The presets run
-on the torch backend in ``--dtype`` and on onnxruntime's CPU provider with the fp32 bundle. The random-weight
-sd15 model and its bundle are built once in the benchmark cache when no model is given.
+on the torch backend in ``--dtype``, and on onnxruntime's CPU provider and OpenVINO (where installed) with the
+fp32 bundle. The random-weight sd15 model and its bundle are built once in the benchmark cache when no model is
+given.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.hardware import cpu_capability, device_name
+from engine.extras import available
 
 log = logging.getLogger(__name__)
 PROMPT = "make it snowy"
@@ -43,13 +45,14 @@ def time_diffusers(model: Path, photo: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def time_presets(model: Path, photo: np.ndarray, dtype: str | None, combinations: dict[str, dict]) -> dict[str, dict]:
+def time_presets(model: Path, photo: np.ndarray, dtype: str | None, combinations: dict[str, dict],
+                 backend: str | None = None) -> dict[str, dict]:
     """Seconds, UNet rows and work of each preset's edit (and of ``combinations``) on ``model``: a model folder
-    (torch, in ``dtype``) or a bundle (its own runtime and precision)."""
+    (torch, in ``dtype``) or a bundle (``backend``, in ``dtype`` or its default precision)."""
     from engine import EditPipeline
     from engine.presets import PRESETS
 
-    pipe = EditPipeline.from_pretrained(model, dtype=dtype, progress=False)
+    pipe = EditPipeline.from_pretrained(model, backend=backend, dtype=dtype, progress=False)
     pipe.edit(photo, PROMPT, steps=1, seed=0, resolution=512)  # warm-up
     out = {}
     for name, settings in {**{p: dict(preset=p) for p in PRESETS}, **combinations}.items():
@@ -83,8 +86,11 @@ def main() -> None:
     if not (args.no_onnxruntime or args.model):  # the cached model's fp32 bundle (no split UNet: presets only)
         import onnxruntime
 
+        bundle = systems.bundle_dir("sd15", "fp32")
         results["onnxruntime"] = onnxruntime.__version__
-        results["engine-onnxruntime-fp32"] = time_presets(systems.bundle_dir("sd15", "fp32"), photo, None, {})
+        results["engine-onnxruntime-fp32"] = time_presets(bundle, photo, None, {}, backend="onnxruntime")
+        if available("openvino"):  # the default for a bundle on a CPU: bf16 where native
+            results["engine-openvino"] = time_presets(bundle, photo, None, {}, backend="openvino")
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 

@@ -87,12 +87,16 @@ class EngineRunner:
 class DiffusersRunner:
     """diffusers' pipeline and its modules, called as its pipeline calls them."""
 
-    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, edit_steps: int):
+    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, edit_steps: int, channels_last: bool = False):
+        """``channels_last``: the UNet and VAE in channels-last memory format (diffusers' advice for CPUs)."""
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
             model_dir, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
         ).to(device)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.device, self.dtype, self.edit_steps = pipe, device, dtype, edit_steps

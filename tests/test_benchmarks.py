@@ -28,14 +28,16 @@ def test_suite_collects_quick_and_full_sets(tmp_path):
     assert "test_stage[sd15-512-unet_step-torch-kv2-bf16]" in quick.stdout
     assert "test_stage[sd15-512-edit-torch-fast-bf16]" in quick.stdout  # every CPU backend times the whole edit
     assert "test_stage[sd15-512-edit-onnxruntime-fp32]" in quick.stdout
+    assert "test_stage[sd15-512-unet_step-openvino-bf16]" in quick.stdout  # the CPU's limit beside the peers
+    assert "test_stage[sd15-512-edit-openvino-fast-bf16]" in quick.stdout
     assert "unet_step-torch-fast-bf16" not in quick.stdout  # a preset changes only the edit
     assert full.stdout.count("test_stage[") > quick.stdout.count("test_stage[")
 
 
 def test_one_tiny_case_runs_and_reports(tmp_path):
     results = tmp_path / "results.json"
-    done = run_pytest(["--benchmark-only", "-k", "tiny-64-text_encode-diffusers or tiny-64-text_encode-torch-fp32 "
-                       "or tiny-64-edit-diffusers or tiny-64-edit-torch-bf16 or tiny-64-edit-torch-fast-bf16",
+    done = run_pytest(["--benchmark-only", "-k", "tiny-64-text_encode-diffusers-fp32 or tiny-64-text_encode-torch-fp32 "
+                       "or tiny-64-edit-diffusers-fp32 or tiny-64-edit-torch-bf16 or tiny-64-edit-torch-fast-bf16",
                        f"--benchmark-json={results}", "-q"],
                       tmp_path)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -203,7 +203,8 @@ def test_a_finished_job_keeps_only_its_encoded_answer_and_delete_frees_it():
         job_id = httpx.post(f"{url}/v1/jobs", data={"instruction": INSTRUCTION, "seed": "2", "steps": "3"},
                             files={"image": ("a.png", data.getvalue())}).json()["id"]
         job = worker.get(job_id)
-        wait_for(lambda: job.state == "succeeded" and list(job.encoded) == ["png"] and job.future.result().image is None)
+        wait_for(lambda: job.state == "succeeded" and list(job.encoded) == ["png"]
+                 and job.future.result().image is None)
         assert job.image is None and worker.jobs.held_bytes() == len(job.encoded["png"]) < 3_000_000 // 100
         png = httpx.get(f"{url}/v1/jobs/{job_id}/image").content
         jpeg = httpx.get(f"{url}/v1/jobs/{job_id}/image", headers={"Accept": "image/jpeg"})
@@ -317,9 +318,10 @@ def test_shutdown_answers_503_with_retry_after_and_ends_every_stream(tmp_path):
     assert "Traceback" not in text and "CancelledError" not in text and "stopped" in text
 
 
-VALUES = ["", " ", "0", "-1", "1", "2", "64", "none", "auto", "²", "٣", "1e999", "nan", "-inf", "9" * 40, "true", "\x00",
-          "é" * 300, "{", "[]", "exact", "fast", "euler", "png", "jpeg", "x" * 3000]
-JSON_VALUES = [None, True, False, 0, -1, 1, 2, 1.5, 1e308, 10**30, "", "auto", [], {}, [[[[]]]], {"a": {"b": 1}}, "x" * 3000]
+VALUES = ["", " ", "0", "-1", "1", "2", "64", "none", "auto", "²", "٣", "1e999", "nan", "-inf", "9" * 40, "true",
+          "\x00", "é" * 300, "{", "[]", "exact", "fast", "euler", "png", "jpeg", "x" * 3000]
+JSON_VALUES = [None, True, False, 0, -1, 1, 2, 1.5, 1e308, 10**30, "", "auto", [], {}, [[[[]]]], {"a": {"b": 1}},
+               "x" * 3000]
 FIELDS = ["instruction", "steps", "text_guidance", "image_guidance", "sampler", "seed", "resolution", "preset",
           "output_format", "extra", "image"]
 
@@ -389,11 +391,13 @@ def test_resident_memory_stays_within_the_stated_bound_under_hostile_clients():
             for i in range(2000):
                 client.get(f"{url}/x-{i}")
             for _ in range(30):
-                client.post(f"{url}/v1/edits", data={"instruction": "x"}, files={"image": ("a.png", blank_png(30000, 30000, "1"))})
+                client.post(f"{url}/v1/edits", data={"instruction": "x"},
+                            files={"image": ("a.png", blank_png(30000, 30000, "1"))})
             host = ("127.0.0.1", port)
             slow = [socket.create_connection(host) for _ in range(12)]
             for sock in slow:
-                sock.sendall(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 1_000_000)
+                sock.sendall(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"
+                             + b"a" * 1_000_000)
             time.sleep(1.5)
             for sock in slow:
                 sock.close()

@@ -70,9 +70,9 @@ class HostArrays:
 
 def bundle_runtime(bundle_format: str, device: str) -> tuple[str, str]:
     """(the backend that runs a bundle of ``bundle_format`` on ``device`` when none is named, why). The rule,
-    confirmed by the benchmarks (docs/export.md): on a CPU, OpenVINO where it is installed (a 3-row sd15 UNet
-    call at 512x512 in bfloat16 1.7-2x faster than onnxruntime on the same file; as fast in float32), else
-    onnxruntime; on a GPU, onnxruntime (its CUDA and TensorRT providers); a TensorRT bundle, TensorRT."""
+    confirmed by ``benchmarks/cpu_limit.py`` (docs/export.md): on a CPU, OpenVINO where it is installed (a 3-row
+    sd15 UNet call at 512x512 1.98x faster than onnxruntime on the same file in bfloat16, 1.05x in float32),
+    else onnxruntime; on a GPU, onnxruntime (its CUDA and TensorRT providers); a TensorRT bundle, TensorRT."""
     from engine.extras import available
 
     if bundle_format == "tensorrt":

@@ -419,7 +419,8 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
                 state = (view.state, view.position, view.steps_done)
                 if state != last:
                     last, quiet = state, 0.0
-                    yield f"event: {'done' if view.state in FINISHED else 'progress'}\ndata: {view.model_dump_json()}\n\n"
+                    event = "done" if view.state in FINISHED else "progress"
+                    yield f"event: {event}\ndata: {view.model_dump_json()}\n\n"
                     if view.state in FINISHED:
                         return
                 elif quiet >= KEEPALIVE_S:
