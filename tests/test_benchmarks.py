@@ -113,3 +113,12 @@ def test_serving_load_run_checks_every_answer_against_the_library():
     assert hostile["bomb"] == {"400": sum(hostile["bomb"].values())} and hostile["unknown_path"].keys() == {"404"}
     assert sum(map(sum, (counts.values() for counts in hostile.values()))) >= 3 and server_errors(hostile) == 0
     assert run["server_rss_mb"][1] > 0
+
+
+def test_report_takes_ratios_to_diffusers_best_cpu_setting_where_it_ran():
+    rows = [dict(model="sd15", resolution=512, stage="unet_step", backend=backend, baseline="diffusers-fp32",
+                 median_s=seconds) for backend, seconds in (("diffusers-fp32", 14.0), ("diffusers-cl-bf16", 8.0),
+                                                            ("openvino-bf16", 6.0))]
+    table = markdown(rows, {})
+    assert "6.00 s (0.43x, 0.75x best)" in table and "14.00 s (1.00x, 1.75x best)" in table
+    assert "best" not in markdown([r for r in rows if r["backend"] != "diffusers-cl-bf16"], {}).split("\n", 2)[2]
