@@ -28,7 +28,7 @@ from starlette.routing import Match
 from engine.errors import InputError, one_line
 from engine.images import OUTPUT_FORMATS, decode_opened, encode_image, open_encoded
 from engine.serving.jobs import FINISHED, Job, QueueFull, Unavailable
-from engine.serving.schema import EditOutput, JobView, decode_base64, parse_parameters
+from engine.serving.schema import EditOutput, EditParameters, JobView, decode_base64, parse_parameters
 
 log = logging.getLogger("engine.serving")
 OPEN_PATHS = ("/healthz", "/readyz", "/")  # answered without the API key
@@ -185,7 +185,7 @@ async def read_edit(request: Request, service) -> tuple:
     return data, parse_parameters(fields)
 
 
-async def submit_upload(data: bytes, params, service) -> Job:
+async def submit_upload(data: bytes, params: EditParameters, service) -> Job:
     """The upload decoded to RGB and queued, its bytes reserved in the service's budget from before the decode
     until the job counts them itself (QueueFull when they do not fit); BadImage naming a bad image."""
     try:
@@ -242,7 +242,7 @@ async def keep_encoded(job: Job, service) -> None:
     named one), and only those bytes kept."""
     try:
         await asyncio.wrap_future(job.future)
-    except BaseException:  # noqa: BLE001 - a failed or cancelled job holds no image
+    except Exception:  # noqa: BLE001 - a failed or cancelled job holds no image
         return
     fmt = job.params.output_format or "png"
     job.keep_encoded(fmt, await encoded(job, service, fmt))

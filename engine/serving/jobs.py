@@ -271,6 +271,6 @@ class Settings:
     max_results: int = 256
     max_held_bytes: int = 1024 * 2**20  # images held by queued and finished jobs; 429 past it
     read_timeout: float = 30.0  # seconds a client may take to send a request body; 408 past it
-    max_connections: int = 256  # open connections; 503 past it (uvicorn's limit_concurrency)
+    max_connections: int = 256  # requests in progress (each holds a connection), health checks exempt; 503 past it
     drain_timeout: float = 30.0  # seconds queued work may take to finish on shutdown
     api_key: str | None = field(default=None, repr=False)

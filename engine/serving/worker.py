@@ -162,7 +162,7 @@ class EditWorker:
             return batch
 
     def _drop_dead(self) -> None:
-        """Finish queued jobs that were cancelled or ran out of time (caller holds the lock)."""
+        """Take cancelled and timed-out jobs out of the queue (cancelling answers them; caller holds the lock)."""
         for job in list(self._queue):
             job.cancel_if_expired()
             if job.cancel_reason is not None:
