@@ -115,6 +115,22 @@ class Systems:
                                                                     profile=bundle_profile(kind)))
         return path
 
+    def int8_bundle_dir(self, kind: str) -> Path:
+        """The fp32 bundle with its UNet quantized by ``ip2p quantize``, calibrated on a few synthetic edits (the
+        random-weight models' pictures mean nothing: this bundle is for speed only)."""
+        from engine.manifest import is_bundle
+        from export.quantize import Calibration, quantize_bundle
+        from training.synthetic import generate
+
+        path, data = self.cache / f"{kind}-openvino-int8", self.cache / "calibration"
+        if not is_bundle(path):
+            if not (data / "metadata.jsonl").is_file():
+                generate(data, 8, seed=5, progress=False)
+            log.warning("quantizing the %s bundle to %s (once)", kind, path)
+            quantize_bundle(self.bundle_dir(kind, "fp32"), path, Calibration(data, edits=2, steps=4, samples=8),
+                            force=True)
+        return path
+
     def runner(self, kind: str, backend: str):
         """The system for (model, backend). Building one drops the model's other systems except the float32
         torch reference: six sd15 systems at once (3.4 GB each in float32) overflow a 24 GiB machine."""
@@ -220,7 +236,7 @@ def edit_psnr(out: Any, ref: np.ndarray) -> float | None:
     """PSNR in dB of edited images (float, [0, 1]) against the reference's for the same seed."""
     if not isinstance(out, np.ndarray) or out.shape != ref.shape:
         return None
-    from engine.images import psnr
+    from training.evaluation import psnr
 
     return psnr(out, ref, peak=1.0)
 

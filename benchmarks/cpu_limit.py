@@ -5,7 +5,8 @@ of a guided step) and the whole 20-step 512x512 edit, every runtime in its own p
 fp32 ONNX bundle are built once in the benchmark cache (``IP2P_BENCH_CACHE``). Peers: diffusers in float32, in
 bfloat16, and in bfloat16 with channels-last UNet and VAE (its best CPU setting where bf16 is native), and raw
 OpenVINO on the bundle's own ``unet.onnx`` (compiled with nothing but the precision hint): the reference for
-"at the limit". Timings are the best of ``--repeats`` calls after a warm-up.
+"at the limit". The engine also runs the bundle ``ip2p quantize`` makes of it (int8 UNet; opt-in,
+approximate). Timings are the best of ``--repeats`` calls after a warm-up.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ UNET_RUNTIMES = {
     "engine-torch-bf16": "engine, torch backend, bfloat16",
     "engine-onnxruntime": "engine, onnxruntime, the fp32 bundle",
     "engine-default": "engine, the default backend for the fp32 bundle",
+    "engine-int8": "engine, the bundle from ip2p quantize (int8 UNet, OpenVINO)",
     "openvino-raw-f32": "raw OpenVINO on the bundle's unet.onnx, f32",
     "openvino-raw-bf16": "raw OpenVINO on the bundle's unet.onnx, bf16",
 }
@@ -41,6 +43,8 @@ EDIT_RUNTIMES = {
     "diffusers-best": "diffusers, its best CPU setting (bf16 where native, channels-last UNet and VAE)",
     "engine-default": "engine, the default backend for the fp32 bundle, exact",
     "engine-default-fast": "engine, the default backend for the fp32 bundle, preset fast",
+    "engine-int8": "engine, the bundle from ip2p quantize (int8 UNet, OpenVINO), exact",
+    "engine-int8-fast": "engine, the bundle from ip2p quantize (int8 UNet, OpenVINO), preset fast",
 }
 
 
@@ -62,7 +66,7 @@ def best_of(call: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def unet_call(name: str, model: Path, bundle: Path) -> Callable[[], object]:
+def unet_call(name: str, model: Path, bundle: Path, int8: Path) -> Callable[[], object]:
     """A function making one three-row UNet call with runtime ``name``."""
     inputs = unet_inputs(768)
     if name.startswith("diffusers"):
@@ -93,14 +97,15 @@ def unet_call(name: str, model: Path, bundle: Path) -> Callable[[], object]:
     if name == "engine-torch-bf16":
         pipe = EditPipeline.from_pretrained(model, backend="torch", dtype="bfloat16", progress=False)
     else:
-        pipe = EditPipeline.from_pretrained(bundle, backend="onnxruntime" if name == "engine-onnxruntime" else None,
+        chosen = int8 if name == "engine-int8" else bundle
+        pipe = EditPipeline.from_pretrained(chosen, backend="onnxruntime" if name == "engine-onnxruntime" else None,
                                             progress=False)
     backend = pipe.backend
     args = {k: backend.asarray(v) for k, v in inputs.items()}
     return lambda: backend.to_numpy(backend.run("unet", args)["noise_pred"])
 
 
-def edit_call(name: str, model: Path, bundle: Path) -> Callable[[], object]:
+def edit_call(name: str, model: Path, bundle: Path, int8: Path) -> Callable[[], object]:
     """A function making one whole 512x512 edit with runtime ``name`` (20 steps unless the preset says)."""
     photo = (np.random.default_rng(1).random((SIDE, SIDE, 3)) * 255).astype(np.uint8)
     if name.startswith("diffusers"):
@@ -128,33 +133,35 @@ def edit_call(name: str, model: Path, bundle: Path) -> Callable[[], object]:
         return call
     from engine import EditPipeline
 
-    pipe = EditPipeline.from_pretrained(bundle, progress=False)
+    pipe = EditPipeline.from_pretrained(int8 if "int8" in name else bundle, progress=False)
     preset = "fast" if name.endswith("-fast") else "exact"
     return lambda: pipe.edit(photo, PROMPT, seed=0, resolution=SIDE, preset=preset)
 
 
-def measure_one(part: str, name: str, model: Path, bundle: Path, repeats: int) -> dict:
+def measure_one(part: str, name: str, model: Path, bundle: Path, int8: Path, repeats: int) -> dict:
     """Run in the child process: build the runtime, time it."""
     start = time.perf_counter()
-    call = (unet_call if part == "unet" else edit_call)(name, model, bundle)
+    call = (unet_call if part == "unet" else edit_call)(name, model, bundle, int8)
     built = time.perf_counter() - start
     return dict(part=part, name=name, seconds=best_of(call, repeats), build_s=built)
 
 
-def measure_all(parts: list[str], repeats: int, threads: int) -> dict:
+def measure_all(parts: list[str], repeats: int, threads: int, only: list[str] | None = None) -> dict:
     from benchmarks.conftest import CACHE, Systems
     from benchmarks.hardware import cpu_capability, device_name, versions
 
     systems = Systems(CACHE, "cpu")
     model, bundle = systems.model_dir("sd15"), systems.bundle_dir("sd15", "fp32")
+    int8 = systems.int8_bundle_dir("sd15")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     results: dict = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), threads=threads,
                          side=SIDE, rows=ROWS, repeats=repeats, runs=[])
     for part in parts:
         runtimes = UNET_RUNTIMES if part == "unet" else EDIT_RUNTIMES
-        for name in runtimes:
+        for name in (n for n in runtimes if not only or n in only):
             command = [sys.executable, "-m", "benchmarks.cpu_limit", "--one", part, name, "--repeats",
-                       str(repeats if part == "unet" else 1), "--model", str(model), "--bundle", str(bundle)]
+                       str(repeats if part == "unet" else 1), "--model", str(model), "--bundle", str(bundle),
+                       "--int8", str(int8)]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"{part} {name} failed: {done.stderr[-2000:]}")
@@ -191,15 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json", help="results file to write")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runtimes (names as in the table)")
     parser.add_argument("--one", nargs=2, metavar=("PART", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--int8", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(*args.one, args.model, args.bundle, args.repeats)))
+        print(json.dumps(measure_one(*args.one, args.model, args.bundle, args.int8, args.repeats)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = measure_all(args.parts, args.repeats, args.threads)
+    results = measure_all(args.parts, args.repeats, args.threads, args.only)
     if args.json:
         tmp = f"{args.json}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -14,7 +14,7 @@ EXTRA_OF = {  # top-level module -> the extra that installs it
     "huggingface_hub": "torch", "onnx": "torch", "onnxscript": "torch",
     "accelerate": "train", "datasets": "train", "webdataset": "train", "yaml": "train", "bitsandbytes": "train",
     "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt",
-    "ray": "ray",
+    "ray": "ray", "openvino": "openvino", "nncf": "int8",
     "pytest": "dev", "pytest_benchmark": "dev", "matplotlib": "dev",
 }
 

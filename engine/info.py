@@ -69,14 +69,14 @@ def describe_bundle(bundle: Bundle) -> str:
     m = bundle.manifest
     profile = bundle.profile
     lines = [
-        f"bundle: {bundle.folder} ({m['format']}, {m['precision']}, from {m['source']['model']})",
+        f"bundle: {bundle.folder} ({m.format}, {m.precision}, from {m.source.model})",
         f"profile: batch {':'.join(map(str, profile.batch))}, height {':'.join(map(str, profile.height))}, "
         f"width {':'.join(map(str, profile.width))}{' (static)' if profile.static else ''}",
     ]
-    for name, entry in m["components"].items():
-        size = sum(f["bytes"] for f in entry["files"])
-        lines.append(f"{name}: {entry['precision']}, {size / 1e6:.1f} MB, inputs "
-                     + ", ".join(f"{t['name']} {tuple(t['dims'])}" for t in entry["inputs"]))
+    for name, entry in m.components.items():
+        size = sum(f.bytes for f in entry.files)
+        lines.append(f"{name}: {entry.precision}, {size / 1e6:.1f} MB, inputs "
+                     + ", ".join(f"{t.name} {tuple(t.dims)}" for t in entry.inputs))
     lines += _scheduler_lines(bundle.model)
     lines.append(runtime_line(bundle))
     return "\n".join(lines)
@@ -87,11 +87,11 @@ def runtime_line(bundle: Bundle, device: str = "cpu") -> str:
     from engine.backends import bundle_runtime
 
     backend, why = bundle_runtime(bundle.format, device)
-    precision = bundle.manifest["precision"]
+    precision = bundle.manifest.precision
     if backend == "openvino":
         from engine.backends.openvino_backend import choose_precision
 
-        precision = choose_precision(None)
+        precision = choose_precision(None) if precision != "int8" else f"int8 (UNet), {choose_precision(None)}"
         why += "; bfloat16 where the CPU computes it natively, else float32"
     return f"runtime here: {backend} in {precision} on {device} ({why})"
 

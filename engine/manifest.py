@@ -1,21 +1,57 @@
 """The bundle manifest: the one file a runtime reads to know what an exported bundle holds.
 
-Written last (and atomically) by ``export``; read by the ONNX Runtime and TensorRT backends.
+``Manifest`` and its parts below are the one definition of ``manifest.json``: the exporters build a
+``Manifest`` and write its ``to_dict()`` last (and atomically); ``read_bundle`` reads it back with
+``from_dict``, which refuses a missing or unknown key in one line naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Any
 
+from engine import specs
 from engine.config import ModelConfig
 from engine.errors import InputError
 from engine.specs import Profile
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+
+
+class ManifestError(InputError):
+    """A manifest key missing, unknown or of the wrong kind; ``read_bundle`` adds the file's name."""
+
+
+def _object(data: Any, cls: type, where: str) -> dict:
+    """``data`` checked as the JSON object of dataclass ``cls``: every key it needs, none it does not know."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where} is not an object")
+    known = [f.name for f in fields(cls)]
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise ManifestError(f"unknown key {unknown[0]!r} in {where}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+    if missing:
+        raise ManifestError(f"missing key {missing[0]!r} in {where}")
+    return data
+
+
+def _mapping(data: Any, where: str, optional: bool = False) -> dict | None:
+    """``data`` checked as a JSON object of any keys (or, where ``optional``, null)."""
+    if not (isinstance(data, dict) or (optional and data is None)):
+        raise ManifestError(f"{where} is not an object")
+    return data
+
+
+def _list(data: Any, where: str) -> list:
+    if not isinstance(data, list):
+        raise ManifestError(f"{where} is not a list")
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -26,9 +62,275 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def file_entry(folder: Path, path: Path) -> dict:
-    """{"path": relative path, "sha256": ..., "bytes": ...} of one bundle file."""
-    return {"path": path.relative_to(folder).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+@dataclass(frozen=True)
+class FileEntry:
+    """One bundle file: its path relative to the bundle folder, sha256 and size."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "a file entry") -> FileEntry:
+        data = _object(data, cls, where)
+        return cls(data["path"], data["sha256"], data["bytes"])
+
+
+def file_entry(folder: Path, path: Path) -> FileEntry:
+    """The manifest entry of bundle file ``path``, hashed now."""
+    return FileEntry(path.relative_to(folder).as_posix(), sha256_file(path), path.stat().st_size)
+
+
+def _files(data: Any, where: str) -> tuple[FileEntry, ...]:
+    return tuple(FileEntry.from_dict(entry, f"{where}[{i}]") for i, entry in enumerate(_list(data, where)))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One input or output of a component: its spec's name, dtype and dims, and its (min, opt, max) shapes."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+    shapes: tuple[tuple[int, ...], ...]  # (min, opt, max)
+
+    @classmethod
+    def of(cls, tensor: specs.TensorSpec, shapes: tuple[tuple[int, ...], ...]) -> TensorEntry:
+        return cls(tensor.name, tensor.dtype, tuple(tensor.dims), shapes)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
+                "shapes": [list(shape) for shape in self.shapes]}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "a tensor entry") -> TensorEntry:
+        data = _object(data, cls, where)
+        shapes = tuple(tuple(_list(s, f"{where}.shapes")) for s in _list(data["shapes"], f"{where}.shapes"))
+        if len(shapes) != 3:
+            raise ManifestError(f"{where}.shapes is not (min, opt, max)")
+        return cls(data["name"], data["dtype"], tuple(_list(data["dims"], f"{where}.dims")), shapes)
+
+
+def _tensors(data: Any, where: str) -> tuple[TensorEntry, ...]:
+    return tuple(TensorEntry.from_dict(entry, f"{where}[{i}]") for i, entry in enumerate(_list(data, where)))
+
+
+@dataclass(frozen=True)
+class Macs:
+    """Multiply-accumulates of one UNet row, counted at export at the profile's opt latent size."""
+
+    per_row: float
+    latent_size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"per_row": self.per_row, "latent_size": list(self.latent_size)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "macs") -> Macs:
+        data = _object(data, cls, where)
+        return cls(data["per_row"], tuple(_list(data["latent_size"], f"{where}.latent_size")))
+
+
+@dataclass(frozen=True)
+class Component:
+    """One network of the bundle: its files (the runtime's graph or engine first) and tensors."""
+
+    precision: str
+    files: tuple[FileEntry, ...]
+    inputs: tuple[TensorEntry, ...]
+    outputs: tuple[TensorEntry, ...]
+    macs: Macs | None = None  # the UNets only: a row's cost weighs step caching's shallow calls
+    engine_key: str | None = None  # TensorRT bundles: the engine cache's key
+
+    def to_dict(self) -> dict:
+        data = {"precision": self.precision, "files": [f.to_dict() for f in self.files],
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+        if self.macs is not None:
+            data["macs"] = self.macs.to_dict()
+        if self.engine_key is not None:
+            data["engine_key"] = self.engine_key
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "a component") -> Component:
+        data = _object(data, cls, where)
+        macs = Macs.from_dict(data["macs"], f"{where}.macs") if "macs" in data else None
+        files = _files(data["files"], f"{where}.files")
+        return cls(data["precision"], files, _tensors(data["inputs"], f"{where}.inputs"),
+                   _tensors(data["outputs"], f"{where}.outputs"), macs, data.get("engine_key"))
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model a bundle was exported from, and a hash over its weight files."""
+
+    model: str
+    weights_sha256: str
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "weights_sha256": self.weights_sha256}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "source") -> Source:
+        data = _object(data, cls, where)
+        return cls(data["model"], data["weights_sha256"])
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The tokenizer's folder in the bundle and its files."""
+
+    folder: str
+    files: tuple[FileEntry, ...]
+
+    def to_dict(self) -> dict:
+        return {"folder": self.folder, "files": [f.to_dict() for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "tokenizer") -> Tokenizer:
+        data = _object(data, cls, where)
+        return cls(data["folder"], _files(data["files"], f"{where}.files"))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """One exported component against PyTorch at one set of shapes (``export.verify``)."""
+
+    component: str
+    shapes: str
+    max_abs: float
+    max_rel: float
+
+    def to_dict(self) -> dict:
+        return {"component": self.component, "shapes": self.shapes, "max_abs": self.max_abs, "max_rel": self.max_rel}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "verification") -> Verification:
+        data = _object(data, cls, where)
+        return cls(data["component"], data["shapes"], data["max_abs"], data["max_rel"])
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """The edits an int8 UNet was calibrated on (``ip2p quantize``)."""
+
+    data: str
+    edits: int
+    steps: int | None
+    unet_calls: int
+    samples: int | None = None  # the calls NNCF took its statistics from (not recorded by every version)
+
+    def to_dict(self) -> dict:
+        data = {"data": self.data, "edits": self.edits, "steps": self.steps, "unet_calls": self.unet_calls}
+        return data if self.samples is None else data | {"samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "quantization.calibration") -> CalibrationRecord:
+        data = _object(data, cls, where)
+        return cls(data["data"], data["edits"], data["steps"], data["unet_calls"], data.get("samples"))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a bundle's UNet was quantized, on what, and its relative output error on held-back calls."""
+
+    tool: str
+    method: str
+    calibration: CalibrationRecord
+    unet_relative_error: float
+
+    def to_dict(self) -> dict:
+        return {"tool": self.tool, "method": self.method, "calibration": self.calibration.to_dict(),
+                "unet_relative_error": self.unet_relative_error}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "quantization") -> Quantization:
+        data = _object(data, cls, where)
+        calibration = CalibrationRecord.from_dict(data["calibration"], f"{where}.calibration")
+        return cls(data["tool"], data["method"], calibration, data["unet_relative_error"])
+
+
+def _components(data: Any) -> dict[str, Component]:
+    """The components object: every network the engine needs, and only networks it knows."""
+    if not isinstance(data, dict):
+        raise ManifestError("components is not an object")
+    for name in data:
+        try:
+            specs.component_spec(name)
+        except KeyError:
+            raise ManifestError(f"unknown component {name!r} in components") from None
+    missing = [name for name in specs.COMPONENTS if name not in data]
+    if missing:
+        raise ManifestError(f"missing key {missing[0]!r} in components")
+    return {name: Component.from_dict(entry, f"components.{name}") for name, entry in data.items()}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything ``manifest.json`` says: what was exported from what, in which shapes, into which files."""
+
+    format_version: int
+    format: str  # "onnx", "tensorrt", or "openvino" (an ONNX bundle with an int8 OpenVINO IR UNet)
+    precision: str
+    source: Source
+    model: ModelConfig
+    profile: Profile
+    guidance: str  # "loop": the UNet returns all its rows; eq. 3 is applied by the shared loop
+    components: dict[str, Component]
+    null_embedding: FileEntry
+    tokenizer: Tokenizer
+    tools: dict[str, str]  # versions of the tools that made the bundle
+    gpu: dict[str, str] | None  # TensorRT bundles: {"name", "compute_capability"} the engines are for
+    verification: tuple[Verification, ...]
+    quantization: Quantization | None = None
+
+    def files(self) -> list[FileEntry]:
+        """Every file the bundle holds."""
+        return [f for c in self.components.values() for f in c.files] + [*self.tokenizer.files, self.null_embedding]
+
+    def to_dict(self) -> dict:
+        data = {
+            "format_version": self.format_version, "format": self.format, "precision": self.precision,
+            "source": self.source.to_dict(), "model": dataclasses.asdict(self.model),
+            "profile": self.profile.to_dict(), "guidance": self.guidance,
+            "components": {name: c.to_dict() for name, c in self.components.items()},
+            "null_embedding": self.null_embedding.to_dict(), "tokenizer": self.tokenizer.to_dict(),
+            "tools": dict(self.tools), "gpu": None if self.gpu is None else dict(self.gpu),
+            "verification": [v.to_dict() for v in self.verification],
+        }
+        if self.quantization is not None:
+            data["quantization"] = self.quantization.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        """The manifest of JSON object ``data``; ManifestError (one line) for a missing, unknown or malformed key."""
+        try:
+            return cls._parse(_object(data, cls, "the manifest"))
+        except ManifestError:
+            raise
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ManifestError(f"a value of the wrong kind ({err})") from None
+
+    @classmethod
+    def _parse(cls, data: dict) -> Manifest:
+        quantization = data.get("quantization")
+        verification = _list(data["verification"], "verification")
+        return cls(
+            format_version=data["format_version"], format=data["format"], precision=data["precision"],
+            source=Source.from_dict(data["source"]),
+            model=ModelConfig(**_object(data["model"], ModelConfig, "model")),
+            profile=Profile.from_dict(_object(data["profile"], Profile, "profile")), guidance=data["guidance"],
+            components=_components(data["components"]),
+            null_embedding=FileEntry.from_dict(data["null_embedding"], "null_embedding"),
+            tokenizer=Tokenizer.from_dict(data["tokenizer"]), tools=dict(_mapping(data["tools"], "tools")),
+            gpu=_mapping(data["gpu"], "gpu", optional=True),
+            verification=tuple(Verification.from_dict(v, f"verification[{i}]") for i, v in enumerate(verification)),
+            quantization=None if quantization is None else Quantization.from_dict(quantization),
+        )
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -49,71 +351,72 @@ class Bundle:
     """A read, checked bundle: where its files are and what they hold."""
 
     folder: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def format(self) -> str:
-        return self.manifest["format"]
+        return self.manifest.format
 
     @property
     def model(self) -> ModelConfig:
-        return ModelConfig(**self.manifest["model"])
+        return self.manifest.model
 
     @property
     def profile(self) -> Profile:
-        return Profile.from_dict(self.manifest["profile"])
+        return self.manifest.profile
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.folder / self.manifest["tokenizer"]["folder"]
+        return self.folder / self.manifest.tokenizer.folder
 
     @property
     def null_embedding_file(self) -> Path:
-        return self.folder / self.manifest["null_embedding"]["path"]
-
-    @property
-    def all_branches(self) -> bool:
-        """Whether the UNet takes exactly 3B rows, every guidance branch at every step: static ONNX bundles of
-        older exports. Bundles exported now take B to 3B rows (static ones: one CUDA graph or TensorRT profile
-        per row count)."""
-        rows = self.manifest["components"]["unet"]["inputs"][0]["shapes"][0][0]  # min N of the sample input
-        return rows == 3 * self.profile.batch[0]
+        return self.folder / self.manifest.null_embedding.path
 
     def unet_macs(self, name: str) -> float:
         """Multiply-accumulates of one row of UNet component ``name``, counted at export for the profile's
         opt size (the shallow share changes little with size)."""
-        entry = self.manifest["components"][name].get("macs")
-        if entry is None:
+        macs = self.manifest.components[name].macs
+        if macs is None:
             raise InputError(f"{self.folder}: the manifest records no work for {name}; export the bundle again")
-        return float(entry["per_row"])
+        return float(macs.per_row)
 
     def component_file(self, name: str) -> Path:
         """The main file (graph or engine) of component ``name``."""
-        return self.folder / self.manifest["components"][name]["files"][0]["path"]
+        return self.folder / self.manifest.components[name].files[0].path
 
 
-def all_files(manifest: dict) -> list[dict]:
-    entries = [f for c in manifest["components"].values() for f in c["files"]]
-    entries += manifest["tokenizer"]["files"] + [manifest["null_embedding"]]
-    return entries
+def read_manifest(folder: Path) -> Manifest:
+    """``folder/manifest.json``, checked: InputError (one line, naming the file) for anything it cannot read."""
+    path = folder / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{folder}: no {MANIFEST_NAME}; not an exported bundle (or its export did not finish)") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: invalid JSON ({err})") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: bundle format version {version!r}, this engine reads {FORMAT_VERSION}")
+    try:
+        manifest = Manifest.from_dict(data)
+    except ManifestError as err:
+        raise InputError(f"{path}: {err}; export the bundle again with `ip2p export`") from None
+    rows = [t.shapes[0][0] for t in manifest.components[specs.UNET.name].inputs if t.name == "sample"]
+    if manifest.profile.static and rows == [3 * manifest.profile.batch[0]]:
+        raise InputError(f"{path}: a static bundle of an older export, its UNet taking only 3B rows; "
+                         "export it again with `ip2p export`")
+    return manifest
 
 
 def read_bundle(folder: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read ``folder/manifest.json``; with ``verify``, check every listed file's size and sha256."""
     folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{folder}: no {MANIFEST_NAME}; not an exported bundle (or its export did not finish)") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: invalid JSON ({err})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path}: bundle format version {manifest.get('format_version')!r}, this engine reads {FORMAT_VERSION}")
-    for entry in all_files(manifest):
-        file = folder / entry["path"]
+    manifest = read_manifest(folder)
+    for entry in manifest.files():
+        file = folder / entry.path
         if not file.is_file():
             raise InputError(f"{file}: listed in the manifest but missing")
-        if verify and (file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]):
+        if verify and (file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256):
             raise InputError(f"{file}: corrupted (sha256 does not match the manifest); export the bundle again")
     return Bundle(folder=folder, manifest=manifest)

@@ -12,9 +12,9 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,9 +24,11 @@ from engine import specs
 from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, resolve_model
 from engine.config import read_model_config
 from engine.errors import ExportError, InputError
-from engine.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry, sha256_file, write_json_atomic
+from engine.manifest import (FORMAT_VERSION, MANIFEST_NAME, Component, FileEntry, Macs, Manifest, Source, TensorEntry,
+                             Tokenizer, Verification, file_entry, sha256_file, write_json_atomic)
 from engine.specs import Profile
 from export import onnx_export
+from export.staging import prepare_output, staging_folder, swap_into_place
 from export.verify import Check, compare, verify_component
 
 log = logging.getLogger(__name__)
@@ -81,18 +83,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _prepare_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{parent}: output's parent folder does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: not writable")
-
-
 def verification_sizes(profile: Profile, vae_factor: int, text_dim: int, names: list[str],
                        feature: tuple[int, int] | None = None) -> dict[str, list[dict[str, int]]]:
     """Shapes each component of ``names`` is verified at: the profile's opt size and its smallest size (if
@@ -132,14 +122,10 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
                   progress: bool = True) -> tuple[Path, list[Check]]:
     """Export ``model`` (``variant``: its variant weight files, e.g. fp16) to ``out_dir``; returns the bundle
     folder and the verification results."""
-    import torch
-
-    from engine.backends.torch_backend import load_networks, split_modules, unet_macs, wrap_components
-    from engine.backends.unet_split import check_splittable, feature_channels
-    from engine.tokenizer import ClipTokenizer
+    from engine.backends.torch_modules import unet_macs
 
     out = Path(out_dir)
-    _prepare_output(out, options.force)
+    prepare_output(out, options.force)
     if options.format == "tensorrt":
         from export.tensorrt_build import require_tensorrt
 
@@ -147,17 +133,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     source = resolve_model(model, config, variant)
     model_config = read_model_config(source.folder)
     profile = options.profile.check(model_config.downsampling)
-    unet, vae, text_encoder = load_networks(source)
-    modules = wrap_components(unet, vae, text_encoder)
-    component_specs = list(specs.COMPONENTS.values())
-    feature = None
-    if options.step_cache is not None:
-        depth = options.step_cache
-        check_splittable(unet, depth)
-        component_specs += specs.unet_split(depth)
-        modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(depth)}
-        feature = (feature_channels(unet, depth), 2 ** (depth - 1))  # (channels, downscale from the latent)
-    vocab_size = int(text_encoder.config.vocab_size)
+    unet, modules, component_specs, feature, vocab_size = _networks(source, options.step_cache)
     # The UNet's rows N stay dynamic (B to 3B) in static bundles too: ORT captures one CUDA graph per row count
     # (gpu_graph_id), TensorRT builds one optimisation profile per row count; every other axis is fixed there.
     dims = profile.dims(model_config.vae_factor, model_config.text_dim, feature=feature)
@@ -167,9 +143,9 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim, names, feature)
     opt_latent = (profile.height[1] // model_config.vae_factor, profile.width[1] // model_config.vae_factor)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
+    staging = staging_folder(out)
     checks: list[Check] = []
-    components: dict[str, dict] = {}
+    components: dict[str, Component] = {}
     try:
         for spec in tqdm(component_specs, desc="exporting", unit="component", disable=not progress):
             name = spec.name
@@ -182,53 +158,73 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
                 raise
             except Exception as err:
                 raise ExportError(f"{name}: export failed ({type(err).__name__}: {str(err).splitlines()[0]})") from err
-            for check in component_checks:
-                log.debug("verify %s", check)
-            failed = [c for c in component_checks if not c.passed]
-            if failed:
-                raise ExportError(f"{name}: verification failed: {failed[0]}")
-            checks += component_checks
+            checks += _passed(name, component_checks)
             if name == specs.UNET.name or specs.split_of(name):  # a row's cost weighs step caching's shallow calls
-                entry["macs"] = {"per_row": unet_macs(unet, name, opt_latent, model_config.text_dim),
-                                 "latent_size": list(opt_latent)}
+                macs = Macs(unet_macs(unet, name, opt_latent, model_config.text_dim), opt_latent)
+                entry = dataclasses.replace(entry, macs=macs)
             components[name] = entry
-
-        tokenizer_dir = staging / "tokenizer"
-        shutil.copytree(source.folder / "tokenizer", tokenizer_dir)
-        with torch.no_grad():
-            null = modules["text_encoder"](torch.from_numpy(ClipTokenizer(tokenizer_dir)([""])))  # (1, 77, D)
-        np.save(staging / "null_embedding.npy", null.numpy().astype(np.float32))
-
+        tokenizer, null_embedding = _save_text_files(staging, source, modules["text_encoder"])
+        gpu = None
         if options.format == "tensorrt":
             from export.tensorrt_build import build_engines
 
-            gpu = build_engines(staging, components, dims, profile.static)
-        else:
-            gpu = None
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "format": options.format,
-            "precision": options.precision,
-            "source": {"model": str(model), "weights_sha256": weights_hash(source)},
-            "model": dataclasses.asdict(model_config),  # read back as ModelConfig(**...) by the runtime
-            "profile": profile.to_dict(),
-            "guidance": "loop",  # the UNet returns all 3B rows; eq. 3 is applied by the shared loop
-            "components": components,
-            "null_embedding": file_entry(staging, staging / "null_embedding.npy"),
-            "tokenizer": {"folder": "tokenizer",
-                          "files": [file_entry(staging, p) for p in sorted(tokenizer_dir.iterdir())]},
-            "tools": tool_versions(),
-            "gpu": gpu,
-            "verification": [
-                {"component": c.component, "shapes": c.shapes, "max_abs": c.max_abs, "max_rel": c.max_rel}
-                for c in checks
-            ],
-        }
-        write_json_atomic(staging / MANIFEST_NAME, manifest)
-        _swap_into_place(staging, out)
+            components, gpu = build_engines(staging, components, dims, profile.static)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, format=options.format, precision=options.precision,
+            source=Source(str(model), weights_hash(source)), model=model_config, profile=profile,
+            guidance="loop",  # the UNet returns all 3B rows; eq. 3 is applied by the shared loop
+            components=components, null_embedding=null_embedding, tokenizer=tokenizer, tools=tool_versions(), gpu=gpu,
+            verification=tuple(Verification(c.component, c.shapes, c.max_abs, c.max_rel) for c in checks),
+        )
+        write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
+        swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out, checks
+
+
+def _networks(source: ModelSource, step_cache: int | None) -> tuple[Any, dict[str, Any], list[specs.ComponentSpec],
+                                                                   tuple[int, int] | None, int]:
+    """(the UNet, the module to export of every component, their specs, the split UNet's deep feature as
+    (channels, downscale from the latent) or None, the text encoder's vocabulary size)."""
+    from engine.backends.torch_modules import load_networks, split_modules, wrap_components
+    from engine.backends.unet_split import check_splittable, feature_channels
+
+    unet, vae, text_encoder = load_networks(source)
+    modules = wrap_components(unet, vae, text_encoder)
+    component_specs = list(specs.COMPONENTS.values())
+    feature = None
+    if step_cache is not None:
+        check_splittable(unet, step_cache)
+        component_specs += specs.unet_split(step_cache)
+        modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(step_cache)}
+        feature = (feature_channels(unet, step_cache), 2 ** (step_cache - 1))
+    return unet, modules, component_specs, feature, int(text_encoder.config.vocab_size)
+
+
+def _passed(name: str, checks: list[Check]) -> list[Check]:
+    """``checks`` of component ``name``, logged; ExportError naming the first that failed."""
+    for check in checks:
+        log.debug("verify %s", check)
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise ExportError(f"{name}: verification failed: {failed[0]}")
+    return checks
+
+
+def _save_text_files(staging: Path, source: ModelSource, text_encoder: Any) -> tuple[Tokenizer, FileEntry]:
+    """Copy the tokenizer into the bundle and save the null text embedding it gives; their manifest entries."""
+    import torch
+
+    from engine.tokenizer import ClipTokenizer
+
+    tokenizer_dir = staging / "tokenizer"
+    shutil.copytree(source.folder / "tokenizer", tokenizer_dir)
+    with torch.no_grad():
+        null = text_encoder(torch.from_numpy(ClipTokenizer(tokenizer_dir)([""])))  # (1, 77, D)
+    np.save(staging / "null_embedding.npy", null.numpy().astype(np.float32))
+    files = tuple(file_entry(staging, p) for p in sorted(tokenizer_dir.iterdir()))
+    return Tokenizer("tokenizer", files), file_entry(staging, staging / "null_embedding.npy")
 
 
 def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, staging, precision, verify,
@@ -255,26 +251,10 @@ def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, 
     if verify:
         checks += verify_component(name, module, spec, files[0], size_sets, precision, vocab_size)
     shapes = specs.shape_ranges(spec, dims)
-    entry = {
-        "precision": precision,
-        "files": [file_entry(staging, f) for f in files],  # the runtime's file first: graph or engine
-        "inputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims), "shapes": [list(s) for s in shapes[t.name]]}
-                   for t in spec.inputs],
-        "outputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims), "shapes": [list(s) for s in shapes[t.name]]}
-                    for t in spec.outputs],
-    }
+    entry = Component(
+        precision=precision,
+        files=tuple(file_entry(staging, f) for f in files),  # the runtime's file first: graph or engine
+        inputs=tuple(TensorEntry.of(t, shapes[t.name]) for t in spec.inputs),
+        outputs=tuple(TensorEntry.of(t, shapes[t.name]) for t in spec.outputs),
+    )
     return entry, checks
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to ``out``, replacing an old bundle only once the new one is whole."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.chmod(0o755)
-    for path in staging.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -93,15 +93,20 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, Ra
     return onnx_files(path)
 
 
+CODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "namespace")  # per node
+
+
 def make_reproducible(model) -> None:
     """Drop what torch's exporter records of the run rather than the graph, so that the same weights and
     tool versions give the same bytes: each node's stack trace (absolute paths and line numbers of the
-    exporting code) and the symbolic ranges (printed from a set, in an order that varies between runs)."""
+    exporting code), its Python module scope (the exporting code's class paths, which a refactor moves) and
+    the symbolic ranges (printed from a set, in an order that varies between runs)."""
     import onnx_ir
 
     model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
     for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
-        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+        for key in CODE_METADATA:
+            node.metadata_props.pop(key, None)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:

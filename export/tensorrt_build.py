@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from engine import specs
 from engine.backends.tensorrt_backend import require_tensorrt
 from engine.errors import ExportError
-from engine.manifest import file_entry
+from engine.manifest import Component, file_entry
 from engine.specs import Range
 
 log = logging.getLogger(__name__)
@@ -105,20 +106,22 @@ def build_engine(onnx_path: Path, profiles: list[dict], fp16: bool, timing_cache
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Range], static: bool) -> dict:
+def build_engines(staging: Path, components: dict[str, Component], dims: dict[str, Range],
+                  static: bool) -> tuple[dict[str, Component], dict]:
     """Build (or take from the cache) an engine for every component, its profiles from ``dims`` (the bundle's
-    ranges of every symbolic dimension, ``engine_profiles``); each manifest entry gets the engine as its
-    first file. Returns the GPU the engines are for."""
+    ranges of every symbolic dimension, ``engine_profiles``). Returns the manifest entries, each with the engine
+    as its first file, and the GPU the engines are for."""
     import tensorrt as trt
 
     gpu = require_tensorrt()
     cache = cache_dir()
     timing = cache / timing_cache_name(trt.__version__, gpu)
+    built = {}
     for name, entry in components.items():
-        onnx_entry = entry["files"][0]
+        onnx_entry = entry.files[0]
         fp16 = name not in FP32_COMPONENTS
         profiles = profile_shapes(specs.component_spec(name), engine_profiles(dims, static))
-        key = engine_cache_key(onnx_entry["sha256"], "fp16" if fp16 else "fp32", profiles, trt.__version__, gpu)
+        key = engine_cache_key(onnx_entry.sha256, "fp16" if fp16 else "fp32", profiles, trt.__version__, gpu)
         cached = cache / f"{name}-{key}.plan"
         if cached.is_file():
             log.info("%s: engine from the cache (%s)", name, cached.name)
@@ -126,11 +129,10 @@ def build_engines(staging: Path, components: dict[str, dict], dims: dict[str, Ra
             log.info("%s: building a TensorRT engine (minutes for sd15)", name)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
-            build_engine(staging / onnx_entry["path"], profiles, fp16, timing, tmp)
+            build_engine(staging / onnx_entry.path, profiles, fp16, timing, tmp)
             os.replace(tmp, cached)
         target = staging / f"{name}.plan"
         shutil.copyfile(cached, target)
-        entry["files"].insert(0, file_entry(staging, target))
-        entry["precision"] = "fp16" if fp16 else "fp32"
-        entry["engine_key"] = key
-    return gpu
+        built[name] = replace(entry, files=(file_entry(staging, target), *entry.files),
+                              precision="fp16" if fp16 else "fp32", engine_key=key)
+    return built, gpu

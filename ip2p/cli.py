@@ -25,6 +25,7 @@ COMMANDS = {
     "convert": ("engine.cli", "write a diffusers-format model as one original-layout checkpoint"),
     "serve": ("engine.serving.cli", "serve edits over HTTP: batching, jobs, back-pressure, metrics, a web page"),
     "export": ("export.cli", "export a model to an ONNX or TensorRT bundle"),
+    "quantize": ("export.cli", "an ONNX bundle with an int8 UNet for OpenVINO (approximate)"),
     "train": ("training.cli", "fine-tune an InstructPix2Pix UNet (see training/)"),
     "synth": ("training.cli", "write procedural paired shape-edit data (training format)"),
     "eval": ("training.cli", "score edits: held-out synthetic shapes edits, or CLIP metrics on a captioned set"),
@@ -34,6 +35,15 @@ COMMANDS = {
     "bench": ("benchmarks.cli", "benchmark tools"),
 }
 PARTS = ("ip2p", "engine", "export", "training", "benchmarks")  # loggers of our own progress notes
+GLOBAL_OPTIONS_NOTE = "-v/--verbose and -q/--quiet go before or after the command."
+# What other packages read at import to stay quiet (set unless -v, and unless the user set them)
+LIBRARY_QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",  # advisories and load reports
+    "DIFFUSERS_VERBOSITY": "error",
+    "TORCH_LOGS": "-all",  # torch sets up its own "torch" logger at import: errors only (the ONNX exporter's notes)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # downloads, and transformers' "Loading weights" bar, which reads it
+    "TQDM_DISABLE": "1",  # any other package's bar (diffusers' "Loading pipeline components..."); ours pass disable=
+}
 
 
 def chosen_command(argv: Sequence[str]) -> str | None:
@@ -41,16 +51,33 @@ def chosen_command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None) if argv else None
 
 
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, full tracebacks, and other packages' warnings and progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed, the global options read before or after the command (``ip2p export MODEL OUT -q``)."""
+    args, rest = parser.parse_known_args(argv)
+    trailing = argparse.ArgumentParser(add_help=False)
+    add_global_options(trailing)
+    args, unknown = trailing.parse_known_args(rest, namespace=args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict]:
     """The parser, with full arguments only for the command in ``argv``; and that command's run functions."""
-    parser = argparse.ArgumentParser(prog="ip2p", description="InstructPix2Pix: edit images by instruction.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    parser = argparse.ArgumentParser(prog="ip2p", description="InstructPix2Pix: edit images by instruction.",
+                                     epilog=GLOBAL_OPTIONS_NOTE)
+    add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     name = chosen_command(argv)
     runners = {}
     for command, (module, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(command, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(command, help=help_text, description=help_text, epilog=GLOBAL_OPTIONS_NOTE)
         if command == name:
             add_arguments, run = importlib.import_module(module).COMMANDS[command]
             add_arguments(sub_parser)
@@ -58,16 +85,25 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict]:
     return parser, runners
 
 
+def hide_library_noise() -> None:
+    """Keep other packages' warnings, advisories and progress bars off the console. A package imported later
+    reads the environment, one imported already is told directly; our own bars pass ``disable=`` (``-q``)."""
+    for variable, value in LIBRARY_QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(variable, value)
+    warnings.simplefilter("ignore")  # we warn through logging: every Python warning is another package's
+    logging.getLogger("torch").setLevel(logging.ERROR)  # torch, once imported, owns this logger (TORCH_LOGS)
+    for package in ("transformers", "diffusers"):
+        if package in sys.modules:
+            package_logging = importlib.import_module(f"{package}.utils.logging")
+            package_logging.set_verbosity_error()
+            package_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        importlib.import_module("huggingface_hub.utils").disable_progress_bars()
+
+
 def configure_logging(verbose: bool, quiet: bool) -> None:
-    # Library chatter (advisories, weight-loading bars) stays out of the CLI unless asked for.
     if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        for category in (FutureWarning, DeprecationWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=category)
-    if quiet:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        hide_library_noise()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
@@ -81,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     try:
         parser, runners = build_parser(argv)
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
         configure_logging(args.verbose, args.quiet)
         runners[args.command](args)
     except (InputError, NumericalError, ExportError) as err:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p.cli import main
+from ip2p.cli import COMMANDS, LIBRARY_QUIET_ENVIRONMENT, build_parser, main, parse_args
 
 
 def run(args, capsys):
@@ -160,3 +161,75 @@ def test_edit_options_reach_the_pipeline(tiny_model, tmp_path, capsys, caplog):
         with caplog.at_level(logging.INFO, logger="ip2p"):
             assert main(base + extra) == 0
         assert f"{rows} UNet evaluations per image" in caplog.text, extra
+
+
+# every command with its required arguments (parsed only, never run)
+REQUIRED_ARGUMENTS = {
+    "edit": ["in.png", "-p", "x", "-o", "out.png"],
+    "info": ["MODEL"],
+    "create-model": ["tiny", "OUT"],
+    "convert": ["MODEL", "OUT"],
+    "serve": [],
+    "export": ["MODEL", "OUT"],
+    "quantize": ["BUNDLE", "OUT", "--data", "DATA"],
+    "train": [],
+    "synth": ["OUT"],
+    "eval": [],
+    "generate-prompts": ["captions.txt", "--lm", "LM", "-o", "OUT"],
+    "train-prompts": ["--lm", "LM", "-o", "OUT"],
+    "generate-pairs": ["prompts.jsonl", "--base", "B", "--clip", "C", "-o", "OUT"],
+    "bench": ["report", "results.json"],
+}
+
+
+def test_every_command_is_in_the_global_options_table():
+    assert set(REQUIRED_ARGUMENTS) == set(COMMANDS)
+
+
+def parsed(argv: list[str]):
+    parser, _ = build_parser(argv)
+    return parse_args(parser, argv)
+
+
+@pytest.mark.parametrize("command", sorted(REQUIRED_ARGUMENTS))
+@pytest.mark.parametrize("before, after",
+                         [(["-q"], ["-v"]), ([], ["-q", "--verbose"]), ([], ["-qv"]), (["-v", "-q"], [])])
+def test_global_options_go_before_or_after_every_command(command, before, after):
+    args = parsed([*before, command, *REQUIRED_ARGUMENTS[command], *after])
+    plain = parsed([command, *REQUIRED_ARGUMENTS[command]])
+    assert args.command == command and not (plain.quiet or plain.verbose)
+    assert vars(args) == {**vars(plain), "quiet": True, "verbose": True}  # the command's own arguments as before
+
+
+def test_quiet_after_the_command_hides_progress_and_unknown_options_are_still_refused(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "quiet"), "--count", "2", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as refused:
+        main(["synth", str(tmp_path / "other"), "-q", "--nope"])
+    assert refused.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def run_console(*args: str) -> subprocess.CompletedProcess:
+    """``python -m ip2p ARGS`` in a fresh process, none of the library quieting inherited from this one."""
+    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_QUIET_ENVIRONMENT}
+    return subprocess.run([sys.executable, "-m", "ip2p", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_library_progress_bars_show_only_with_verbose_and_ours_without_quiet(tiny_model, image_file, tmp_path):
+    import transformers
+
+    edit = ["edit", image_file, "-p", "x", "-o", str(tmp_path / "o.png"), "--model", tiny_model, "--steps", "1"]
+    plain = run_console(*edit)
+    assert plain.returncode == 0, plain.stderr
+    assert "denoising" in plain.stderr  # our own bar
+    assert "Loading weights" not in plain.stderr  # transformers' bar while it loads the text encoder
+    assert "[transformers]" not in plain.stderr and "Warning" not in plain.stderr  # advisories, Python warnings
+    verbose = run_console(*edit, "-v")
+    assert verbose.returncode == 0 and "denoising" in verbose.stderr, verbose.stderr
+    if int(transformers.__version__.split(".")[0]) >= 5:  # the bar came with transformers 5
+        assert "Loading weights" in verbose.stderr
+
+
+def test_export_prints_nothing_of_other_packages(tiny_model, tmp_path):
+    done = run_console("export", tiny_model, str(tmp_path / "bundle"), "--static", "32x32", "--batch", "1", "-q")
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # torch's exporter notes, warnings: all hidden

@@ -17,26 +17,26 @@ def test_bundle_contents_and_manifest(onnx_bundles, tiny_model):
     bundle = read_bundle(onnx_bundles["fp32"])
     manifest = bundle.manifest
     split = [spec.name for spec in unet_split(1)]  # exported with --step-cache 1
-    assert set(manifest["components"]) == set(COMPONENTS) | set(split)
-    for name, entry in manifest["components"].items():
+    assert set(manifest.components) == set(COMPONENTS) | set(split)
+    for name, entry in manifest.components.items():
         graph = onnx.load(bundle.component_file(name))
         assert [i.name for i in graph.graph.input] == list(component_spec(name).input_names)
         assert [o.name for o in graph.graph.output] == list(component_spec(name).output_names)
-        assert entry["files"][0]["sha256"] == sha256_file(bundle.component_file(name))
-    feature = manifest["components"]["unet_shallow_d1"]["inputs"][3]
-    assert feature["name"] == "deep_feature" and feature["shapes"][0][0] == 1 and feature["shapes"][2][2:] == [64, 64]
-    macs = {name: entry["macs"]["per_row"] for name, entry in manifest["components"].items() if "macs" in entry}
+        assert entry.files[0].sha256 == sha256_file(bundle.component_file(name))
+    feature = manifest.components["unet_shallow_d1"].inputs[3]
+    assert feature.name == "deep_feature" and feature.shapes[0][0] == 1 and feature.shapes[2][2:] == (64, 64)
+    macs = {name: entry.macs.per_row for name, entry in manifest.components.items() if entry.macs is not None}
     assert macs["unet"] == macs["unet_full_d1"] > macs["unet_shallow_d1"] > 0
-    unet = manifest["components"]["unet"]["inputs"][0]
-    assert unet["name"] == "sample" and unet["shapes"] == [[1, 8, 16, 16], [3, 8, 32, 32], [6, 8, 64, 64]]
-    assert manifest["model"]["scaling_factor"] == 0.18215 and manifest["model"]["scheduler"]["steps_offset"] == 1
-    assert set(manifest["tools"]) >= {"torch", "onnx", "onnxruntime", "opset"}
-    assert len(manifest["source"]["weights_sha256"]) == 64 and manifest["gpu"] is None
+    unet = manifest.components["unet"].inputs[0]
+    assert unet.name == "sample" and unet.shapes == ((1, 8, 16, 16), (3, 8, 32, 32), (6, 8, 64, 64))
+    assert manifest.model.scaling_factor == 0.18215 and manifest.model.scheduler["steps_offset"] == 1
+    assert set(manifest.tools) >= {"torch", "onnx", "onnxruntime", "opset"}
+    assert len(manifest.source.weights_sha256) == 64 and manifest.gpu is None
     null = np.load(bundle.null_embedding_file)
     assert null.shape == (1, 77, 32) and null.dtype == np.float32
     assert (bundle.tokenizer_dir / "vocab.json").is_file()
-    assert all(v["max_rel"] <= 1e-4 for v in manifest["verification"])
-    checked = {(v["component"], v["shapes"]) for v in manifest["verification"] if v["component"] == "unet"}
+    assert all(v.max_rel <= 1e-4 for v in manifest.verification)
+    checked = {(v.component, v.shapes) for v in manifest.verification if v.component == "unet"}
     assert len(checked) == 2  # batch 3 at two resolutions
 
 
@@ -48,9 +48,9 @@ def test_fp16_graphs_keep_float32_io_and_normalisations(onnx_bundles):
     assert onnx.TensorProto.FLOAT16 in types.values()
     norms = [n for n in graph.graph.node if n.op_type in FP32_OPS]
     assert norms  # the graph has normalisations, and they were kept in float32 (ops are blocked by type)
-    assert all(v["max_rel"] <= 1e-2 for v in bundle.manifest["verification"])
-    stress = [v for v in bundle.manifest["verification"] if v["shapes"] == "stress latents"]
-    assert stress and stress[0]["max_rel"] <= 1e-2
+    assert all(v.max_rel <= 1e-2 for v in bundle.manifest.verification)
+    stress = [v for v in bundle.manifest.verification if v.shapes == "stress latents"]
+    assert stress and stress[0].max_rel <= 1e-2
 
 
 def test_existing_output_needs_force(onnx_bundles, tiny_model):
@@ -110,7 +110,7 @@ def test_large_weights_go_to_external_data(tiny_model, tmp_path):
     import onnxruntime as ort
 
     from engine import specs
-    from engine.backends.torch_backend import load_networks, wrap_components
+    from engine.backends.torch_modules import load_networks, wrap_components
     from engine.checkpoints import ModelSource
     from export.onnx_export import convert_to_fp16, export_onnx
 
@@ -136,7 +136,7 @@ def test_sd15_exports_and_verifies(tmp_path):
     profile = Profile((1, 1, 1), (256, 256, 512), (256, 256, 512))
     bundle, checks = export_bundle(model, tmp_path / "bundle", ExportOptions(profile=profile, verify=True))
     manifest = read_bundle(bundle).manifest
-    assert [f["path"] for f in manifest["components"]["unet"]["files"]] == ["unet.onnx", "unet.onnx.data"]
+    assert [f.path for f in manifest.components["unet"].files] == ["unet.onnx", "unet.onnx.data"]
     assert all(c.passed for c in checks) and {c.component for c in checks} == set(COMPONENTS)
 
 

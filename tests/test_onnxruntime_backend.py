@@ -1,4 +1,5 @@
 """The minimal runtime on real exported bundles: same pictures as torch, clear errors, no torch needed."""
+import json
 import shutil
 import subprocess
 import sys
@@ -274,7 +275,8 @@ def test_static_bundles_take_every_row_count_with_one_graph_binding_each(tiny_pi
     from engine.tokenizer import ClipTokenizer
 
     bundle = read_bundle(static_bundle)
-    assert bundle.profile.static and not bundle.all_branches
+    sample = bundle.manifest.components["unet"].inputs[0]
+    assert bundle.profile.static and (sample.shapes[0][0], sample.shapes[2][0]) == (1, 3)  # UNet rows B to 3B
     graphed = EditPipeline(OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], io_binding=True, cuda_graph=True),
                            bundle.model, ClipTokenizer(bundle.tokenizer_dir), progress=False,
                            null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile)
@@ -290,3 +292,22 @@ def test_static_bundles_take_every_row_count_with_one_graph_binding_each(tiny_pi
         assert rows == [2]  # s_I = 1: cond and image branches, every step
     else:
         assert rows[-1] == 3 and len(rows) >= 2  # all branches first, fewer once guidance has converged
+
+
+def test_a_static_bundle_of_an_older_export_taking_only_3b_rows_is_refused(static_bundle, tmp_path, capsys):
+    """Older exports fixed a static bundle's UNet rows at 3B: reading one asks, in one line, to export it again."""
+    from engine.manifest import read_bundle
+    from ip2p.cli import main
+    from tests.conftest import cli_error
+
+    old = Path(shutil.copytree(static_bundle, tmp_path / "old"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    for tensor in unet["inputs"] + unet["outputs"]:
+        if tensor["dims"][0] == "N":
+            tensor["shapes"] = [[3, *shape[1:]] for shape in tensor["shapes"]]
+    (old / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(InputError, match="UNet taking only 3B rows; export it again with `ip2p export`"):
+        read_bundle(old)
+    assert main(["info", str(old)]) == 2
+    assert "manifest.json: a static bundle of an older export" in cli_error(capsys)

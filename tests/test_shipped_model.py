@@ -87,10 +87,10 @@ def test_the_bundle_is_the_shipped_model_exported_reproducibly(tmp_path):
     from export.bundle import tool_versions, weights_hash
 
     bundle = read_bundle(DEFAULT_BUNDLE)
-    assert bundle.manifest["source"]["weights_sha256"] == weights_hash(resolve_model(DEFAULT_MODEL))
-    assert bundle.manifest["precision"] == "fp16" and default_model("onnxruntime") == DEFAULT_BUNDLE
+    assert bundle.manifest.source.weights_sha256 == weights_hash(resolve_model(DEFAULT_MODEL))
+    assert bundle.manifest.precision == "fp16" and default_model("onnxruntime") == DEFAULT_BUNDLE
     assert default_model() == DEFAULT_MODEL and default_model("torch") == DEFAULT_MODEL  # torch is installed here
-    made_with = {k: bundle.manifest["tools"][k] for k in ("torch", "onnx", "onnxruntime")}
+    made_with = {k: bundle.manifest.tools[k] for k in ("torch", "onnx", "onnxruntime")}
     if made_with != {k: tool_versions()[k] for k in made_with}:
         pytest.skip(f"the bundle was exported with {made_with}; byte equality holds only for the same versions")
     again = tmp_path / "again"  # the README's command, in a fresh process as a user runs it
@@ -98,7 +98,7 @@ def test_the_bundle_is_the_shipped_model_exported_reproducibly(tmp_path):
                            "--precision", "fp16", "--batch", "1:1:16", "--resolution", "32:64:512"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    fresh = read_bundle(again).manifest["components"]
-    for name, entry in bundle.manifest["components"].items():
-        assert [f["sha256"] for f in fresh[name]["files"]] == [f["sha256"] for f in entry["files"]], name
+    fresh = read_bundle(again).manifest.components
+    for name, entry in bundle.manifest.components.items():
+        assert [f.sha256 for f in fresh[name].files] == [f.sha256 for f in entry.files], name
     assert torch.__version__ == made_with["torch"]

@@ -1,4 +1,5 @@
 """TensorRT: pure logic everywhere; engine building where TensorRT and a GPU exist."""
+import dataclasses
 import importlib.util
 
 import pytest
@@ -6,6 +7,8 @@ import pytest
 from engine import specs
 from engine.backends.tensorrt_backend import check_engine_compatible
 from engine.errors import InputError
+from engine.manifest import read_bundle
+from engine.pipeline import DEFAULT_BUNDLE
 from export.tensorrt_build import engine_cache_key, engine_profiles, input_shapes, profile_shapes, timing_cache_name
 
 GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -63,7 +66,8 @@ def test_the_matching_profile_is_chosen_by_input_shapes():
 
 
 def test_engines_for_another_gpu_or_version_are_refused():
-    manifest = {"gpu": GPU, "tools": {"tensorrt": "10.13.0"}}
+    shipped = read_bundle(DEFAULT_BUNDLE, verify=False).manifest
+    manifest = dataclasses.replace(shipped, gpu=GPU, tools={"tensorrt": "10.13.0"})
     check_engine_compatible(manifest, "10.13.0", GPU)
     with pytest.raises(InputError, match="rebuild them here"):
         check_engine_compatible(manifest, "10.14.0", GPU)

@@ -3,8 +3,8 @@
 A backend answers ``run(component, inputs) -> outputs`` keyed by the spec's tensor names, plus the
 array helpers the denoising loop needs: ``asarray`` (numpy -> backend array), ``to_numpy``, ``concat``
 and ``constant`` (an input that every step passes again unchanged, which a GPU backend keeps on the
-device), and ``macs`` (the multiply-accumulates of one UNet row of a component, which weigh the work
-of step caching's shallow calls). Each backend lives in its own module so its heavy imports stay there.
+device), and ``macs`` (the multiply-accumulates of one UNet row of a component at the model's own size, which weigh
+the work of step caching's shallow calls: their share changes little with size). Each backend lives in its own module so its heavy imports stay there.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Backend(Protocol):
 
     def constant(self, array: Any) -> Any: ...
 
-    def macs(self, component: str, latent_size: tuple[int, int]) -> float: ...
+    def macs(self, component: str) -> float: ...
 
 
 def backend_module(name: str):
@@ -77,6 +77,8 @@ def bundle_runtime(bundle_format: str, device: str) -> tuple[str, str]:
 
     if bundle_format == "tensorrt":
         return "tensorrt", "a TensorRT bundle"
+    if bundle_format == "openvino":
+        return "openvino", "an int8 bundle for OpenVINO (ip2p quantize)"
     if device == "cpu" and available("openvino"):
         return "openvino", "the fastest exact runtime installed for ONNX on a CPU"
     if device == "cpu":

@@ -180,7 +180,6 @@ class OnnxRuntimeBackend(HostArrays):
         import onnxruntime as ort
 
         self.bundle = bundle
-        self.profile = bundle.profile
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or default_threads()
@@ -194,7 +193,7 @@ class OnnxRuntimeBackend(HostArrays):
         self.on_gpu = bool(gpu)
         device_id = gpu[0][1].get("device_id", 0) if gpu and isinstance(gpu[0], tuple) else 0
         self._sessions = {}
-        for name in bundle.manifest["components"]:
+        for name in bundle.manifest.components:
             path = bundle.component_file(name)
             try:
                 self._sessions[name] = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -210,7 +209,7 @@ class OnnxRuntimeBackend(HostArrays):
     def has(self, component: str) -> bool:
         return component in self._sessions
 
-    def macs(self, component: str, latent_size: tuple[int, int]) -> float:
+    def macs(self, component: str) -> float:
         return self.bundle.unet_macs(component)
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +247,6 @@ def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, provider
 
 def _check_dtype(bundle: Bundle, dtype: str | None) -> None:
     precision = {"float32": "fp32", "float16": "fp16"}.get(dtype or "", dtype)
-    if dtype is not None and precision != bundle.manifest["precision"]:
-        raise InputError(f"{bundle.folder}: this bundle is {bundle.manifest['precision']}, not {dtype}; "
+    if dtype is not None and precision != bundle.manifest.precision:
+        raise InputError(f"{bundle.folder}: this bundle is {bundle.manifest.precision}, not {dtype}; "
                          f"export another with --precision {precision}")

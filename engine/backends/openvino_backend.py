@@ -4,8 +4,10 @@ torch.
 Each component is compiled once from the bundle's own ``.onnx`` file (OpenVINO reads ONNX directly), in
 bfloat16 where the CPU computes it natively (``engine.cpu``) and float32 elsewhere, with dynamic shapes: every
 row count (1, 2 or 3 UNet rows per image) and size of the bundle's profile runs on the one compiled network.
-Compiled networks are kept in OpenVINO's model cache (``cache_dir``), so a second process loads them instead
-of compiling again. In bfloat16 the VAE decoder is also compiled in float32, as the fallback the pipeline
+A bundle written by ``ip2p quantize`` holds its UNet as an int8 OpenVINO IR instead,
+compiled the same way (its quantized layers run in int8, the rest in the precision above). Compiled networks
+are kept in OpenVINO's model cache (``cache_dir``), so a second process loads them instead of compiling
+again. In bfloat16 the VAE decoder is also compiled in float32, as the fallback the pipeline
 takes when a reduced-precision decode overflows.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from engine.specs import VAE_DECODER, VAE_DECODER_FP32, component_spec
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}  # the dtypes this backend computes in, OpenVINO's names
+FORMATS = ("onnx", "openvino")  # bundles of ONNX graphs; "openvino": its UNet an int8 IR (``ip2p quantize``)
 
 
 def default_cache_dir() -> Path:
@@ -54,7 +57,7 @@ class OpenVinoBackend(HostArrays):
     def __init__(self, bundle: Bundle, precision: str, threads: int, cache_dir: Path | None):
         import openvino as ov
 
-        self.bundle, self.profile, self.precision, self.threads = bundle, bundle.profile, precision, threads
+        self.bundle, self.precision, self.threads = bundle, precision, threads
         core = ov.Core()
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,7 @@ class OpenVinoBackend(HostArrays):
         self.compiled: dict[str, Any] = {}  # ov.CompiledModel by component
         self._requests: dict[str, Any] = {}
         self._outputs: dict[str, list[str]] = {}
-        for name in bundle.manifest["components"]:
+        for name in bundle.manifest.components:
             self._compile(core, name, name, precision, threads)
         if precision != "float32" and VAE_DECODER_FP32 not in self._requests:
             self._compile(core, VAE_DECODER_FP32, VAE_DECODER.name, "float32", threads)
@@ -86,7 +89,7 @@ class OpenVinoBackend(HostArrays):
     def has(self, component: str) -> bool:
         return component in self._requests
 
-    def macs(self, component: str, latent_size: tuple[int, int]) -> float:
+    def macs(self, component: str) -> float:
         return self.bundle.unet_macs(component)
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -99,10 +102,10 @@ class OpenVinoBackend(HostArrays):
 def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, threads: int | None = None,
          cache_dir: str | os.PathLike | None = None) -> OpenVinoBackend:
     """An OpenVinoBackend for an ONNX bundle on the CPU. ``dtype``: ``bfloat16`` (the default where the CPU has
-    it natively) or ``float32``; the bundle's own precision only sets its weights. ``threads``: $OMP_NUM_THREADS
+    it natively) or ``float32``; the bundle's own precision only sets its weights (an int8 UNet stays int8). ``threads``: $OMP_NUM_THREADS
     where set, else one per physical core. ``cache_dir``: OpenVINO's model cache (default
     ``default_cache_dir()``)."""
-    if bundle.format != "onnx":
+    if bundle.format not in FORMATS:
         raise InputError(f"{bundle.folder}: a {bundle.format} bundle; OpenVINO runs ONNX bundles")
     if device != "cpu":
         raise InputError(f"the openvino backend runs on 'cpu', not {device!r}")

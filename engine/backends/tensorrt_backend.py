@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.backends import HostArrays
 from engine.errors import InputError
-from engine.manifest import Bundle
+from engine.manifest import Bundle, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ def require_tensorrt() -> dict:
     return current_gpu()
 
 
-def check_engine_compatible(manifest: dict, tensorrt_version: str, gpu: dict) -> None:
+def check_engine_compatible(manifest: Manifest, tensorrt_version: str, gpu: dict) -> None:
     """Refuse engines built for another GPU, compute capability or TensorRT version."""
-    built_gpu = manifest.get("gpu") or {}
-    built_trt = manifest.get("tools", {}).get("tensorrt")
+    built_gpu = manifest.gpu or {}
+    built_trt = manifest.tools.get("tensorrt")
     problems = []
     if built_trt != tensorrt_version:
         problems.append(f"TensorRT {built_trt}, this is {tensorrt_version}")
@@ -188,13 +188,13 @@ class TensorRTBackend(HostArrays):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {
             name: EngineRunner(runtime, bundle.component_file(name), self.stream, use_cuda_graph)
-            for name in bundle.manifest["components"]
+            for name in bundle.manifest.components
         }
 
     def has(self, component: str) -> bool:
         return component in self._engines
 
-    def macs(self, component: str, latent_size: tuple[int, int]) -> float:
+    def macs(self, component: str) -> float:
         return self.bundle.unet_macs(component)
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,196 @@
+"""The diffusers/transformers networks as modules named and shaped by ``engine.specs``: wrappers, token
+downsampling, the UNet's step-caching halves, loading and MAC counting.
+
+``export/`` traces these modules to ONNX and ``torch_backend`` runs them, so both run the same graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import specs
+from engine.backends import unet_split
+from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, Weights
+from engine.config import check_unet_channels
+from engine.errors import InputError
+
+
+class TextEncoder(nn.Module):
+    """input_ids (B, 77) int64 -> text_embeddings (B, 77, D): CLIP's last hidden state."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids)[0]
+
+
+class VaeEncoder(nn.Module):
+    """images (B, 3, 8H, 8W) in [-1, 1] -> image_latents (B, 4, H, W): the posterior's mode, unscaled."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.latent_channels = vae.config.latent_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)  # (B, 2C, H, W): mean and log-variance
+        return moments[:, : self.latent_channels]
+
+
+class VaeDecoder(nn.Module):
+    """latents (B, 4, H, W), scaled as the sampler makes them -> images (B, 3, 8H, 8W) in about [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.decoder = vae.decoder
+        self.post_quant_conv = vae.post_quant_conv
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scaling_factor
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+def token_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the UNet level holding ``tokens`` positions: each level halves the latent, rounding up."""
+    h, w = latent_size
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(f"{tokens} tokens are no level of a {latent_size[0]}x{latent_size[1]} latent")
+    return h, w
+
+
+class KeyValueDownsampling:
+    """Attention processor whose self-attention takes keys and values from the hidden states average-pooled
+    ``factor`` x ``factor`` (token downsampling, "ToDo", Smith et al. 2024, arXiv 2402.13573): about
+    factor**2 fewer keys, every query kept. With ``factor`` 1, or for cross-attention, plain attention."""
+
+    def __init__(self, factor: int):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.factor, self.attend = factor, AttnProcessor2_0()
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.factor > 1 and encoder_hidden_states is None:
+            b, n, c = hidden_states.shape  # (B, h*w, C)
+            grid = hidden_states.transpose(1, 2).reshape(b, c, *token_grid(n, latent_size))
+            pooled = F.avg_pool2d(grid, self.factor, ceil_mode=True)  # (B, C, h/f, w/f)
+            encoder_hidden_states = pooled.flatten(2).transpose(1, 2)
+        return self.attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def set_kv_downsampling(unet: nn.Module, factor: int) -> None:
+    """Token downsampling in the self-attentions of the UNet's finest attention level (64x64 tokens for
+    SD 1.5 at 512 px, where nearly all attention time goes); every other attention stays exact."""
+    down_types = unet.config.down_block_types
+    level = next((i for i, kind in enumerate(down_types) if "CrossAttn" in kind), None)
+    if level is None:
+        raise InputError(f"kv_downsample: this UNet has no attention in its down blocks ({', '.join(down_types)})")
+    finest = (f"down_blocks.{level}.", f"up_blocks.{len(down_types) - 1 - level}.")
+    unet.set_attn_processor({
+        name: KeyValueDownsampling(factor if name.startswith(finest) and name.endswith(".attn1.processor") else 1)
+        for name in unet.attn_processors
+    })
+
+
+class UNet(nn.Module):
+    """sample (N, 8, H, W), timestep (N,), encoder_hidden_states (N, 77, D) -> noise_pred (N, 4, H, W).
+
+    ``kv_downsample`` > 1 approximates the finest level's self-attention (``set_kv_downsampling``)."""
+
+    def __init__(self, unet: nn.Module, kv_downsample: int = 1):
+        super().__init__()
+        self.unet, self.kv_downsample = unet, kv_downsample
+        if kv_downsample > 1:
+            set_kv_downsampling(unet, kv_downsample)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        kwargs = {"latent_size": tuple(sample.shape[-2:])} if self.kv_downsample > 1 else None
+        return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs, return_dict=False)[0]
+
+
+def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, kv_downsample: int = 1) -> dict[str, nn.Module]:
+    """The spec-named modules of one InstructPix2Pix model."""
+    return {
+        specs.TEXT_ENCODER.name: TextEncoder(text_encoder).eval(),
+        specs.VAE_ENCODER.name: VaeEncoder(vae).eval(),
+        specs.UNET.name: UNet(unet, kv_downsample).eval(),
+        specs.VAE_DECODER.name: VaeDecoder(vae).eval(),
+    }
+
+
+def split_modules(unet: nn.Module, name: str, kv_downsample: int = 1) -> nn.Module | None:
+    """The step-caching half ``name`` (``unet_full_dK`` or ``unet_shallow_dK``) of ``unet``, sharing its
+    weights; None for any other name."""
+    split = specs.split_of(name)
+    if split is None:
+        return None
+    kind, depth = split
+    half = unet_split.FullUNet if kind == "full" else unet_split.ShallowUNet
+    return half(unet, depth, kv_downsample).eval()
+
+
+def unet_macs(unet: nn.Module, name: str, latent_size: tuple[int, int], text_dim: int, kv_downsample: int = 1) -> float:
+    """Multiply-accumulates of one UNet row of component ``name`` (the plain UNet or a split half) at
+    ``latent_size``, counted by torch's FlopCounterMode on a weightless (meta-device) copy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = type(unet).from_config(unet.config)
+        plain = UNet(twin, kv_downsample)  # installs the token downsampling the halves then share
+        module = split_modules(twin, name, kv_downsample) or plain
+        h, w = latent_size
+        inputs = {"sample": torch.empty(1, twin.config.in_channels, h, w), "timestep": torch.empty(1),
+                  "encoder_hidden_states": torch.empty(1, 77, text_dim)}
+        split = specs.split_of(name)
+        if split is not None and split[0] == "shallow":
+            inputs["deep_feature"] = torch.empty(1, *unet_split.feature_shape(twin, split[1], latent_size))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            module(**inputs)
+    return counter.get_total_flops() / 2
+
+
+def load_component(source: ModelSource, name: str, dtype: torch.dtype = torch.float32,
+                   weights: Weights | None = None) -> nn.Module:
+    """One network (``unet``, ``vae`` or ``text_encoder``) of a diffusers folder, from ``weights`` (default: the
+    files ``source.weights`` picks: safetensors or .bin, plain or the asked-for variant, sharded or not)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    weights = weights or source.weights(name)
+    folder = source.folder / name
+    if name == "text_encoder":
+        return CLIPTextModel.from_pretrained(folder, dtype=dtype, variant=weights.variant,
+                                             use_safetensors=weights.safetensors)
+    cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+    return cls.from_pretrained(folder, torch_dtype=dtype, variant=weights.variant, use_safetensors=weights.safetensors)
+
+
+def load_networks(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(unet, vae, text_encoder) from a diffusers folder or a single original checkpoint."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    if source.single_file is not None:
+        try:
+            pipe = StableDiffusionInstructPix2PixPipeline.from_single_file(
+                str(source.single_file), config=str(source.folder), local_files_only=True, torch_dtype=dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise InputError(f"{source.single_file}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
+        check_unet_channels(pipe.unet.config.in_channels, source.single_file)
+        return pipe.unet, pipe.vae, pipe.text_encoder
+    found = {name: source.weights(name) for name in WEIGHTED_COMPONENTS}  # all found (or named) before any loads
+    return tuple(load_component(source, name, dtype, weights) for name, weights in found.items())
