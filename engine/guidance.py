@@ -103,23 +103,21 @@ class GuidancePlan:
     row of images no longer wanted (a server's cancelled requests): they evaluate no branch from then on."""
 
     def __init__(self, count: int, text_scale: float | Sequence[float], image_scale: float | Sequence[float],
-                 options: GuidanceOptions = GuidanceOptions(), all_branches: bool = False):
+                 options: GuidanceOptions = GuidanceOptions()):
         texts, images = scales_per_image(text_scale, count, "text"), scales_per_image(image_scale, count, "image")
-        self.options, self.all_branches = options, all_branches
+        self.options = options
         self._weights = [branch_weights(t, i) for t, i in zip(texts, images)]  # per image: its own scales
-        self._needed = [ALL if all_branches else needed_branches(t, i) for t, i in zip(texts, images)]
+        self._needed = [needed_branches(t, i) for t, i in zip(texts, images)]
         self.needed = tuple(k for k in ALL if any(k in n for n in self._needed))  # branches some image needs
         self._dropped: list[set[int]] = [set() for _ in range(count)]  # adaptive: converged branches per image
         self.gone: set[int] = set()  # images dropped whole
 
     def drop(self, images: Iterable[int]) -> None:
-        """Evaluate nothing more for ``images`` (except on static engines, whose rows are fixed)."""
+        """Evaluate nothing more for ``images``."""
         self.gone.update(images)
 
     def branches(self, sigma: float) -> list[tuple[int, ...]]:
         """The branches each image evaluates at this step (none for a dropped image)."""
-        if self.all_branches:  # static engines take exactly 3B rows
-            return [ALL] * len(self._dropped)
         interval = self.options.interval
         if interval is not None and not interval[0] < sigma <= interval[1]:
             wanted = [(COND,)] * len(self._dropped)

@@ -17,16 +17,18 @@ from tqdm.auto import tqdm
 
 from engine import images as imaging
 from engine.backends import BUNDLE_BACKENDS, Backend, backend_module, bundle_runtime
-from engine.caching import FeatureCache, StepCache
+from engine.caching import StepCache
 from engine.checkpoints import resolve_model
 from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
 from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.extras import available
-from engine.guidance import COND, UNCOND, GuidancePlan, Groups, guided_denoiser
+from engine.guidance import COND, GuidancePlan, guided_denoiser
 from engine.noise import NoiseSource, resolve_seeds
 from engine.presets import preset_config
-from engine.samplers import SAMPLERS
+from engine.rows import UNetRows
+from engine.samplers import SAMPLERS, Sampler
+from engine.schedules import Schedule
 from engine.specs import TEXT_ENCODER, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
 from engine.tokenizer import ClipTokenizer
 
@@ -77,13 +79,11 @@ class EditPipeline:
         *,
         null_embedding: np.ndarray | None = None,
         profile: Profile | None = None,
-        all_branches: bool = False,
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
     ):
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.profile = profile  # shapes an exported bundle accepts; None: any
-        self.all_branches = all_branches  # the UNet takes only 3B rows (a static ONNX bundle of an older export)
         self.max_image_pixels, self.progress = max_image_pixels, progress
         self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
@@ -124,7 +124,6 @@ class EditPipeline:
             runner = module.load(bundle, device=device, dtype=dtype, **options)
             return cls(runner, bundle.model, ClipTokenizer(bundle.tokenizer_dir),
                        null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile,
-                       all_branches=bundle.all_branches,
                        max_image_pixels=max_image_pixels, progress=progress)
         if backend in BUNDLE_BACKENDS:
             raise InputError(f"{model}: backend {backend!r} runs exported bundles; export it first with `ip2p export`")
@@ -214,10 +213,6 @@ class EditPipeline:
             (start, group[start : start + max_batch]) for group in groups.values()
             for start in range(0, len(group), max_batch)
         ]
-        if self.all_branches and not config.guidance.exact:
-            raise InputError("the guidance interval and adaptive guidance change the UNet rows from step to step; "
-                             "this static-shape ONNX bundle, exported before static bundles took every row "
-                             "count, always runs all three branches: export it again")
         self._check_step_cache(config.step_cache)
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))
@@ -232,21 +227,7 @@ class EditPipeline:
             for i, out, count, done in zip(members, edited, rows, cost):
                 outputs[i], evaluations[i], work[i] = out, count, done
 
-        if config.output_type == "pil" and not config.keep_size:
-            result: Any = [imaging.output_to_pil(out) for out in outputs]
-        else:
-            arrays = [imaging.from_model_output(out[None])[0] for out in outputs]  # (H, W, 3) in [0, 1]
-            if config.keep_size:
-                arrays = [
-                    imaging.resize_array(out, im.size) if out.shape[1::-1] != im.size else out
-                    for out, im in zip(arrays, loaded)
-                ]
-            if config.output_type == "pil":
-                result = [imaging.to_pil(out) for out in arrays]
-            elif len({out.shape for out in arrays}) == 1:
-                result = np.stack(arrays)
-            else:
-                result = arrays
+        result = _to_output(outputs, config, [im.size for im in loaded])
         clock.lap("postprocess")
         return EditResult(images=result, seeds=seeds, timings=dict(clock.seconds), unet_evaluations=evaluations,
                           unet_work=work)
@@ -318,112 +299,74 @@ class EditPipeline:
     ) -> tuple[np.ndarray, list[int], list[float]]:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, 3, H, W) edited pixels as the VAE decodes them (about [-1, 1]), the
         UNet rows each image took, and their MAC-weighted sum in whole-UNet rows."""
-        be, b = self.backend, len(instructions)
-        plan = GuidancePlan(b, [t for t, _ in scales], [i for _, i in scales], config.guidance,
-                            all_branches=self.all_branches)
-
+        plan = GuidancePlan(len(instructions), [t for t, _ in scales], [i for _, i in scales], config.guidance)
         text = self.encode_text(instructions)  # (B, 77, D)
         null = self.null_embedding() if set(plan.needed) != {COND} else None  # (1, 77, D)
         clock.lap("text_encode")
 
-        image_latents = be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]  # (B, 4, h, w)
+        image_latents = self.encode_image(pixels)  # (B, 4, h, w)
         clock.lap("image_encode")
 
         sampler = SAMPLERS[config.sampler]
         schedule = sampler.schedule(self.model.scheduler, config.steps)
         noise = NoiseSource(seeds)
-        shape = (self.model.latent_channels, pixels.shape[2] // self.model.vae_factor, pixels.shape[3] // self.model.vae_factor)
-        if latents is None:
-            initial = noise.randn(shape)
-        elif latents.shape != (b, *shape):
-            raise InputError(f"latents must have shape {(b, *shape)} for these images, got {latents.shape}")
-        else:
-            initial = latents
-        x = be.asarray(initial) * schedule.init_noise_sigma  # (B, 4, h, w)
-
-        def take(array: Any, indices: list[int]) -> Any:
-            """Rows ``indices`` of a (B, ...) array; the array itself when they are all of them in order."""
-            return array if len(indices) == b else be.concat([array[i : i + 1] for i in indices], 0)
-
-        conditioning: dict[tuple, tuple[Any, Any]] = {}  # per grouping: (text rows, image latent rows), reused
-
-        def rows_for(groups: Groups) -> tuple[Any, Any]:
-            """(N, 77, D) text and (N, 4, h, w) image latents of the rows ``groups`` asks for, branch-major per
-            group: the same objects every step they are asked for (a GPU backend uploads them once)."""
-            key = tuple((tuple(indices), branches) for indices, branches in groups)
-            if key not in conditioning:
-                texts, images = [], []
-                for indices, branches in groups:
-                    for k in branches:
-                        texts.append(take(text, indices) if k == COND else be.concat([null] * len(indices), 0))
-                        latent = take(image_latents, indices)
-                        images.append(latent * 0 if k == UNCOND else latent)
-                conditioning[key] = (be.constant(be.concat(texts, 0)), be.concat(images, 0))
-            return conditioning[key]
-
-        evaluations, work = [0] * b, [0.0] * b  # UNet rows per image over the whole edit, and their MACs in UNets
-        cache, features = config.step_cache, FeatureCache(lambda parts: be.concat(parts, 0))
-        full_name, shallow_name = cache.components
-        latent_size = (shape[1], shape[2])
-        shallow_cost = be.macs(shallow_name, latent_size) / be.macs(full_name, latent_size) if cache.on else 1.0
-        calls = 0  # UNet calls so far: the step cache decides by it
-
-        def unet(x_in: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
-            nonlocal calls
-            if not any(branches for _, branches in groups):  # every image dropped: no UNet call
-                return [{} for _ in groups]
-            text_rows, image_rows = rows_for(groups)
-            xs, keys = [], []
-            for indices, branches in groups:
-                xs += [take(x_in, indices)] * len(branches)  # sliced once per group, not once per branch
-                keys += [(i, k) for k in branches for i in indices]  # (image, branch) of each row, in row order
-            sample = be.concat([be.concat(xs, 0), image_rows], 1)  # (N, 8, h, w)
-            n = sample.shape[0]
-            inputs = {"sample": sample, "timestep": be.asarray(np.full(n, t, dtype=np.float32)),
-                      "encoder_hidden_states": text_rows}
-            full = cache.full(calls) or not features.covers(keys)
-            if full:
-                result = be.run(full_name, inputs)
-                if cache.on:
-                    features.store(keys, result["deep_feature"])  # (N, C, h', w')
-            else:
-                result = be.run(shallow_name, {**inputs, "deep_feature": features.take(keys)})
-            calls += 1
-            out = result["noise_pred"]  # (N, 4, h, w)
-            outputs, offset = [], 0
-            for indices, branches in groups:
-                group = {}
-                for k in branches:
-                    group[k] = out[offset : offset + len(indices)]
-                    offset += len(indices)
-                for i in indices:
-                    evaluations[i] += len(branches)
-                    work[i] += len(branches) * (1.0 if full else shallow_cost)
-                outputs.append(group)
-            return outputs
-
-        denoiser = guided_denoiser(unet, schedule.timestep, plan, lambda parts: be.concat(parts, 0),
-                                   self.model.prediction_type, to_numpy=be.to_numpy)
-        extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
-        def step_done(i: int, *_: Any) -> None:
-            bar.update()
-            if on_step is not None:
-                plan.drop(on_step(i + 1))
-
-        with tqdm(total=config.steps, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
-            x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
-        x = x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)  # back to the DDPM scale the VAE expects
+        x = self._initial_latents(noise, latents, pixels.shape) * schedule.init_noise_sigma  # (B, 4, h, w)
+        rows = UNetRows(self.backend, text, null, image_latents, config.step_cache)
+        x = self._denoise(x, rows, plan, sampler, schedule, noise, on_step)
         clock.lap("denoise")
 
-        kept = [i for i in range(b) if i not in plan.gone]
-        if len(kept) == b:
-            decoded = self._decode(x)
-        else:  # dropped images are not decoded: they come back mid-grey
-            decoded = np.zeros((b, 3, pixels.shape[2], pixels.shape[3]), np.float32)
-            if kept:
-                decoded[kept] = self._decode(take(x, kept))
+        decoded = self._decode_kept(x, plan.gone, pixels.shape)
         clock.lap("decode")
-        return decoded, evaluations, work
+        return decoded, rows.evaluations, rows.work
+
+    def encode_image(self, pixels: np.ndarray) -> Any:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, 4, H/f, W/f) image latents on the backend (the encoder's mode)."""
+        be = self.backend
+        return be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]
+
+    def _latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(C, h, w) of one image's latents for (B, 3, H, W) pixels."""
+        factor = self.model.vae_factor
+        return self.model.latent_channels, pixel_shape[2] // factor, pixel_shape[3] // factor
+
+    def _initial_latents(self, noise: NoiseSource, latents: np.ndarray | None, pixel_shape: tuple[int, ...]) -> Any:
+        """Unit-variance starting noise (B, 4, h, w) on the backend: the seeds', or the caller's, checked."""
+        shape, count = self._latent_shape(pixel_shape), pixel_shape[0]
+        if latents is None:
+            return self.backend.asarray(noise.randn(shape))
+        if latents.shape != (count, *shape):
+            raise InputError(f"latents must have shape {(count, *shape)} for these images, got {latents.shape}")
+        return self.backend.asarray(latents)
+
+    def _denoise(self, x: Any, rows: UNetRows, plan: GuidancePlan, sampler: Sampler, schedule: Schedule,
+                 noise: NoiseSource, on_step: Callable[[int], list[int]] | None) -> Any:
+        """The sampler's steps from ``x`` (B, 4, h, w) at the schedule's first sigma down to the last, guided by
+        ``plan`` over ``rows``; returned at the DDPM scale the VAE expects."""
+        be = self.backend
+        denoiser = guided_denoiser(rows, schedule.timestep, plan, lambda parts: be.concat(parts, 0),
+                                   self.model.prediction_type, to_numpy=be.to_numpy)
+        shape = tuple(x.shape[1:])
+        extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
+        with tqdm(total=len(schedule.sigmas) - 1, desc="denoising", unit="step", disable=not self.progress,
+                  leave=False) as bar:
+            def step_done(i: int, *_: Any) -> None:
+                bar.update()
+                if on_step is not None:
+                    plan.drop(on_step(i + 1))  # cancelled images cost no rows from the next step on
+
+            x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
+        return x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)
+
+    def _decode_kept(self, x: Any, gone: set[int], pixel_shape: tuple[int, ...]) -> np.ndarray:
+        """(B, 3, H, W) decoded pixels of the images not dropped; dropped ones are not decoded (mid-grey)."""
+        count = pixel_shape[0]
+        kept = [i for i in range(count) if i not in gone]
+        if len(kept) == count:
+            return self._decode(x)
+        decoded = np.zeros((count, 3, pixel_shape[2], pixel_shape[3]), np.float32)
+        if kept:
+            decoded[kept] = self._decode(self.backend.concat([x[i : i + 1] for i in kept], 0))
+        return decoded
 
     def _decode(self, latents: Any) -> np.ndarray:
         """(B, 3, H, W) decoded pixels; a reduced-precision overflow is retried with the float32 decoder."""
@@ -436,6 +379,20 @@ class EditPipeline:
         if not np.isfinite(decoded).all():
             raise NumericalError("the decoded image contains NaN or Inf (the model's weights or latents are broken)")
         return decoded
+
+
+def _to_output(outputs: list[np.ndarray], config: EditConfig, sizes: list[tuple[int, int]]) -> Any:
+    """Decoded (3, H, W) images as the config asks: PIL images or float32 arrays in [0, 1], at the inputs'
+    ``sizes`` with ``keep_size``."""
+    if config.output_type == "pil" and not config.keep_size:
+        return [imaging.output_to_pil(out) for out in outputs]
+    arrays = [imaging.from_model_output(out[None])[0] for out in outputs]  # (H, W, 3) in [0, 1]
+    if config.keep_size:
+        arrays = [imaging.resize_array(out, size) if out.shape[1::-1] != size else out
+                  for out, size in zip(arrays, sizes)]
+    if config.output_type == "pil":
+        return [imaging.to_pil(out) for out in arrays]
+    return np.stack(arrays) if len({out.shape for out in arrays}) == 1 else arrays
 
 
 def _members_callback(on_step: Callable[[int], Collection[int] | None],

@@ -9,10 +9,8 @@ from tests.test_pipeline import random_images
 
 
 def shallow_share(pipe, image) -> float:
-    """MACs of a shallow row over a whole one, at the latent size ``image`` is edited at (its own size)."""
-    width, height = pipe.edit_size(image.size, None)
-    latent = (height // pipe.model.vae_factor, width // pipe.model.vae_factor)
-    return pipe.backend.macs("unet_shallow_d1", latent) / pipe.backend.macs("unet_full_d1", latent)
+    """MACs of a shallow row over a whole one (at the model's own size)."""
+    return pipe.backend.macs("unet_shallow_d1") / pipe.backend.macs("unet_full_d1")
 
 
 def test_every_interval_th_call_is_full():

@@ -84,11 +84,6 @@ def test_denoiser_combines_the_branches_and_v_prediction():
         guided_denoiser(unet, lambda s: 0.0, plan, np.concatenate, prediction_type="sample")
 
 
-def test_static_engines_evaluate_every_branch_even_when_exact_needs_one():
-    plan = GuidancePlan(2, 1.0, 1.0, all_branches=True)
-    assert plan.branches(5.0) == [ALL, ALL] and plan.weights_for(ALL) == (1.0, 0.0, 0.0)
-
-
 def test_the_interval_guides_only_inside_it():
     plan = GuidancePlan(2, 7.5, 1.5, GuidanceOptions(interval=(1.0, 10.0)))
     assert plan.branches(14.6) == [(COND,)] * 2 and plan.branches(10.0) == [ALL] * 2
@@ -141,6 +136,3 @@ def test_a_dropped_image_evaluates_nothing_and_leaves_the_others_as_they_were():
     np.testing.assert_allclose(out[1], x[1])  # no prediction: the sample stays where it is
     np.testing.assert_allclose(out[[0, 2], 0], 1 - 5.0 * np.array([combine_guidance(3, 2, 1, 7.5, 1.5),
                                                                     combine_guidance(5, 4, 3, 7.5, 1.5)]))
-    static = GuidancePlan(2, 7.5, 1.5, all_branches=True)
-    static.drop([0])
-    assert static.branches(5.0) == [ALL, ALL]  # fixed rows: a static engine runs them anyway

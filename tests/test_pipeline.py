@@ -189,22 +189,6 @@ def test_guidance_interval_counts_its_rows(tiny_pipe):
     assert result.unet_evaluations == [3 * 3 + 3 * 1]
 
 
-def test_older_static_bundles_run_all_three_branches_and_refuse_row_changing_options(tiny_pipe):
-    """A static-shape ONNX graph of an older export takes exactly 3B rows: the exact saving gives way (same
-    pictures, 3 rows a step), and the options that change rows step by step are refused up front."""
-    from engine.specs import Profile
-
-    static = EditPipeline(tiny_pipe.backend, tiny_pipe.model, tiny_pipe.tokenizer, progress=False,
-                          profile=Profile((1, 1, 1), (64, 64, 64), (64, 64, 64)), all_branches=True)
-    image = random_images(1, height=64, width=64)[0]
-    kwargs = dict(steps=3, seed=2, image_guidance=1.0, resolution=None, output_type="np")
-    full, saved = static.edit(image, "x", **kwargs), tiny_pipe.edit(image, "x", **kwargs)
-    assert full.unet_evaluations == [9] and saved.unet_evaluations == [6]
-    np.testing.assert_allclose(full.images, saved.images, atol=1e-5)
-    with pytest.raises(InputError, match="export it again"):
-        static.edit(image, "x", adaptive_guidance=0.99, **kwargs)
-
-
 def test_per_image_guidance_scales_give_each_image_its_solo_pixels(tiny_pipe):
     """A server batches requests with different scales: each image must get the pixels of its own edit, and
     the rows eq. 3 weights for its scales only (s_I = 1: two branches)."""

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import torch_backend
+from engine.backends import torch_backend, torch_modules
 from engine.backends.unet_split import FullUNet, ShallowUNet, feature_shape
 from engine.checkpoints import resolve_model
 from engine.errors import InputError
@@ -13,7 +13,7 @@ from engine.pipeline import DEFAULT_MODEL
 @pytest.fixture(scope="module")
 def shapes_unet():
     """The shipped shapes model's UNet: three levels, so depths 1 and 2 both exist."""
-    unet, _, _ = torch_backend.load_networks(resolve_model(DEFAULT_MODEL))
+    unet, _, _ = torch_modules.load_networks(resolve_model(DEFAULT_MODEL))
     return unet.eval()
 
 
@@ -67,8 +67,8 @@ def test_depths_without_a_level_are_refused(shapes_unet, tiny_pipe):
 def test_work_is_counted_in_multiply_accumulates(shapes_unet, tiny_pipe):
     """The shallow half costs a part of the UNet; the full half exactly the UNet (its feature is free)."""
     backend = tiny_pipe.backend
-    full, shallow, plain = (backend.macs(name, (8, 8)) for name in ("unet_full_d1", "unet_shallow_d1", "unet"))
+    full, shallow, plain = (backend.macs(name) for name in ("unet_full_d1", "unet_shallow_d1", "unet"))
     assert full == plain and 0 < shallow < 0.6 * full
-    deep = torch_backend.unet_macs(shapes_unet, "unet_shallow_d2", (16, 16), 64)
-    assert torch_backend.unet_macs(shapes_unet, "unet_shallow_d1", (16, 16), 64) < deep
-    assert deep < torch_backend.unet_macs(shapes_unet, "unet", (16, 16), 64)
+    deep = torch_modules.unet_macs(shapes_unet, "unet_shallow_d2", (16, 16), 64)
+    assert torch_modules.unet_macs(shapes_unet, "unet_shallow_d1", (16, 16), 64) < deep
+    assert deep < torch_modules.unet_macs(shapes_unet, "unet", (16, 16), 64)

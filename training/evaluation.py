@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from engine.images import psnr
 from training.synthetic import EDITS, PALETTE, Shape, draw, random_edit, random_scene, shape_mask
 
 if TYPE_CHECKING:
@@ -81,6 +80,12 @@ def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
         out = np.any([padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
     return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
+    """Peak signal-to-noise ratio in dB of two arrays whose values span ``peak`` (255 for uint8 pixels)."""
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return 10 * math.log10(peak**2 / max(mse, 1e-20))
 
 
 def nearest_colour(rgb: np.ndarray) -> str:

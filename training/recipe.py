@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
-from engine.images import psnr
+from training.evaluation import psnr
 from training.synthetic import edit_probabilities, generate, shape_probabilities
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engine.backends.torch_backend import load_component
+from engine.backends.torch_modules import load_component
 from engine.checkpoints import WEIGHT_SUFFIXES, ModelSource, resolve_model
 from engine.schedules import alphas_cumprod
 from engine.tokenizer import ClipTokenizer
@@ -225,7 +225,8 @@ def _validate(output, step, unet, vae, text_encoder, tokenizer, folder, data, co
     input, the edit and the target side by side in <output>/validation/step-N.png."""
     from PIL import Image
 
-    from engine.backends.torch_backend import TorchBackend, wrap_components
+    from engine.backends.torch_backend import TorchBackend
+    from engine.backends.torch_modules import wrap_components
     from engine.config import model_config_from
     from engine.pipeline import EditPipeline
 
