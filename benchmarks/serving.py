@@ -27,8 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.hostile import Attacker, attack_summary, server_errors
-from engine.images import encode_image
 from engine.pipeline import EditPipeline
+from engine.serving.encoders import encode_image
 from engine.serving.jobs import Settings
 from engine.serving.service import background_server, local_service
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from engine import EditPipeline, InputError
-from engine.images import psnr
+from training.evaluation import psnr
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]

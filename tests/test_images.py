@@ -1,4 +1,3 @@
-import io
 import numpy as np
 import pytest
 from PIL import Image
@@ -122,36 +121,3 @@ def test_output_to_pil_equals_the_float_path():
 def test_resize_array_keeps_float_range():
     out = images.resize_array(np.random.default_rng(0).random((8, 8, 3)).astype(np.float32), (10, 6))
     assert out.shape == (6, 10, 3) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
-
-
-def test_psnr():
-    from engine.images import psnr
-
-    a = np.zeros((4, 4, 3), np.uint8)
-    b = a.copy()
-    b[0, 0, 0] = 255  # mse = 255**2 / 48
-    assert abs(psnr(a, b, peak=255.0) - 10 * np.log10(48)) < 1e-9
-    assert psnr(a, a, peak=255.0) > 190
-
-
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
-@pytest.mark.parametrize("size", [(1, 1), (5, 3), (64, 48)])
-def test_encode_png_round_trips_exactly(mode, size):
-    rng = np.random.default_rng(0)
-    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    array = array[:, :, 0] if mode == "L" else array
-    data = images.encode_png(Image.fromarray(array, mode=mode))
-    decoded = Image.open(io.BytesIO(data))
-    decoded.load()  # Pillow checks every chunk's CRC and the zlib stream here
-    assert (decoded.format, decoded.mode, decoded.size) == ("PNG", mode, size)
-    np.testing.assert_array_equal(np.asarray(decoded), array)
-
-
-def test_png_answers_are_written_by_encode_png_and_other_modes_by_pillow():
-    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
-    assert images.encode_image(image, "png") == images.encode_png(image)
-    palette = image.convert("P")
-    decoded = Image.open(io.BytesIO(images.encode_png(palette)))
-    assert decoded.mode == "P"
-    np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), np.asarray(palette.convert("RGB")))

@@ -22,8 +22,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.hostile import blank_png, mutate, sample_files
-from engine.images import encode_image
-from engine.serving.jobs import Job, JobTable, Outcome, QueueFull, Settings, job_config
+from engine.serving.encoders import encode_image
+from engine.serving.interface import QueueFull
+from engine.serving.jobs import Job, JobTable, Outcome, Settings, job_config
 from engine.serving.schema import EditParameters
 from tests.serving_server import BUNDLE_LOAD, free_port, local_server, wait_ready
 from tests.test_serving import INSTRUCTION, pixels, png_bytes, post_edit

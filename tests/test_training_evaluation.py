@@ -1,7 +1,7 @@
 """The held-out shapes evaluation: regions, colours and PSNR are scored against exact ground truth."""
 import numpy as np
 
-from training.evaluation import EDITS, format_report, held_out_cases, nearest_colour, score
+from training.evaluation import EDITS, format_report, held_out_cases, nearest_colour, psnr, score
 from training.synthetic import PALETTE
 
 
@@ -41,3 +41,11 @@ def test_nearest_colour_and_report():
     assert "| remove | 3 | 66.7% | 100.0% | 66.7% | 30.2 dB |" in table and "text guidance 5.0" in table
     report["cases"] = [{"edit": "remove", "shapes": n, "success": ok} for n, ok in ((2, True), (3, True), (3, False))]
     assert "| remove | 100% of 1 | 50% of 2 |" in format_report(report)
+
+
+def test_psnr():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255**2 / 48
+    assert abs(psnr(a, b, peak=255.0) - 10 * np.log10(48)) < 1e-9
+    assert psnr(a, a, peak=255.0) > 190

@@ -1,7 +1,5 @@
-"""The HTTP API (FastAPI), the same for the single-machine worker and the Ray Serve app: ``create_app(service)``.
-
-``service`` is an EditWorker or a RayEditService: ``submit(image, params) -> Job``, ``get``, ``forget``,
-``position``, ``queue_depth``, ``ready``, ``stop``, and ``settings``/``metrics``/``jobs`` (its JobTable).
+"""The HTTP API (FastAPI), the same for the single-machine worker and the Ray Serve app: ``create_app(service)``
+over an EditService (``interface.py``).
 
 Every error is ``{"error": "..."}`` with a 4xx (or 503 while unavailable); what a client sends never causes a 5xx.
 """
@@ -26,8 +24,10 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from engine.errors import InputError, one_line
-from engine.images import OUTPUT_FORMATS, decode_opened, encode_image, open_encoded
-from engine.serving.jobs import FINISHED, Job, QueueFull, Unavailable
+from engine.images import decode_opened, open_encoded
+from engine.serving.encoders import OUTPUT_FORMATS, encode_image
+from engine.serving.interface import EditService, QueueFull, Unavailable
+from engine.serving.jobs import FINISHED, Job
 from engine.serving.schema import EditOutput, EditParameters, JobView, decode_base64, parse_parameters
 
 log = logging.getLogger("engine.serving")
@@ -57,7 +57,7 @@ class Gate:
     body size limit and read deadline, status metrics labelled by route template (bounded: one label per route,
     one for every unknown path)."""
 
-    def __init__(self, app, service, router):
+    def __init__(self, app, service: EditService, router):
         self.app, self.service, self.router = app, service, router
         self.active = 0  # requests in progress, health checks left out (only the event loop changes it)
 
@@ -156,7 +156,7 @@ class Gate:
         return replay, None
 
 
-async def read_edit(request: Request, service) -> tuple:
+async def read_edit(request: Request, service: EditService) -> tuple:
     """(the upload's bytes, EditParameters) from a multipart form or JSON body; BadImage or InputError naming the
     problem."""
     content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
@@ -185,7 +185,7 @@ async def read_edit(request: Request, service) -> tuple:
     return data, parse_parameters(fields)
 
 
-async def submit_upload(data: bytes, params: EditParameters, service) -> Job:
+async def submit_upload(data: bytes, params: EditParameters, service: EditService) -> Job:
     """The upload decoded to RGB and queued, its bytes reserved in the service's budget from before the decode
     until the job counts them itself (QueueFull when they do not fit); BadImage naming a bad image."""
     try:
@@ -218,7 +218,7 @@ def output_format(job: Job, request: Request) -> str:
     return min(named)[1] if named else "png"
 
 
-async def encoded(job: Job, service, fmt: str) -> bytes:
+async def encoded(job: Job, service: EditService, fmt: str) -> bytes:
     """The job's image in ``fmt``, encoded once per format while the decoded result is held. A job that keeps
     only its encoded answer (``keep_encoded``: PNG unless the request named a format) is decoded from it for
     another format, which is not kept."""
@@ -237,7 +237,7 @@ async def encoded(job: Job, service, fmt: str) -> bytes:
     return data
 
 
-async def keep_encoded(job: Job, service) -> None:
+async def keep_encoded(job: Job, service: EditService) -> None:
     """Once a queued job (``/v1/jobs``) finishes: its answer encoded in the format it asked for (PNG unless it
     named one), and only those bytes kept."""
     try:
@@ -255,7 +255,7 @@ def image_response(job: Job, fmt: str, data: bytes) -> Response:
         "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in job.timings.items())})
 
 
-async def output_of(job: Job, service, fmt: str = "png") -> EditOutput:
+async def output_of(job: Job, service: EditService, fmt: str = "png") -> EditOutput:
     data = await encoded(job, service, fmt)
     outcome = job.future.result()
     return EditOutput(image=base64.b64encode(data).decode(), media_type=OUTPUT_FORMATS[fmt][1], seed=outcome.seed,
@@ -264,7 +264,7 @@ async def output_of(job: Job, service, fmt: str = "png") -> EditOutput:
                       timings=dict(job.timings))
 
 
-async def view_of(job: Job, service, with_result: bool = True, fmt: str = "png") -> JobView:
+async def view_of(job: Job, service: EditService, with_result: bool = True, fmt: str = "png") -> JobView:
     job.cancel_if_expired()
     result = await output_of(job, service, fmt) if with_result and job.state == "succeeded" else None
     position = service.position(job) if job.state == "queued" else None
@@ -294,18 +294,24 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-def create_app(service, title: str = "ip2p edit service") -> FastAPI:
+def create_app(service: EditService, title: str = "ip2p edit service") -> FastAPI:
     """The HTTP API over ``service``."""
-    keepers: set[asyncio.Task] = set()  # keep_encoded tasks of queued jobs
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        service.start()
         yield
         await run_in_threadpool(service.stop, service.settings.drain_timeout)
 
     app = FastAPI(title=title, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.add_middleware(Gate, service=service, router=app.router)
+    add_error_handlers(app)
+    for add_routes in (add_edit_routes, add_job_routes, add_event_routes, add_health_routes):
+        add_routes(app, service)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as {"error": one line}; never a traceback in a response."""
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException):  # 404, 405, the multipart parser's limits
@@ -320,27 +326,31 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         log.exception("%s: unexpected error", request.scope.get("state", {}).get("request_id"))
         return error(500, f"internal error: {type(err).__name__}")
 
-    async def accepted(request: Request):
-        """Read, decode and queue an edit; or the error response that refuses it."""
-        start = time.perf_counter()
-        try:
-            data, params = await read_edit(request, service)
-            job = await submit_upload(data, params, service)
-        except BadImage as err:
-            return error(400, str(err))
-        except InputError as err:
-            return error(422, str(err))
-        except QueueFull as err:
-            return error(429, str(err), {"Retry-After": str(err.retry_after)})
-        except Unavailable as err:
-            return error(503, str(err), {"Retry-After": "5"})
-        job.timings["read"] = time.perf_counter() - start  # parsed, decoded and queued
-        service.metrics.stage_seconds.labels("read").observe(job.timings["read"])
-        return job
 
+async def accepted(request: Request, service: EditService) -> Job | Response:
+    """Read, decode and queue an edit; or the error response that refuses it."""
+    start = time.perf_counter()
+    try:
+        data, params = await read_edit(request, service)
+        job = await submit_upload(data, params, service)
+    except BadImage as err:
+        return error(400, str(err))
+    except InputError as err:
+        return error(422, str(err))
+    except QueueFull as err:
+        return error(429, str(err), {"Retry-After": str(err.retry_after)})
+    except Unavailable as err:
+        return error(503, str(err), {"Retry-After": "5"})
+    job.timings["read"] = time.perf_counter() - start  # parsed, decoded and queued
+    service.metrics.stage_seconds.labels("read").observe(job.timings["read"])
+    return job
+
+
+def add_edit_routes(app: FastAPI, service: EditService) -> None:
+    """POST /v1/edits: an edit answered in the same request."""
     @app.post("/v1/edits")
     async def edits(request: Request):
-        job = await accepted(request)
+        job = await accepted(request, service)
         if not isinstance(job, Job):
             return job
         waited = asyncio.wrap_future(job.future)
@@ -363,9 +373,14 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
                 job.cancel("disconnected")
             service.forget(job)
 
+
+def add_job_routes(app: FastAPI, service: EditService) -> None:
+    """/v1/jobs: an edit queued and looked up later (its result, its progress as server-sent events)."""
+    keepers: set[asyncio.Task] = set()  # keep_encoded tasks of queued jobs
+
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
-        job = await accepted(request)
+        job = await accepted(request, service)
         if not isinstance(job, Job):
             return job
         keeper = asyncio.get_running_loop().create_task(keep_encoded(job, service))
@@ -374,19 +389,16 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         view = await view_of(job, service)
         return JSONResponse(view.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
-    def find(job_id: str) -> Job | None:
-        return service.get(job_id)
-
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request):
-        job = find(job_id)
+        job = service.get(job_id)
         if job is None:
             return error(404, f"no job {job_id} (finished results are kept {service.settings.result_ttl:g} s)")
         return (await view_of(job, service, fmt=output_format(job, request))).model_dump()
 
     @app.get("/v1/jobs/{job_id}/image")
     async def job_image(job_id: str, request: Request):
-        job = find(job_id)
+        job = service.get(job_id)
         if job is None:
             return error(404, f"no job {job_id}")
         if job.state != "succeeded":
@@ -398,7 +410,7 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
     async def cancel_job(job_id: str):
         """A queued or running job is cancelled (and shown as such until its result would expire); a finished
         one is deleted with its result."""
-        job = find(job_id)
+        job = service.get(job_id)
         if job is None:
             return error(404, f"no job {job_id}")
         if job.state in FINISHED:
@@ -406,9 +418,12 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
         job.cancel("cancelled")
         return (await view_of(job, service, with_result=False)).model_dump()
 
+
+def add_event_routes(app: FastAPI, service: EditService) -> None:
+    """GET /v1/jobs/{id}/events: a job's progress as server-sent events, ending with its final state."""
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
-        job = find(job_id)
+        job = service.get(job_id)
         if job is None:
             return error(404, f"no job {job_id}")
 
@@ -433,6 +448,9 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+
+def add_health_routes(app: FastAPI, service: EditService) -> None:
+    """Liveness, readiness, metrics and the page."""
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "ok"}
@@ -454,4 +472,3 @@ def create_app(service, title: str = "ip2p edit service") -> FastAPI:
     async def page():
         return resources.files("engine.serving").joinpath("page.html").read_text(encoding="utf-8")
 
-    return app

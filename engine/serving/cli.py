@@ -7,9 +7,9 @@ import os
 import signal
 
 from engine.errors import InputError
+from engine.serving.interface import API_KEY_ENV
 
 log = logging.getLogger("engine.serving")
-API_KEY_ENV = "IP2P_API_KEY"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

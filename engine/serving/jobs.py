@@ -15,22 +15,10 @@ from PIL import Image
 from engine.config import EditConfig
 from engine.errors import Cancelled, InputError
 from engine.presets import preset_config
+from engine.serving.interface import QueueFull
 from engine.serving.schema import EditParameters, draw_seed
 
 FINISHED = ("succeeded", "failed", "cancelled")
-
-
-class QueueFull(RuntimeError):
-    """No room for another edit (429): the queue holds --max-queue jobs, or the images held would pass
-    --max-held-mb; ``retry_after`` is the estimated seconds until there is room."""
-
-    def __init__(self, retry_after: int, why: str = "the edit queue is full"):
-        super().__init__(f"{why}; retry in about {retry_after} s")
-        self.retry_after = retry_after
-
-
-class Unavailable(RuntimeError):
-    """The service is not taking edits (shutting down, or its model failed)."""
 
 
 @dataclass

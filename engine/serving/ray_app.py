@@ -22,9 +22,9 @@ from ray.serve.exceptions import BackPressureError
 
 from engine.errors import Cancelled, InputError
 from engine.serving.app import create_app
-from engine.serving.cli import API_KEY_ENV
-from engine.serving.jobs import (Job, JobTable, QueueFull, Settings, Unavailable, advance, batch_key, check_limits,
-                                 check_size, job_config, run_batch)
+from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline, warm_up
+from engine.serving.jobs import (Job, JobTable, Settings, advance, batch_key, check_limits, check_size, job_config,
+                                 run_batch)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -38,17 +38,13 @@ class EditModel:
     """One replica: its own EditPipeline; concurrent requests are gathered by ``@serve.batch``."""
 
     def __init__(self, load: dict, settings: Settings):
-        from engine.serving.service import serving_pipeline
-
         # one thread loads, warms up and runs every edit (see EditWorker: torch on a CPU is slow on a second one)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ip2p-edit")
         self.pipe = self._thread.submit(serving_pipeline, load, settings).result()
         self.settings = settings
         self.edit_batch.set_max_batch_size(settings.max_batch)
         self.edit_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
-        side = self.pipe.model.default_resolution
-        self._thread.submit(self.pipe.edit, Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1,
-                            seed=0).result()
+        self._thread.submit(warm_up, self.pipe).result()
 
     async def edit(self, image: Image.Image, params: EditParameters):
         """Stream one edit: 0 when its batch starts, the denoising steps done as they advance, then its Outcome
@@ -105,8 +101,8 @@ class EditModel:
             raise RuntimeError("the pipeline is not loaded")
 
 
-class RayEditService:
-    """The ingress side: the API's service over a handle to the EditModel replicas (no model loaded here)."""
+class RayEditService(EditService):
+    """The ingress side: an EditService over a handle to the EditModel replicas (no model loaded here)."""
 
     def __init__(self, handle, settings: Settings):
         self.handle, self.settings = handle, settings
@@ -114,9 +110,6 @@ class RayEditService:
         self.jobs = JobTable(settings)
         self.ready = True
         self._tasks: set[asyncio.Task] = set()
-
-    def start(self) -> None:
-        """Nothing to start: the replicas are Serve's."""
 
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         if not self.ready:
@@ -192,7 +185,7 @@ class RayEditService:
         return [j for j in self.jobs.unfinished() if j.state == "queued"]
 
     def stop(self, drain_timeout: float) -> None:
-        """As EditWorker.stop: no new edits, ``drain_timeout`` s for those held, then the rest cancelled (503)."""
+        """As EditService.stop: no new edits, ``drain_timeout`` s for those held, then the rest cancelled (503)."""
         self.ready = False
         deadline = time.monotonic() + drain_timeout
         while self.jobs.unfinished() and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Building the single-machine service (the pipeline, its metrics, the worker that owns it), and running it."""
+"""Running an EditService on uvicorn, and building the single-machine one (an EditWorker over the pipeline)."""
 from __future__ import annotations
 
 import signal
@@ -7,22 +7,16 @@ import threading
 import time
 from contextlib import contextmanager
 from types import FrameType
+from typing import Iterator
 
 import uvicorn
 
-from engine.pipeline import EditPipeline
+from engine.serving.interface import EditService, serving_pipeline
 from engine.serving.jobs import Settings
 from engine.serving.metrics import Metrics
 from engine.serving.worker import EditWorker
 
 GRACE_S = 5  # seconds uvicorn gives responses to finish once the service has drained
-
-
-def serving_pipeline(load: dict, settings: Settings) -> EditPipeline:
-    """``EditPipeline.from_pretrained(**load)`` as a server runs it: no progress bars (a server logs) and the
-    pixel limit of its settings. onnxruntime keeps its spinning CPU threads: sleeping ones cut the server's
-    overhead p99 from ~18 to ~6 ms but made the 64x64 edit ~10% slower on the 2-core host (docs/serving.md)."""
-    return EditPipeline.from_pretrained(**load, max_image_pixels=settings.max_pixels, progress=False)
 
 
 def local_service(load: dict, settings: Settings) -> EditWorker:
@@ -36,7 +30,7 @@ class DrainingServer(uvicorn.Server):
     cancelled, so their clients get 503 with Retry-After and their event streams a final event; only then does
     uvicorn close connections. A second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, service):
+    def __init__(self, config: uvicorn.Config, service: EditService):
         super().__init__(config)
         self.service = service
         self._drain: threading.Thread | None = None
@@ -53,7 +47,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def http_server(service, host: str, port: int) -> DrainingServer:
+def http_server(service: EditService, host: str, port: int) -> DrainingServer:
     """The API over ``service`` on uvicorn at ``host:port``, draining on shutdown."""
     from engine.serving.app import create_app
 
@@ -63,7 +57,8 @@ def http_server(service, host: str, port: int) -> DrainingServer:
 
 
 @contextmanager
-def background_server(service, host: str = "127.0.0.1", port: int = 0, ready_timeout: float = 120.0):
+def background_server(service: EditService, host: str = "127.0.0.1", port: int = 0,
+                      ready_timeout: float = 120.0) -> Iterator[str]:
     """Run the API over ``service`` on uvicorn in a thread (embedding, tests, benchmarks); yields its base URL
     once ``/readyz`` answers 200; drains and shuts it down on exit. ``port=0`` picks a free port."""
     if port == 0:

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Callable
 from PIL import Image
 
 from engine.errors import Cancelled, InputError
-from engine.serving.jobs import (FINISHED, Job, JobTable, QueueFull, Settings, Unavailable, advance, batch_key,
-                                 check_limits, check_size, job_config, run_batch)
+from engine.serving.interface import EditService, QueueFull, Unavailable, warm_up
+from engine.serving.jobs import (FINISHED, Job, JobTable, Settings, advance, batch_key, check_limits, check_size,
+                                 job_config, run_batch)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class EditWorker:
+class EditWorker(EditService):
     """Owns one EditPipeline: requests are queued, gathered into batches of one key, and run on one thread."""
 
     def __init__(self, load_pipeline: Callable[[], "EditPipeline"], settings: Settings, metrics: Metrics):
@@ -45,9 +46,6 @@ class EditWorker:
         self.pipe = loaded.result()
 
     # -- the request side (any thread) --------------------------------------------------------------------
-    def start(self) -> None:
-        """Nothing to start: the worker runs from its creation (the app's lifespan calls this on either service)."""
-
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         """Queue an edit; InputError for settings the service refuses, QueueFull when there is no room."""
         settings = self.settings
@@ -116,20 +114,13 @@ class EditWorker:
             loaded.set_exception(err)
             return
         loaded.set_result(self.pipe)
-        self._warm_up()
+        warm_up(self.pipe)
+        self.ready = True
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             self._run(batch)
-
-    def _warm_up(self) -> None:
-        """One small edit before /readyz says ready, so the first request does not pay for lazy set-up."""
-        start = time.perf_counter()
-        side = self.pipe.model.default_resolution
-        self.pipe.edit(Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1, seed=0)
-        self.ready = True
-        log.info("model warm: one edit in %.2f s; serving", time.perf_counter() - start)
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest live job and up to max_batch - 1 others of its key, gathered for batch_wait_ms."""
