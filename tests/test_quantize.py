@@ -1,6 +1,7 @@
 """``ip2p quantize`` on the shipped shapes bundle: a real NNCF int8 UNet that OpenVINO runs, edits near the float
 bundle's, a whole and checked manifest, and one-line errors that leave nothing behind."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -108,3 +109,20 @@ def test_a_quantized_bundle_is_not_quantized_again(int8_bundle, tmp_path, calibr
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"unet.bin: corrupted"):
         EditPipeline.from_pretrained(copy)
+
+
+def test_an_ir_this_openvino_cannot_read_names_the_file_and_the_fix(int8_bundle, tmp_path):
+    """An IR written for another OpenVINO (here: an IR version no release has) is refused in one line."""
+    from engine.manifest import sha256_file
+
+    copy = tmp_path / "other-version"
+    shutil.copytree(int8_bundle, copy)
+    xml = copy / "unet.xml"
+    text = xml.read_text()
+    head = text[: text.index(">", text.index("<net ")) + 1]
+    xml.write_text(text.replace(head, re.sub(r'version="\d+"', 'version="99"', head), 1))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["components"]["unet"]["files"][0].update(sha256=sha256_file(xml), bytes=xml.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"unet.xml: OpenVINO cannot read this graph .*quantize it again"):
+        EditPipeline.from_pretrained(copy, progress=False)

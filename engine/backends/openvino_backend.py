@@ -38,6 +38,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "openvino"
 
 
+def ov_version() -> str:
+    """OpenVINO's release, e.g. 2026.4.1."""
+    import openvino as ov
+
+    return ov.get_version().split("-")[0]
+
+
 def choose_precision(dtype: str | None, flags: frozenset[str] | None = None) -> str:
     """The dtype to compute in: bfloat16 where this CPU has it natively, else float32; an asked-for dtype is
     checked (InputError naming the fix for one this CPU only emulates or this backend does not run)."""
@@ -69,7 +76,7 @@ class OpenVinoBackend(HostArrays):
             self._compile(core, name, name, precision, threads)
         if precision != "float32" and VAE_DECODER_FP32 not in self._requests:
             self._compile(core, VAE_DECODER_FP32, VAE_DECODER.name, "float32", threads)
-        log.info("openvino %s: %s in %s, %d threads", ov.get_version().split("-")[0], ", ".join(self._requests),
+        log.info("openvino %s: %s in %s, %d threads", ov_version(), ", ".join(self._requests),
                  precision, threads)
 
     def _compile(self, core, name: str, component: str, precision: str, threads: int) -> None:
@@ -80,8 +87,9 @@ class OpenVinoBackend(HostArrays):
             compiled = core.compile_model(str(path), "CPU", config)  # from the file: the cache keys on it
         except Exception as err:  # OpenVINO raises RuntimeError with multi-line C++ context for unreadable graphs
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise InputError(f"{path}: OpenVINO cannot read this graph ({first}); export the bundle again with "
-                             "`ip2p export`, or run it with --backend onnxruntime") from None
+            fix = (f"quantize it again with this OpenVINO ({ov_version()}): `ip2p quantize`" if path.suffix == ".xml"
+                   else "export the bundle again with `ip2p export`, or run it with --backend onnxruntime")
+            raise InputError(f"{path}: OpenVINO cannot read this graph ({first}); {fix}") from None
         self.compiled[name], self._requests[name] = compiled, compiled.create_infer_request()
         wanted = component_spec(component).output_names  # a port has several names (ONNX's, and its casts')
         self._outputs[name] = [next(n for n in port.get_names() if n in wanted) for port in compiled.outputs]
