@@ -79,9 +79,9 @@ def run_savings(args: argparse.Namespace) -> None:
 
 def run_serving(args: argparse.Namespace) -> None:
     import json
-    import os
 
     from benchmarks.hardware import cpu_capability, device_name, versions
+    from engine.files import write_json_atomic
     from benchmarks.serving import Load, load_run, serving_table, soak, uncontended
     from engine.pipeline import DEFAULT_BUNDLE
     from engine.serving.jobs import Settings
@@ -111,17 +111,14 @@ def run_serving(args: argparse.Namespace) -> None:
         results["overhead"] = [uncontended(load_args, size=args.overhead_size, steps=1, repeats=30, fmt=fmt, block=10)
                                for fmt in ("png", "jpeg")]
         log.info("overhead at %d px: %s", args.overhead_size, results["overhead"])
-    tmp = f"{args.json}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.json)
+    write_json_atomic(args.json, results, indent=1)
     log.info("wrote %s\n\n%s", args.json, serving_table(json.loads(json.dumps(results))))
 
 
 def run_pairs_timing(args: argparse.Namespace) -> None:
     from benchmarks.hardware import cpu_capability, device_name, versions
     from benchmarks.pairs import time_pairs
-    from engine.manifest import write_json_atomic
+    from engine.files import write_json_atomic
 
     result = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(),
                   **time_pairs(args.resolution, samples=args.samples))

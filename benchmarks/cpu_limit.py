@@ -210,10 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = measure_all(args.parts, args.repeats, args.threads, args.only)
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        from engine.files import write_json_atomic
+
+        write_json_atomic(args.json, results, indent=1)
     print(table(results))
 
 

@@ -3,11 +3,11 @@ and a PNG of per-stage latency per backend. ``ip2p bench report RESULTS.json``."
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.files import atomic_path, write_text_atomic
 
 
 def load_results(path: Path) -> tuple[list[dict], dict]:
@@ -121,10 +121,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{model} {resolution}x{resolution}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(results: Path, out_md: Path, out_png: Path | None) -> None:
@@ -133,6 +132,4 @@ def write_report(results: Path, out_md: Path, out_png: Path | None) -> None:
     if out_png is not None:
         plot(rows, out_png)
         text += f"\n![per-stage latency]({out_png.name})\n"
-    tmp = out_md.with_name(f".{out_md.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out_md)
+    write_text_atomic(out_md, text)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from engine.caching import StepCache
 from engine.config import EditConfig
 from engine.guidance import GuidanceOptions
-from engine.manifest import write_json_atomic
+from engine.files import write_json_atomic
 from engine.presets import PRESETS, preset_config
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import InputError, one_line
+from engine.files import atomic_path
 
 DEFAULT_MAX_PIXELS = 64_000_000
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -190,9 +191,5 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
     suffix = path.suffix.lower()
     if suffix not in Image.registered_extensions():
         raise InputError(f"{path}: unknown image extension {suffix or '(none)'}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format=Image.registered_extensions()[suffix])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -333,15 +333,6 @@ class Manifest:
         )
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def is_bundle(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MANIFEST_NAME).is_file()
 

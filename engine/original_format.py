@@ -15,6 +15,7 @@ import numpy as np
 from engine.checkpoints import ModelSource, Weights
 from engine.config import read_model_config
 from engine.errors import InputError
+from engine.files import atomic_path
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -128,17 +129,13 @@ def save_single_file(model: str | os.PathLike | ModelSource, path: str | os.Path
     text = load_weights(source.weights("text_encoder"))
     # transformers 5 saves CLIPTextModel without the "text_model." prefix that original checkpoints carry
     state |= {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in text.items()}
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    if target.suffix not in (".ckpt", ".safetensors"):
+        raise InputError(f"{target}: a single-file checkpoint must end in .safetensors or .ckpt")
+    with atomic_path(target) as tmp:
         if target.suffix == ".ckpt":
             import torch
 
             torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp)
-        elif target.suffix == ".safetensors":
-            save_file(state, tmp)
         else:
-            raise InputError(f"{target}: a single-file checkpoint must end in .safetensors or .ckpt")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+            save_file(state, tmp)
     return target

@@ -24,8 +24,9 @@ from engine import specs
 from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, resolve_model
 from engine.config import read_model_config
 from engine.errors import ExportError, InputError
+from engine.files import write_json_atomic
 from engine.manifest import (FORMAT_VERSION, MANIFEST_NAME, Component, FileEntry, Macs, Manifest, Source, TensorEntry,
-                             Tokenizer, Verification, file_entry, sha256_file, write_json_atomic)
+                             Tokenizer, Verification, file_entry, sha256_file)
 from engine.specs import Profile
 from export import onnx_export
 from export.staging import prepare_output, staging_folder, swap_into_place

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from engine import specs
 from engine.errors import ExportError, InputError
+from engine.files import write_json_atomic
 from engine.manifest import (MANIFEST_NAME, Bundle, CalibrationRecord, Component, FileEntry, Quantization, file_entry,
-                             read_bundle, write_json_atomic)
+                             read_bundle)
 from export.staging import prepare_output, staging_folder, swap_into_place
 
 log = logging.getLogger(__name__)

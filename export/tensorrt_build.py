@@ -19,6 +19,7 @@ from engine.backends.tensorrt_backend import require_tensorrt
 from engine.errors import ExportError
 from engine.manifest import Component, file_entry
 from engine.specs import Range
+from engine.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,8 @@ def build_engines(staging: Path, components: dict[str, Component], dims: dict[st
         else:
             log.info("%s: building a TensorRT engine (minutes for sd15)", name)
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
-            build_engine(staging / onnx_entry.path, profiles, fp16, timing, tmp)
-            os.replace(tmp, cached)
+            with atomic_path(cached) as tmp:
+                build_engine(staging / onnx_entry.path, profiles, fp16, timing, tmp)
         target = staging / f"{name}.plan"
         shutil.copyfile(cached, target)
         built[name] = replace(entry, files=(file_entry(staging, target), *entry.files),

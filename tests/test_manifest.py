@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputError
-from engine.manifest import (MANIFEST_NAME, CalibrationRecord, Macs, Manifest, Quantization, read_bundle,
-                             write_json_atomic)
+from engine.files import write_json_atomic
+from engine.manifest import (MANIFEST_NAME, CalibrationRecord, Macs, Manifest, Quantization, read_bundle)
 from engine.pipeline import DEFAULT_BUNDLE
 
 

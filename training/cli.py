@@ -186,7 +186,7 @@ def run_synth(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from engine.manifest import write_json_atomic
+    from engine.files import write_json_atomic
     from engine.pipeline import EditPipeline
     from training.evaluation import HELD_OUT_SEED, evaluate, format_report
 

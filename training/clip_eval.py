@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,6 +20,7 @@ from engine.errors import InputError
 from engine.images import save_image
 from training.clip_metrics import METRICS, ClipScorer
 from training.data import CAPTIONED, SkipCounter, open_rows, read_image
+from engine.files import atomic_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -171,7 +171,6 @@ def plot_clip_report(report: dict, out: str | Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=130)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
-    os.replace(tmp, out)

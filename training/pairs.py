@@ -23,7 +23,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import InputError
 from engine.images import save_image
-from engine.manifest import write_json_atomic
+from engine.files import write_json_atomic, write_jsonl_atomic
 from training.prompts import read_prompts
 
 log = logging.getLogger(__name__)
@@ -280,9 +279,7 @@ def finish(out: Path, prompts: int, malformed: int) -> dict:
     """metadata.jsonl and report.json from the shards, each written atomically."""
     shards = list(_shards(out))
     examples = [e for shard in shards for e in shard["examples"]]
-    tmp = out / f".metadata.jsonl.{os.getpid()}.tmp"
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
-    os.replace(tmp, out / "metadata.jsonl")
+    write_jsonl_atomic(out / "metadata.jsonl", examples)
     report = dict(prompts=prompts, prompts_done=len(shards), malformed_prompt_lines=malformed,
                   candidates=sum(s["candidates"] for s in shards),
                   dropped={name: sum(s["dropped"][name] for s in shards) for name in FILTERS}, kept=len(examples))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import InputError
 from training.hub import model_folder
+from engine.files import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 TRIPLET = "Caption: {input}\nInstruction: {edit}\nEdited caption: {output}\n"
@@ -187,9 +188,7 @@ def generate_prompts(captions: Sequence[str], lm: Completer, out: str | Path, se
         seen.add(key)
         rows.append(triplet)
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    write_jsonl_atomic(out, rows)
     report = PromptReport(len(captions), len(rows), malformed, duplicates)
     log.info("%s: %d triplets from %d captions (%d malformed, %d duplicates skipped)", out, report.written,
              report.captions, report.malformed, report.duplicates)

@@ -7,7 +7,6 @@ Writes the training folder format (``metadata.jsonl`` + PNGs) and records each e
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from engine.errors import InputError
+from engine.files import write_jsonl_atomic
 
 PALETTE = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (240, 220, 50),
@@ -164,7 +164,5 @@ def generate(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 
         draw(size, new_background, new_shapes).save(out / "images" / f"{i:06d}_out.png")
         rows.append({"input_image": f"images/{i:06d}_in.png", "edit_prompt": text,
                      "edited_image": f"images/{i:06d}_out.png", "truth": truth})
-    tmp = out / ".metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out / "metadata.jsonl")
+    write_jsonl_atomic(out / "metadata.jsonl", rows)
     return out
