@@ -114,6 +114,10 @@ def add_edit_arguments(edit: argparse.ArgumentParser) -> None:
     edit.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
     edit.add_argument("--resolution", type=_resolution, default="auto", help="long side in pixels, 'auto' or 'none'")
     edit.add_argument("--keep-size", action="store_true", help="resize outputs back to each input's size")
+    edit.add_argument("--keep-detail", action="store_true",
+                      help="edit at --resolution, then add only the change to the full-size input (its detail kept)")
+    edit.add_argument("--vae-tile", type=_resolution, default="auto", metavar="PX",
+                      help="VAE tile side in pixels, 'none' (never tile) or 'auto' (past a memory budget)")
     edit.add_argument("--batch-size", type=int, default=1, help="images denoised together")
     edit.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
     edit.add_argument("--cuda-graph", action="store_true",
@@ -173,7 +177,8 @@ def run_edit(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    config = edit_config(args, resolution=args.resolution, keep_size=args.keep_size)
+    config = edit_config(args, resolution=args.resolution, keep_size=args.keep_size, keep_detail=args.keep_detail,
+                         vae_tile=args.vae_tile)
     targets = output_paths(args.images, args.output)
     for image in args.images:  # fail before the model loads: headers only, pixels are decoded per batch
         open_image(Path(image), args.max_pixels).close()

@@ -12,6 +12,7 @@ from engine.guidance import GuidanceOptions
 from engine.samplers import SAMPLERS
 
 Resolution = Union[int, None, Literal["auto"]]
+VaeTile = Union[int, None, Literal["auto"]]  # tile side in pixels; None: never tile; "auto": past a memory budget
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelConfig:
     unet_sample_size: int  # latent size the UNet was trained at, 64 for SD 1.5
     latent_channels: int
     text_dim: int  # width of the text embeddings, 768 for CLIP ViT-L/14
+    vae_width: int = 128  # channels of the VAE's full-resolution level (its activations' size per pixel)
 
     @property
     def downsampling(self) -> int:
@@ -72,6 +74,7 @@ def model_config_from(unet: dict, vae: dict, text: dict, scheduler: dict) -> Mod
         unet_sample_size=int(unet.get("sample_size", 64)),
         latent_channels=int(vae.get("latent_channels", 4)),
         text_dim=int(text.get("hidden_size", text.get("text_config", {}).get("hidden_size", 768))),
+        vae_width=int(vae["block_out_channels"][0]),
     )
 
 
@@ -93,6 +96,8 @@ class EditConfig:
     sampler: str = "euler_ancestral"
     resolution: Resolution = "auto"
     keep_size: bool = False
+    keep_detail: bool = False  # edit at the resolution, carry only the change back onto the full-size input
+    vae_tile: VaeTile = "auto"
     output_type: Literal["pil", "np"] = "pil"
     guidance: GuidanceOptions = GuidanceOptions()  # exact by default; interval and adaptive rule approximate
     step_cache: StepCache = StepCache()  # off by default; DeepCache's reuse of deep features approximates
@@ -104,6 +109,12 @@ class EditConfig:
             raise InputError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.resolution not in (None, "auto") and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise InputError(f"resolution must be a positive integer, None or 'auto', got {self.resolution!r}")
+        if self.vae_tile not in (None, "auto") and (not isinstance(self.vae_tile, int) or isinstance(self.vae_tile, bool)
+                                                     or self.vae_tile < 8):
+            raise InputError(f"vae_tile must be a tile side in pixels, None or 'auto', got {self.vae_tile!r}")
+        if self.keep_detail and self.resolution is None:
+            raise InputError("keep_detail carries an edit made at a working resolution back to the input's size; "
+                             "with resolution=None the edit is already at full size: drop one of them")
         if self.output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {self.output_type!r}")
         for name in ("text_guidance", "image_guidance"):

@@ -137,20 +137,45 @@ def fit_size(width: int, height: int, resolution: int, multiple: int = 64) -> tu
     return new_width, new_height
 
 
-def prepare(image: Image.Image, resolution: int | None, multiple: int) -> Image.Image:
-    """Resize and centre-crop to ``fit_size`` or, with ``resolution=None``, check the size is usable."""
+def prepare(image: Image.Image, resolution: int | None, multiple: int, crop: bool = True) -> Image.Image:
+    """Resize to ``fit_size`` (centre-cropping the few pixels the rounding leaves over, or with ``crop=False``
+    stretching to it) or, with ``resolution=None``, pad to the next multiple (``pad_to_multiple``)."""
     if resolution is None:
-        width, height = image.size
-        if width % multiple or height % multiple:
-            raise InputError(
-                f"resolution=None keeps the input size, but {width}x{height} is not divisible by "
-                f"{multiple} (the model's total downsampling factor); pass a resolution to resize"
-            )
-        return image
+        return pad_to_multiple(image, multiple)
     size = fit_size(*image.size, resolution, multiple)
     if size == image.size:
         return image
+    if not crop:
+        return image.resize(size, Image.Resampling.LANCZOS)
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def pad_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
+    """The image extended right and down to sides that are multiples of ``multiple``, mirroring its own pixels
+    (no edge of constant colour for the model to edit); ``crop_to`` takes the padding off again."""
+    width, height = image.size
+    pad_w, pad_h = -width % multiple, -height % multiple
+    if not (pad_w or pad_h):
+        return image
+    array = np.asarray(image)
+    return Image.fromarray(np.pad(array, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric"), mode="RGB")
+
+
+def crop_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) model output with the padding of ``pad_to_multiple`` taken off: the top-left (width, height)."""
+    width, height = size
+    return image[:, :height, :width]
+
+
+def carry_change(original: Image.Image, edited: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
+    """The full-size ``original`` plus the edit's change: ``edited`` - ``reconstructed`` (both (3, h, w) in about
+    [-1, 1] at the working size: the edit and the VAE's own reconstruction of its input, so the VAE's error is not
+    taken for an edit), resized to the original's size. -> (3, H, W) in [-1, 1]."""
+    change = (edited - reconstructed).transpose(1, 2, 0) / 2.0  # (h, w, 3), in [0, 1] units
+    change = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(change[:, :, c]), mode="F")
+                                  .resize(original.size, Image.Resampling.BICUBIC)) for c in range(3)])
+    base = np.asarray(original, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
+    return np.clip(base + 2.0 * change, -1.0, 1.0)
 
 
 def to_model_input(images: list[Image.Image]) -> np.ndarray:

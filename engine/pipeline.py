@@ -16,10 +16,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from engine import images as imaging
+from engine import tiling
 from engine.backends import BUNDLE_BACKENDS, Backend, backend_module, bundle_runtime
 from engine.caching import StepCache
 from engine.checkpoints import resolve_model
-from engine.config import EditConfig, ModelConfig, Resolution, read_model_config
+from engine.config import EditConfig, ModelConfig, Resolution, VaeTile, read_model_config
 from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.extras import available
@@ -39,27 +40,33 @@ DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"  # shipped: trained 
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "shapes-onnx"  # the same model exported (fp16 ONNX)
 TORCH_STACK = ("torch", "diffusers", "transformers")  # what the torch backend imports
 TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
+VAE_MEMORY = 1 << 30  # bytes of VAE activations past which vae_tile="auto" tiles (the EditPipeline's vae_memory)
+VAE_LIVE_VALUES = 4  # activations of the full-resolution level alive at once in a VAE call, per channel and pixel
 
 
 @dataclass
 class EditResult:
     """Edited images (PIL, or float32 (B, H, W, 3) in [0, 1]), the seed of each, seconds per stage (adding up to
-    the edit's wall time), and the work done per image: UNet rows evaluated (a 20-step edit with all three
-    branches: 60) and their MAC-weighted sum, in whole-UNet rows (the same while every row runs the whole UNet)."""
+    the edit's wall time; a tiled VAE's tiles are inside ``image_encode`` and ``decode``), the VAE tiles run per
+    stage (``tiles``: absent where the VAE ran whole), and the work done per image: UNet rows evaluated (a 20-step
+    edit with all three branches: 60) and their MAC-weighted sum, in whole-UNet rows (the same while every row
+    runs the whole UNet)."""
 
     images: list[Image.Image] | np.ndarray | list[np.ndarray]
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     unet_evaluations: list[int] = field(default_factory=list)
     unet_work: list[float] = field(default_factory=list)
+    tiles: dict[str, int] = field(default_factory=dict)
 
 
 class StageClock:
     """Wall-clock seconds per stage with no gaps: a lap charges the time since the previous lap to its stage, so
-    the stages add up to the whole call."""
+    the stages add up to the whole call; and the VAE tiles each stage ran."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.tiles: dict[str, int] = defaultdict(int)
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -81,10 +88,12 @@ class EditPipeline:
         profile: Profile | None = None,
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
+        vae_memory: int = VAE_MEMORY,
     ):
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.profile = profile  # shapes an exported bundle accepts; None: any
         self.max_image_pixels, self.progress = max_image_pixels, progress
+        self.vae_memory = vae_memory  # bytes of VAE activations past which vae_tile="auto" tiles
         self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
 
@@ -147,6 +156,8 @@ class EditPipeline:
         latents: Any = None,
         resolution: Resolution = "auto",
         keep_size: bool = False,
+        keep_detail: bool = False,
+        vae_tile: VaeTile = "auto",
         output_type: str = "pil",
         guidance_interval: tuple[float, float] | None = None,
         adaptive_guidance: float | None = None,
@@ -156,13 +167,16 @@ class EditPipeline:
         """Edit one image or a list. ``preset`` sets steps, sampler and guidance savings (``engine.presets``);
         a setting given here overrides it (None: the preset's; exact: 20 euler_ancestral steps, s_T 7.5,
         s_I 1.5). ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's own (512 for
-        SD 1.5), ``None`` keeps the input size. ``latents``: unit-variance initial noise (B, 4, H/8, W/8),
+        SD 1.5), ``None`` edits at the input's own size (any size: padded by mirroring, cropped back).
+        ``keep_detail``: edit at the resolution and add only the change to the full-size input. ``vae_tile``: the
+        VAE's tile side in pixels, None for never, "auto" past the pipeline's ``vae_memory``. ``latents``: unit-variance initial noise (B, 4, H/8, W/8),
         scaled by the scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
         only for sigma inside it; ``adaptive_guidance``: the cosine past which a branch stops;
         ``cache_interval``/``cache_depth``: step caching, the whole UNet every ``cache_interval``-th call and
         only its ``cache_depth`` outer levels between (all approximate)."""
         config = preset_config(
-            preset, dict(resolution=resolution, keep_size=keep_size, output_type=output_type),
+            preset, dict(resolution=resolution, keep_size=keep_size, keep_detail=keep_detail, vae_tile=vae_tile,
+                         output_type=output_type),
             steps=steps, text_guidance=text_guidance, image_guidance=image_guidance, sampler=sampler,
             guidance_interval=guidance_interval, adaptive_guidance=adaptive_guidance,
             cache_interval=cache_interval, cache_depth=cache_depth,
@@ -195,7 +209,7 @@ class EditPipeline:
         scales = _scales_for(guidance_scales, config, len(images))
         loaded = [imaging.load_image(im, self.max_image_pixels) for im in images]
         resolution, multiple = self._sizing(config.resolution)
-        prepared = [imaging.prepare(im, resolution, multiple) for im in loaded]
+        prepared = [imaging.prepare(im, resolution, multiple, crop=not config.keep_detail) for im in loaded]
         seeds = resolve_seeds(seed, len(images))
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, im in enumerate(prepared):
@@ -207,6 +221,7 @@ class EditPipeline:
         clock.lap("preprocess")
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
+        reconstructed: list[np.ndarray | None] = [None] * len(images)  # the VAE's own input, for keep_detail
         evaluations, work = [0] * len(images), [0.0] * len(images)
         max_batch = self.profile.batch[2] if self.profile else len(images)
         chunks = [  # (offset in the group, members): a bundle's profile caps images per call
@@ -216,21 +231,36 @@ class EditPipeline:
         self._check_step_cache(config.step_cache)
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))
+            self.vae_tiling(config.vae_tile, prepared[members[0]].size, len(members))
         for start, members in chunks:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
             clock.lap("preprocess")
-            edited, rows, cost = self._edit_batch(
+            edited, own, rows, cost = self._edit_batch(
                 pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, clock,
                 [scales[i] for i in members], on_step and _members_callback(on_step, members),
             )
-            for i, out, count, done in zip(members, edited, rows, cost):
+            for j, (i, out, count, done) in enumerate(zip(members, edited, rows, cost)):
                 outputs[i], evaluations[i], work[i] = out, count, done
+                reconstructed[i] = None if own is None else own[j]
 
+        outputs = [self._restore_size(*parts, config) for parts in zip(outputs, reconstructed, loaded)]
         result = _to_output(outputs, config, [im.size for im in loaded])
         clock.lap("postprocess")
         return EditResult(images=result, seeds=seeds, timings=dict(clock.seconds), unet_evaluations=evaluations,
-                          unet_work=work)
+                          unet_work=work, tiles=dict(clock.tiles))
+
+    @staticmethod
+    def _restore_size(edited: np.ndarray, reconstructed: np.ndarray | None, original: Image.Image,
+                      config: EditConfig) -> np.ndarray:
+        """(3, H, W) edited pixels at the input's own size where the config asks for it: the padding of
+        ``resolution=None`` cropped off; with ``keep_detail``, the change from the VAE's ``reconstructed`` input
+        carried onto the full-size ``original``."""
+        if config.resolution is None:
+            return imaging.crop_to(edited, original.size)
+        if reconstructed is not None:
+            return imaging.carry_change(original, edited, reconstructed)
+        return edited
 
     def _sizing(self, resolution: Resolution) -> tuple[int | None, int]:
         """The long side images are resized to (None: kept) and the multiple their sides are rounded to."""
@@ -244,14 +274,14 @@ class EditPipeline:
             return size
         return imaging.fit_size(*size, target, multiple)
 
-    def _check_size(self, size: tuple[int, int], count: int) -> None:
+    def _check_size(self, size: tuple[int, int], count: int, what: str = "the edit") -> None:
         """Refuse a size outside an exported bundle's profile, stating the allowed range."""
         if self.profile is None:
             return
         width, height = size
         (h_lo, _, h_hi), (w_lo, _, w_hi), (b_lo, _, _) = self.profile.height, self.profile.width, self.profile.batch
         if not (h_lo <= height <= h_hi and w_lo <= width <= w_hi):
-            raise InputError(f"{width}x{height} is outside this bundle's profile: width {w_lo}-{w_hi}, "
+            raise InputError(f"{what}: {width}x{height} is outside this bundle's profile: width {w_lo}-{w_hi}, "
                              f"height {h_lo}-{h_hi} pixels; pass a resolution inside it or export with a wider one")
         if count < b_lo:
             raise InputError(f"this bundle was exported for at least {b_lo} images per call, got {count}")
@@ -296,15 +326,17 @@ class EditPipeline:
         clock: StageClock,
         scales: list[tuple[float, float]],
         on_step: Callable[[int], list[int]] | None,
-    ) -> tuple[np.ndarray, list[int], list[float]]:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, 3, H, W) edited pixels as the VAE decodes them (about [-1, 1]), the
-        UNet rows each image took, and their MAC-weighted sum in whole-UNet rows."""
+    ) -> tuple[np.ndarray, np.ndarray | None, list[int], list[float]]:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, 3, H, W) edited pixels as the VAE decodes them (about [-1, 1]), with
+        ``keep_detail`` the VAE's reconstruction of the input (else None), the UNet rows each image took, and their
+        MAC-weighted sum in whole-UNet rows."""
         plan = GuidancePlan(len(instructions), [t for t, _ in scales], [i for _, i in scales], config.guidance)
         text = self.encode_text(instructions)  # (B, 77, D)
         null = self.null_embedding() if set(plan.needed) != {COND} else None  # (1, 77, D)
         clock.lap("text_encode")
 
-        image_latents = self.encode_image(pixels)  # (B, 4, h, w)
+        tiles = self.vae_tiling(config.vae_tile, pixels.shape[:1:-1], len(pixels))
+        image_latents = self.encode_image(pixels, tiles, clock)  # (B, 4, h, w)
         clock.lap("image_encode")
 
         sampler = SAMPLERS[config.sampler]
@@ -315,14 +347,81 @@ class EditPipeline:
         x = self._denoise(x, rows, plan, sampler, schedule, noise, on_step)
         clock.lap("denoise")
 
-        decoded = self._decode_kept(x, plan.gone, pixels.shape)
+        decoded = self._decode_kept(x, plan.gone, pixels.shape, tiles, clock)
+        own = None
+        if config.keep_detail:
+            own = self.decode(image_latents * self.model.scaling_factor, tiles, clock)
         clock.lap("decode")
-        return decoded, rows.evaluations, rows.work
+        return decoded, own, rows.evaluations, rows.work
 
-    def encode_image(self, pixels: np.ndarray) -> Any:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, 4, H/f, W/f) image latents on the backend (the encoder's mode)."""
+    def vae_tiling(self, tile: VaeTile, size: tuple[int, int], count: int) -> tiling.Tiling | None:
+        """The latent-grid tiling of the VAE for ``count`` pictures of ``size`` (width, height) pixels; None where
+        it runs whole: ``tile`` None, or the picture fits one tile, or ("auto") its activations stay within
+        ``vae_memory``. Auto tiles are the largest that ``vae_memory`` holds (at least the model's own resolution;
+        within a bundle's profile): the larger the tile, the nearer its GroupNorm statistics are the whole
+        picture's."""
+        factor, multiple = self.model.vae_factor, self.model.downsampling
+        if isinstance(tile, int) and tile % multiple:
+            raise InputError(f"vae_tile: {tile} px is not a multiple of {multiple} (this model's downsampling)")
+        if tile == "auto":
+            if count * size[0] * size[1] * self.model.vae_width * VAE_LIVE_VALUES * 4 <= self.vae_memory:
+                return None
+            per_pixel = self.model.vae_width * VAE_LIVE_VALUES * 4
+            tile = max(self.model.default_resolution, math.isqrt(self.vae_memory // per_pixel) // multiple * multiple)
+            if self.profile is not None:
+                tile = min(tile, self.profile.height[2], self.profile.width[2])
+        if tile is None or max(size) <= tile:
+            return None
+        if self.profile is not None:
+            self._check_size((min(tile, size[0]), min(tile, size[1])), count, what="vae_tile")
+        overlap = max(1, tile // factor // 4)  # a quarter of the tile, as diffusers' tiled VAE
+        return tiling.Tiling(tile // factor, overlap)
+
+    def encode_image(self, pixels: np.ndarray, tiles: tiling.Tiling | None = None,
+                     clock: StageClock | None = None) -> Any:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, 4, H/f, W/f) image latents on the backend (the encoder's mode),
+        tile by tile where ``tiles`` says so."""
         be = self.backend
-        return be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]
+
+        def encode(parts: list[np.ndarray]) -> list[np.ndarray]:
+            latents = be.run(VAE_ENCODER.name, {"images": be.asarray(np.concatenate(parts))})["image_latents"]
+            return np.split(be.to_numpy(latents), len(parts))
+
+        if tiles is None:
+            return be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]
+        return be.asarray(self._tiled(encode, pixels, tiles, self.model.vae_factor, 1, self.model.latent_channels,
+                                      "image_encode", clock))
+
+    def decode(self, latents: Any, tiles: tiling.Tiling | None = None, clock: StageClock | None = None) -> np.ndarray:
+        """(B, 4, h, w) latents, scaled as the sampler makes them -> (B, 3, fh, fw) pixels in about [-1, 1], tile by
+        tile where ``tiles`` says so."""
+        if tiles is None:
+            return self._decode(latents)
+        be = self.backend
+
+        def decode(parts: list[np.ndarray]) -> list[np.ndarray]:
+            return np.split(self._decode(be.asarray(np.concatenate(parts))), len(parts))
+
+        return self._tiled(decode, be.to_numpy(latents), tiles, 1, self.model.vae_factor, 3, "decode", clock)
+
+    def _tiled(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], x: np.ndarray, tiles: tiling.Tiling,
+               in_scale: int, out_scale: int, out_channels: int, stage: str, clock: StageClock | None) -> np.ndarray:
+        """``tiling.blend`` with a progress bar, as many tiles per call as ``vae_memory`` holds (within a bundle's
+        profile), and the tiles counted on ``clock`` under ``stage``."""
+        tile_pixels = (tiles.tile * self.model.vae_factor) ** 2
+        per_call = max(1, self.vae_memory // (len(x) * tile_pixels * self.model.vae_width * VAE_LIVE_VALUES * 4))
+        if self.profile is not None:
+            per_call = max(1, min(per_call, self.profile.batch[2] // len(x)))
+        height, width = x.shape[2] // in_scale, x.shape[3] // in_scale
+        with tqdm(total=tiles.count(height, width), desc=f"{stage} tiles", unit="tile", disable=not self.progress,
+                  leave=False) as bar:
+            def done(count: int) -> None:
+                bar.update(count)
+                if clock is not None:
+                    clock.tiles[stage] += count
+
+            return tiling.blend(run, x, tiles, in_scale, out_scale, out_channels, per_call,
+                                margin=tiles.overlap // 4, done=done)
 
     def _latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(C, h, w) of one image's latents for (B, 3, H, W) pixels."""
@@ -357,15 +456,16 @@ class EditPipeline:
             x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
         return x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)
 
-    def _decode_kept(self, x: Any, gone: set[int], pixel_shape: tuple[int, ...]) -> np.ndarray:
+    def _decode_kept(self, x: Any, gone: set[int], pixel_shape: tuple[int, ...], tiles: tiling.Tiling | None,
+                     clock: StageClock) -> np.ndarray:
         """(B, 3, H, W) decoded pixels of the images not dropped; dropped ones are not decoded (mid-grey)."""
         count = pixel_shape[0]
         kept = [i for i in range(count) if i not in gone]
         if len(kept) == count:
-            return self._decode(x)
+            return self.decode(x, tiles, clock)
         decoded = np.zeros((count, 3, pixel_shape[2], pixel_shape[3]), np.float32)
         if kept:
-            decoded[kept] = self._decode(self.backend.concat([x[i : i + 1] for i in kept], 0))
+            decoded[kept] = self.decode(self.backend.concat([x[i : i + 1] for i in kept], 0), tiles, clock)
         return decoded
 
     def _decode(self, latents: Any) -> np.ndarray:

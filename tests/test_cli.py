@@ -45,7 +45,8 @@ def test_several_inputs_go_to_a_folder_with_per_image_seeds(tiny_model, tmp_path
         ("empty", "the file is empty"),
         ("text", "not an image file"),
         ("huge", "over the limit"),
-        ("indivisible", "not divisible"),
+        ("tile", "vae_tile: 66 px is not a multiple of"),
+        ("detail", "keep_detail carries an edit made at a working resolution"),
         ("extension", "unknown image extension"),
         ("nomodel", "no such model folder"),
         ("graph", "--cuda-graph replays exported bundles"),
@@ -73,9 +74,10 @@ def test_bad_input_is_one_line_and_non_zero(tiny_model, tmp_path, capsys, case, 
         image.write_text("hello")
     elif case == "huge":
         args += ["--max-pixels", "100"]
-    elif case == "indivisible":
-        Image.new("RGB", (30, 30)).save(image)
-        args += ["--resolution", "none"]
+    elif case == "tile":
+        args += ["--vae-tile", "66"]
+    elif case == "detail":
+        args += ["--keep-detail", "--resolution", "none"]
     elif case == "extension":
         args[5] = str(tmp_path / "out.nope")
     elif case == "nomodel":

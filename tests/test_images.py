@@ -85,11 +85,11 @@ def test_fit_size(size, resolution, expected):
     assert images.fit_size(*size, resolution) == expected
 
 
-def test_prepare_keeps_size_when_divisible_else_explains():
+def test_prepare_keeps_a_divisible_size_and_pads_any_other():
     im = Image.new("RGB", (48, 32))
-    assert images.prepare(im, None, 16).size == (48, 32)
-    with pytest.raises(InputError, match="not divisible by 64"):
-        images.prepare(im, None, 64)
+    assert images.prepare(im, None, 16) is im
+    assert images.prepare(im, None, 64).size == (64, 64)
+    assert images.crop_to(np.zeros((3, 64, 64)), im.size).shape == (3, 32, 48)
 
 
 def test_model_io_round_trip():

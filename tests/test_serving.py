@@ -94,6 +94,22 @@ def test_json_edit_answers_json_with_seed_scales_and_timings(server, library):
     np.testing.assert_array_equal(pixels(base64.b64decode(answer["image"])), expected)
 
 
+def test_keep_detail_answers_at_the_uploads_size_as_the_library_does(server, library):
+    url, _ = server
+    big = Image.open(EXAMPLE).convert("RGB")
+    big = big.resize((big.width * 4, big.height * 3), Image.NEAREST)
+    upload = io.BytesIO()
+    big.save(upload, format="PNG")
+    response = httpx.post(f"{url}/v1/edits", files={"image": ("big.png", upload.getvalue(), "image/png")},
+                          data={"instruction": INSTRUCTION, "seed": "5", "steps": "4", "keep_detail": "true"},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    expected = library.edit(big, INSTRUCTION, seed=5, steps=4, keep_detail=True).images[0]
+    np.testing.assert_array_equal(pixels(response.content), np.asarray(expected))
+    refused = post_edit(url, keep_detail="true", resolution="none")
+    assert refused.status_code == 400 and "keep_detail" in refused.json()["error"]
+
+
 @pytest.mark.parametrize("how", ["field", "accept"])
 @pytest.mark.parametrize("fmt, media", [("jpeg", "image/jpeg"), ("webp", "image/webp")])
 def test_lossy_formats_by_field_or_accept_header(server, library, how, fmt, media):

@@ -107,6 +107,14 @@ def test_randomize_draws_a_seed_and_scales_and_shows_them(page, library):
     np.testing.assert_array_equal(shown, np.asarray(expected))
 
 
+def test_keep_detail_answers_at_the_uploads_size(page, library):
+    shown, _ = edit_on_page(page, prompt=INSTRUCTION, steps=4, seed=77, **{"keep-detail": True})
+    expected = library.edit(Image.open(EXAMPLE), INSTRUCTION, seed=77, steps=4, keep_detail=True).images[0]
+    assert shown.shape[1::-1] == Image.open(EXAMPLE).size
+    np.testing.assert_array_equal(shown, np.asarray(expected))
+    page.find_element(By.ID, "keep-detail").click()  # off again for the tests after this one
+
+
 def test_an_error_is_shown_on_the_page(page):
     page.find_element(By.ID, "image").send_keys(str(EXAMPLE))
     steps = page.find_element(By.ID, "steps")

@@ -118,7 +118,8 @@ class Job:
 def job_config(params: EditParameters) -> EditConfig:
     """The EditConfig a request asks for (InputError naming a bad setting)."""
     resolution = {"auto": "auto", "none": None}.get(params.resolution, params.resolution)  # type: ignore[arg-type]
-    return preset_config(params.preset, dict(resolution=resolution), steps=params.steps, sampler=params.sampler,
+    return preset_config(params.preset, dict(resolution=resolution, keep_detail=params.keep_detail),
+                         steps=params.steps, sampler=params.sampler,
                          text_guidance=params.text_guidance, image_guidance=params.image_guidance)
 
 

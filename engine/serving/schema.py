@@ -27,6 +27,7 @@ class EditParameters(BaseModel):
     sampler: Optional[str] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     resolution: Union[int, Literal["auto", "none"]] = "auto"
+    keep_detail: bool = False  # edit at the resolution, answer at the input's size with only the change added
     preset: str = "exact"
     output_format: Optional[Literal["png", "jpeg", "webp"]] = None  # default: from the Accept header, else png
 

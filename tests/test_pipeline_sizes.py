@@ -1,0 +1,114 @@
+"""Edits at the pictures' own sizes: any size by mirrored padding, the VAE in tiles, and keep_detail."""
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import EditPipeline, InputError
+from engine import images as imaging
+from tests.test_pipeline import random_images
+
+
+def test_any_size_edits_at_full_size_as_its_mirrored_padding_would(tiny_pipe):
+    """resolution=None pads a side that is no multiple of the model's by mirroring and crops the result back."""
+    image = random_images(1, 30, 45)[0]
+    multiple = tiny_pipe.model.downsampling
+    assert 30 % multiple and 45 % multiple  # both sides need padding
+    out = tiny_pipe.edit(image, "x", steps=2, seed=4, resolution=None, output_type="np")
+    assert out.images.shape == (1, 30, 45, 3)
+    padded = imaging.pad_to_multiple(image, multiple)
+    assert padded.size[0] % multiple == 0 and padded.size[1] % multiple == 0
+    np.testing.assert_array_equal(np.asarray(padded)[:30, :45], np.asarray(image))
+    whole = tiny_pipe.edit(padded, "x", steps=2, seed=4, resolution=None, output_type="np")
+    np.testing.assert_array_equal(out.images[0], whole.images[0][:30, :45])
+
+
+def test_padding_mirrors_the_picture_even_a_one_pixel_side():
+    image = Image.fromarray(np.arange(3 * 1 * 3, dtype=np.uint8).reshape(3, 1, 3))
+    padded = np.asarray(imaging.pad_to_multiple(image, 4))
+    assert padded.shape == (4, 4, 3)
+    np.testing.assert_array_equal(padded[3], padded[2])  # the last row mirrored
+    np.testing.assert_array_equal(padded[:3, 3], padded[:3, 0])
+
+
+def test_a_picture_that_fits_one_tile_is_not_tiled_and_auto_tiles_past_the_budget(tiny_model):
+    pipe = EditPipeline.from_pretrained(tiny_model, progress=False)
+    assert pipe.vae_tiling("auto", (64, 64), 1) is None
+    assert pipe.vae_tiling(64, (64, 64), 1) is None and pipe.vae_tiling(None, (4096, 4096), 1) is None
+    pipe.vae_memory = 64 * 64 * pipe.model.vae_width * 16  # a 64x64 picture's activations, no more
+    assert pipe.vae_tiling("auto", (64, 64), 1) is None
+    tiles = pipe.vae_tiling("auto", (128, 64), 1)
+    assert tiles is not None and tiles.tile * pipe.model.vae_factor == 64
+
+
+def test_tiles_are_counted_and_a_tile_larger_than_the_picture_changes_nothing(tiny_pipe):
+    image = random_images(1, 48, 96)[0]
+    kwargs = dict(steps=2, seed=1, resolution=None, output_type="np")
+    whole = tiny_pipe.edit(image, "x", vae_tile=None, **kwargs)
+    assert whole.tiles == {}
+    np.testing.assert_array_equal(tiny_pipe.edit(image, "x", vae_tile=128, **kwargs).images, whole.images)
+    tiled = tiny_pipe.edit(image, "x", vae_tile=32, **kwargs)
+    factor = tiny_pipe.model.vae_factor
+    count = tiny_pipe.vae_tiling(32, (96, 48), 1).count(48 // factor, 96 // factor)
+    assert tiled.tiles == {"image_encode": count, "decode": count} and count > 2
+    assert tiled.images.shape == whole.images.shape and np.isfinite(tiled.images).all()
+    assert tiled.timings["decode"] > 0
+
+
+def test_tiled_and_whole_agree_on_the_shipped_models_own_pictures():
+    """The shapes model's VAE is trained: on its own kind of picture, tiles of twice its resolution stay close to
+    the whole picture (the figures per size and tile are in docs/highres.md)."""
+    from training.evaluation import held_out_cases, psnr
+
+    pipe = EditPipeline.from_pretrained(progress=False)
+    scenes = [np.asarray(c.image.resize((256, 192), Image.NEAREST)) for c in held_out_cases(2)]
+    pixels = imaging.to_model_input([Image.fromarray(s) for s in scenes])
+    scale = pipe.model.scaling_factor
+    whole = pipe.decode(pipe.encode_image(pixels) * scale)
+    tiles = pipe.vae_tiling(128, (256, 192), 2)
+    tiled = pipe.decode(pipe.encode_image(pixels, tiles) * scale, tiles)
+    assert psnr(tiled, whole, 2.0) >= 30.0
+
+
+def test_keep_detail_adds_only_the_change_to_the_full_size_input(tiny_pipe):
+    image = random_images(1, 96, 128, seed=3)[0]
+    kwargs = dict(steps=2, seed=2, output_type="np")
+    result = tiny_pipe.edit(image, "x", keep_detail=True, **kwargs)
+    assert result.images.shape == (1, 96, 128, 3)
+    working = imaging.prepare(image, tiny_pipe.model.default_resolution, 64, crop=False)  # stretched, not cropped
+    plain = tiny_pipe.edit(working, "x", **kwargs).images[0]  # (h, w, 3) at the working size
+    pixels = imaging.to_model_input([working])
+    own = tiny_pipe.decode(tiny_pipe.encode_image(pixels) * tiny_pipe.model.scaling_factor)[0]
+    expected = imaging.from_model_output(imaging.carry_change(image, plain.transpose(2, 0, 1) * 2 - 1, own)[None])[0]
+    close = np.abs(result.images[0] - expected) < 2e-3
+    assert close.mean() > 0.9  # the plain edit's output is clipped to [0, 1] and the change near a clipped pixel with it
+
+
+def test_carry_change_keeps_the_input_where_the_edit_changed_nothing():
+    rng = np.random.default_rng(0)
+    original = Image.fromarray((rng.random((80, 120, 3)) * 255).astype(np.uint8))
+    same = rng.normal(size=(3, 20, 30)).astype(np.float32)
+    carried = imaging.carry_change(original, same, same)
+    np.testing.assert_array_equal(imaging.to_pil(imaging.from_model_output(carried[None])[0]), original)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(vae_tile=66), "vae_tile: 66 px is not a multiple of"),
+    (dict(vae_tile="big"), "vae_tile must be a tile side in pixels"),
+    (dict(keep_detail=True, resolution=None), "keep_detail carries an edit made at a working resolution"),
+])
+def test_bad_tiles_and_keep_detail_without_a_resolution_are_one_line(tiny_pipe, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        tiny_pipe.edit(random_images(1, 64, 64)[0], "x", steps=1, **kwargs)
+
+
+def test_a_bundle_tiles_within_its_profile(onnx_bundles):
+    pipe = EditPipeline.from_pretrained(onnx_bundles["fp32"], backend="onnxruntime", progress=False)
+    profile = pipe.profile
+    pipe.vae_memory = 1
+    tiles = pipe.vae_tiling("auto", (profile.width[2] * 2, profile.height[2]), 1)
+    assert tiles.tile * pipe.model.vae_factor <= min(profile.height[2], profile.width[2])
+    with pytest.raises(InputError, match="vae_tile: .* outside this bundle's profile"):
+        pipe.vae_tiling(profile.width[2] * 2, (profile.width[2] * 4, profile.height[2] * 4), 1)
+    assert dataclasses.is_dataclass(tiles)
