@@ -107,7 +107,7 @@ def test_keep_detail_answers_at_the_uploads_size_as_the_library_does(server, lib
     expected = library.edit(big, INSTRUCTION, seed=5, steps=4, keep_detail=True).images[0]
     np.testing.assert_array_equal(pixels(response.content), np.asarray(expected))
     refused = post_edit(url, keep_detail="true", resolution="none")
-    assert refused.status_code == 400 and "keep_detail" in refused.json()["error"]
+    assert refused.status_code == 422 and "keep_detail" in refused.json()["error"]
 
 
 @pytest.mark.parametrize("how", ["field", "accept"])
