@@ -223,11 +223,7 @@ class EditPipeline:
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
         reconstructed: list[np.ndarray | None] = [None] * len(images)  # the VAE's own input, for keep_detail
         evaluations, work = [0] * len(images), [0.0] * len(images)
-        max_batch = self.profile.batch[2] if self.profile else len(images)
-        chunks = [  # (offset in the group, members): a bundle's profile caps images per call
-            (start, group[start : start + max_batch]) for group in groups.values()
-            for start in range(0, len(group), max_batch)
-        ]
+        chunks = _chunked(groups.values(), self.profile.batch[2] if self.profile else len(images))
         self._check_step_cache(config.step_cache)
         for _, members in chunks:  # every call is checked before any work starts
             self._check_size(prepared[members[0]].size, len(members))
@@ -493,6 +489,11 @@ def _to_output(outputs: list[np.ndarray], config: EditConfig, sizes: list[tuple[
     if config.output_type == "pil":
         return [imaging.to_pil(out) for out in arrays]
     return np.stack(arrays) if len({out.shape for out in arrays}) == 1 else arrays
+
+
+def _chunked(groups: Collection[list[int]], max_batch: int) -> list[tuple[int, list[int]]]:
+    """(offset in its group, members) of each call: a bundle's profile caps the images per call."""
+    return [(start, group[start : start + max_batch]) for group in groups for start in range(0, len(group), max_batch)]
 
 
 def _members_callback(on_step: Callable[[int], Collection[int] | None],
