@@ -27,6 +27,7 @@ class ModelConfig:
     latent_channels: int
     text_dim: int  # width of the text embeddings, 768 for CLIP ViT-L/14
     vae_width: int = 128  # channels of the VAE's full-resolution level (its activations' size per pixel)
+    vae_norms: tuple[int, int, int] = (0, 0, 32)  # GroupNorm layers of the VAE encoder, of its decoder; groups
 
     @property
     def downsampling(self) -> int:
@@ -75,7 +76,17 @@ def model_config_from(unet: dict, vae: dict, text: dict, scheduler: dict) -> Mod
         latent_channels=int(vae.get("latent_channels", 4)),
         text_dim=int(text.get("hidden_size", text.get("text_config", {}).get("hidden_size", 768))),
         vae_width=int(vae["block_out_channels"][0]),
+        vae_norms=vae_norm_layers(vae),
     )
+
+
+def vae_norm_layers(vae: dict) -> tuple[int, int, int]:
+    """GroupNorm layers of a diffusers AutoencoderKL's encoder and decoder, and their groups, from its config: two
+    per ResNet (``layers_per_block`` a down block, one more an up block; two in the middle), the middle's attention
+    (unless left out) and the output norm."""
+    blocks, layers = len(vae["block_out_channels"]), int(vae.get("layers_per_block", 1))
+    middle = 2 * 2 + int(vae.get("mid_block_add_attention", True)) + 1
+    return 2 * layers * blocks + middle, 2 * (layers + 1) * blocks + middle, int(vae.get("norm_num_groups", 32))
 
 
 def check_unet_channels(in_channels: int | None, where: Path | str) -> None:

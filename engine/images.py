@@ -171,9 +171,7 @@ def carry_change(original: Image.Image, edited: np.ndarray, reconstructed: np.nd
     """The full-size ``original`` plus the edit's change: ``edited`` - ``reconstructed`` (both (3, h, w) in about
     [-1, 1] at the working size: the edit and the VAE's own reconstruction of its input, so the VAE's error is not
     taken for an edit), resized to the original's size. -> (3, H, W) in [-1, 1]."""
-    change = (edited - reconstructed).transpose(1, 2, 0) / 2.0  # (h, w, 3), in [0, 1] units
-    change = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(change[:, :, c]), mode="F")
-                                  .resize(original.size, Image.Resampling.BICUBIC)) for c in range(3)])
+    change = resize_planes((edited - reconstructed) / 2.0, original.size, Image.Resampling.BICUBIC)  # [0, 1] units
     base = np.asarray(original, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
     return np.clip(base + 2.0 * change, -1.0, 1.0)
 
@@ -203,11 +201,14 @@ def output_to_pil(image: np.ndarray) -> Image.Image:
 
 def resize_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """float (H, W, 3) in [0, 1] resized to (width, height) with Lanczos, kept in float."""
-    channels = [
-        np.asarray(Image.fromarray(image[:, :, c], mode="F").resize(size, Image.Resampling.LANCZOS))
-        for c in range(3)
-    ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+    planes = resize_planes(image.transpose(2, 0, 1), size, Image.Resampling.LANCZOS)
+    return np.clip(planes.transpose(1, 2, 0), 0.0, 1.0).astype(np.float32)
+
+
+def resize_planes(planes: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """float (C, H, W) resized to (width, height) plane by plane in float (no clipping) -> float32 (C, h, w)."""
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
+                                .resize(size, resample)) for plane in planes])
 
 
 def save_image(image: Image.Image, path: str | os.PathLike) -> None:

@@ -41,6 +41,11 @@ def _object(data: Any, cls: type, where: str) -> dict:
     return data
 
 
+def _model_config(data: dict) -> ModelConfig:
+    """ModelConfig from its JSON object (lists become the tuples the dataclass holds)."""
+    return ModelConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
+
 def _mapping(data: Any, where: str, optional: bool = False) -> dict | None:
     """``data`` checked as a JSON object of any keys (or, where ``optional``, null)."""
     if not (isinstance(data, dict) or (optional and data is None)):
@@ -322,7 +327,7 @@ class Manifest:
         return cls(
             format_version=data["format_version"], format=data["format"], precision=data["precision"],
             source=Source.from_dict(data["source"]),
-            model=ModelConfig(**_object(data["model"], ModelConfig, "model")),
+            model=_model_config(_object(data["model"], ModelConfig, "model")),
             profile=Profile.from_dict(_object(data["profile"], Profile, "profile")), guidance=data["guidance"],
             components=_components(data["components"]),
             null_embedding=FileEntry.from_dict(data["null_embedding"], "null_embedding"),

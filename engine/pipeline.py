@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from engine import images as imaging
-from engine import tiling
+from engine import tiling, vae_tiles
 from engine.backends import BUNDLE_BACKENDS, Backend, backend_module, bundle_runtime
 from engine.caching import StepCache
 from engine.checkpoints import resolve_model
@@ -96,6 +96,8 @@ class EditPipeline:
         self.vae_memory = vae_memory  # bytes of VAE activations past which vae_tile="auto" tiles
         self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
+        self._tiled_encoder: vae_tiles.TiledVae | None = None  # made at the first tiled call
+        self._tiled_decoder: vae_tiles.TiledVae | None = None
 
     @classmethod
     def from_pretrained(
@@ -169,8 +171,8 @@ class EditPipeline:
         s_I 1.5). ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's own (512 for
         SD 1.5), ``None`` edits at the input's own size (any size: padded by mirroring, cropped back).
         ``keep_detail``: edit at the resolution and add only the change to the full-size input. ``vae_tile``: the
-        VAE's tile side in pixels, None for never, "auto" past the pipeline's ``vae_memory``. ``latents``: unit-variance initial noise (B, 4, H/8, W/8),
-        scaled by the scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
+        VAE's tile side in pixels, None for never, "auto" past the pipeline's ``vae_memory``. ``latents``:
+        unit-variance initial noise (B, 4, H/8, W/8), scaled by the scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
         only for sigma inside it; ``adaptive_guidance``: the cosine past which a branch stops;
         ``cache_interval``/``cache_depth``: step caching, the whole UNet every ``cache_interval``-th call and
         only its ``cache_depth`` outer levels between (all approximate)."""
@@ -360,10 +362,10 @@ class EditPipeline:
         if isinstance(tile, int) and tile % multiple:
             raise InputError(f"vae_tile: {tile} px is not a multiple of {multiple} (this model's downsampling)")
         if tile == "auto":
-            if count * size[0] * size[1] * self.model.vae_width * VAE_LIVE_VALUES * 4 <= self.vae_memory:
+            if count * self._vae_bytes(size[0] * size[1]) <= self.vae_memory:
                 return None
-            per_pixel = self.model.vae_width * VAE_LIVE_VALUES * 4
-            tile = max(self.model.default_resolution, math.isqrt(self.vae_memory // per_pixel) // multiple * multiple)
+            largest = math.isqrt(self.vae_memory // self._vae_bytes(1)) // multiple * multiple
+            tile = max(self.model.default_resolution, largest)
             if self.profile is not None:
                 tile = min(tile, self.profile.height[2], self.profile.width[2])
         if tile is None or max(size) <= tile:
@@ -373,51 +375,48 @@ class EditPipeline:
         overlap = max(1, tile // factor // 4)  # a quarter of the tile, as diffusers' tiled VAE
         return tiling.Tiling(tile // factor, overlap)
 
+    def _vae_bytes(self, pixels: int) -> int:
+        """Estimated bytes of VAE activations for a picture of ``pixels``: its full-resolution level, float32."""
+        return pixels * self.model.vae_width * VAE_LIVE_VALUES * 4
+
     def encode_image(self, pixels: np.ndarray, tiles: tiling.Tiling | None = None,
                      clock: StageClock | None = None) -> Any:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, 4, H/f, W/f) image latents on the backend (the encoder's mode),
         tile by tile where ``tiles`` says so."""
         be = self.backend
-
-        def encode(parts: list[np.ndarray]) -> list[np.ndarray]:
-            latents = be.run(VAE_ENCODER.name, {"images": be.asarray(np.concatenate(parts))})["image_latents"]
-            return np.split(be.to_numpy(latents), len(parts))
-
         if tiles is None:
             return be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]
-        return be.asarray(self._tiled(encode, pixels, tiles, self.model.vae_factor, 1, self.model.latent_channels,
-                                      "image_encode", clock))
+        if self._tiled_encoder is None:
+            self._tiled_encoder = vae_tiles.encoder(be, self.model.vae_norms)
+        return be.asarray(self._tiled(self._tiled_encoder, pixels, tiles, self.model.vae_factor, 1, "image_encode",
+                                      clock))
 
     def decode(self, latents: Any, tiles: tiling.Tiling | None = None, clock: StageClock | None = None) -> np.ndarray:
         """(B, 4, h, w) latents, scaled as the sampler makes them -> (B, 3, fh, fw) pixels in about [-1, 1], tile by
         tile where ``tiles`` says so."""
         if tiles is None:
             return self._decode(latents)
-        be = self.backend
+        if self._tiled_decoder is None:
+            self._tiled_decoder = vae_tiles.decoder(self.backend, self.model.vae_norms, self._decode)
+        return self._tiled(self._tiled_decoder, self.backend.to_numpy(latents), tiles, 1, self.model.vae_factor,
+                           "decode", clock)
 
-        def decode(parts: list[np.ndarray]) -> list[np.ndarray]:
-            return np.split(self._decode(be.asarray(np.concatenate(parts))), len(parts))
-
-        return self._tiled(decode, be.to_numpy(latents), tiles, 1, self.model.vae_factor, 3, "decode", clock)
-
-    def _tiled(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], x: np.ndarray, tiles: tiling.Tiling,
-               in_scale: int, out_scale: int, out_channels: int, stage: str, clock: StageClock | None) -> np.ndarray:
-        """``tiling.blend`` with a progress bar, as many tiles per call as ``vae_memory`` holds (within a bundle's
-        profile), and the tiles counted on ``clock`` under ``stage``."""
-        tile_pixels = (tiles.tile * self.model.vae_factor) ** 2
-        per_call = max(1, self.vae_memory // (len(x) * tile_pixels * self.model.vae_width * VAE_LIVE_VALUES * 4))
+    def _tiled(self, network: vae_tiles.TiledVae, x: np.ndarray, tiles: tiling.Tiling, in_scale: int, out_scale: int,
+               stage: str, clock: StageClock | None) -> np.ndarray:
+        """``network`` over ``tiles`` with a progress bar, as many tiles per call as ``vae_memory`` holds (within a
+        bundle's profile), and the tiles counted on ``clock`` under ``stage``."""
+        per_call = max(1, self.vae_memory // (len(x) * self._vae_bytes((tiles.tile * self.model.vae_factor) ** 2)))
         if self.profile is not None:
             per_call = max(1, min(per_call, self.profile.batch[2] // len(x)))
-        height, width = x.shape[2] // in_scale, x.shape[3] // in_scale
-        with tqdm(total=tiles.count(height, width), desc=f"{stage} tiles", unit="tile", disable=not self.progress,
+        count = tiles.count(x.shape[2] // in_scale, x.shape[3] // in_scale)
+        with tqdm(total=count * network.passes, desc=f"{stage} tiles", unit="tile", disable=not self.progress,
                   leave=False) as bar:
-            def done(count: int) -> None:
-                bar.update(count)
+            def done(ran: int) -> None:
+                bar.update(ran)
                 if clock is not None:
-                    clock.tiles[stage] += count
+                    clock.tiles[stage] += ran
 
-            return tiling.blend(run, x, tiles, in_scale, out_scale, out_channels, per_call,
-                                margin=tiles.overlap // 4, done=done)
+            return network(x, tiles, in_scale, out_scale, per_call, done)
 
     def _latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(C, h, w) of one image's latents for (B, 3, H, W) pixels."""

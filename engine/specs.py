@@ -3,7 +3,8 @@
 The torch backend, the exporter, the TensorRT builder and the runtimes all read these specs, so a
 component's inputs and outputs are called the same everywhere. Dimensions are symbolic names
 (``B`` images per call, ``N`` UNet rows: 3B with guidance or B without, ``H``/``W`` latent height/width,
-``HP``/``WP`` pixel height/width, ``D`` text width; ``FC``/``FH``/``FW`` the channels, height and width of the
+``HP``/``WP`` pixel height/width, ``D`` text width; ``LE``/``LD``/``G`` the VAE encoder's and decoder's GroupNorm
+layers and their groups; ``FC``/``FH``/``FW`` the channels, height and width of the
 step cache's deep feature) or integers. A ``Profile`` gives every symbol a
 min/opt/max range; exporters, TensorRT profiles, buffer allocation and input checks all derive from it.
 """
@@ -67,6 +68,26 @@ VAE_DECODER = ComponentSpec(
 )
 
 COMPONENTS = {spec.name: spec for spec in (TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER)}
+
+
+def vae_tile(spec: ComponentSpec, layers: str) -> ComponentSpec:
+    """The VAE network ``spec`` for one tile of a larger picture (``engine.tiling``): its ``layers`` GroupNorms
+    normalise with the whole picture's statistics (``given_stats`` 1) or the tile's own (0), and report the
+    count, mean and variance of the latent cells the tile owns (``owned`` 1), per layer, image and group."""
+    return ComponentSpec(
+        name=spec.name + "_tile",
+        inputs=spec.inputs + (
+            TensorSpec("norm_stats", "float32", (layers, "B", "G", 2)),  # mean, variance
+            TensorSpec("owned", "float32", ("B", 1, "H", "W")),  # 1 on the latent cells the tile owns, else 0
+            TensorSpec("given_stats", "float32", (1,)),
+        ),
+        outputs=spec.outputs + (TensorSpec("norm_parts", "float32", (layers, "B", "G", 3)),),  # count, mean, var
+    )
+
+
+VAE_ENCODER_TILE, VAE_DECODER_TILE = vae_tile(VAE_ENCODER, "LE"), vae_tile(VAE_DECODER, "LD")
+# Bundles carry them in float32 whatever their precision: the statistics they gather overflow float16 sums.
+TILE_COMPONENTS = {spec.name: spec for spec in (VAE_ENCODER_TILE, VAE_DECODER_TILE)}
 DEEP_FEATURE = TensorSpec("deep_feature", "float32", ("N", "FC", "FH", "FW"))
 
 
@@ -89,8 +110,8 @@ def split_of(name: str) -> tuple[str, int] | None:
 
 def component_spec(name: str) -> ComponentSpec:
     """The spec of any component a bundle or backend may hold, the split UNets included."""
-    if name in COMPONENTS:
-        return COMPONENTS[name]
+    if name in COMPONENTS or name in TILE_COMPONENTS:
+        return COMPONENTS.get(name) or TILE_COMPONENTS[name]
     split = split_of(name)
     if split is None:
         raise KeyError(f"no component {name!r}")
@@ -121,14 +142,16 @@ class Profile:
                 raise InputError(f"{name} profile {lo}:{opt}:{hi}: sides must be multiples of {multiple}")
         return self
 
-    def dims(self, vae_factor: int, text_dim: int, feature: tuple[int, int] | None = None) -> dict[str, Range]:
+    def dims(self, vae_factor: int, text_dim: int, feature: tuple[int, int] | None = None,
+             norms: tuple[int, int, int] | None = None) -> dict[str, Range]:
         """Range of every symbolic dimension. UNet rows N run from B (no guidance) to 3B. ``feature``: (channels,
-        downscale from the latent) of the step cache's deep feature, for bundles with the split UNet."""
+        downscale from the latent) of the step cache's deep feature, for bundles with the split UNet. ``norms``:
+        the VAE encoder's and decoder's GroupNorm layers and groups, for the tile networks."""
         b = self.batch
-        extra = {}
+        extra = {} if norms is None else {"LE": (norms[0],) * 3, "LD": (norms[1],) * 3, "G": (norms[2],) * 3}
         if feature is not None:
             channels, scale = feature
-            extra = {"FC": (channels,) * 3, "FH": tuple(v // vae_factor // scale for v in self.height),
+            extra |= {"FC": (channels,) * 3, "FH": tuple(v // vae_factor // scale for v in self.height),
                      "FW": tuple(v // vae_factor // scale for v in self.width)}
         return extra | {
             "B": b,

@@ -68,13 +68,39 @@ def _rise(length: int, overlap: int, margin: int) -> np.ndarray:
     return weights
 
 
-def blend(run: Callable[[list[np.ndarray]], list[np.ndarray]], x: np.ndarray, tiling: Tiling, in_scale: int,
-          out_scale: int, out_channels: int, per_call: int = 1, margin: int = 0,
+def owned(span: tuple[int, int], spans: list[tuple[int, int]]) -> np.ndarray:
+    """0/1 along one side of one tile: the cells it owns, from the middle of its overlap with the previous tile to
+    the middle of the next; the tiles' owned cells partition the side."""
+    start, stop = span
+    index = spans.index(span)
+    low = start if index == 0 else (start + spans[index - 1][1]) // 2
+    high = stop if index == len(spans) - 1 else (spans[index + 1][0] + stop) // 2
+    flags = np.zeros(stop - start, np.float32)
+    flags[low - start : high - start] = 1.0
+    return flags
+
+
+def combine_statistics(parts: list[np.ndarray]) -> np.ndarray:
+    """(L, B, G, 2) mean and variance of the whole from each tile's (L, B, G, 3) count, mean and variance of its
+    owned cells (the parallel form of the variance: Chan, Golub and LeVeque 1979), in float64."""
+    stacked = np.stack(parts).astype(np.float64)  # (T, L, B, G, 3)
+    count, mean, var = stacked[..., 0], stacked[..., 1], stacked[..., 2]
+    total = count.sum(0)
+    whole = (count * mean).sum(0) / total
+    spread = (count * (var + (mean - whole) ** 2)).sum(0) / total
+    return np.stack([whole, spread], -1).astype(np.float32)
+
+
+Box = tuple[tuple[int, int], tuple[int, int]]  # a tile's (rows, columns) spans on the grid
+
+
+def blend(run: Callable[[list[np.ndarray], list[Box]], list[np.ndarray]], x: np.ndarray, tiling: Tiling,
+          in_scale: int, out_scale: int, out_channels: int, per_call: int = 1, margin: int = 0,
           done: Callable[[int], None] | None = None) -> np.ndarray:
     """Apply ``run`` tile by tile to ``x`` (B, C, in_scale*H, in_scale*W), tiled on its (H, W) grid, and blend its
     outputs (B, out_channels, out_scale*h, out_scale*w per tile) into (B, out_channels, out_scale*H, out_scale*W).
-    ``run`` takes and returns lists of up to ``per_call`` tiles (all of one shape: they may run as one batch);
-    ``done(n)`` is called after each call."""
+    ``run`` takes lists of up to ``per_call`` tiles (all of one shape: they may run as one batch) and their boxes,
+    and returns their outputs; ``done(n)`` is called after each call."""
     batch, _, height, width = x.shape
     height, width = height // in_scale, width // in_scale
     total = np.zeros((batch, out_channels, height * out_scale, width * out_scale), np.float32)
@@ -82,7 +108,8 @@ def blend(run: Callable[[list[np.ndarray]], list[np.ndarray]], x: np.ndarray, ti
     rows, cols = tiling.spans(height), tiling.spans(width)
     boxes = [(r, c) for r in rows for c in cols]
     for group in _chunks(boxes, per_call):
-        outputs = run([x[:, :, r[0] * in_scale : r[1] * in_scale, c[0] * in_scale : c[1] * in_scale] for r, c in group])
+        outputs = run([x[:, :, r[0] * in_scale : r[1] * in_scale, c[0] * in_scale : c[1] * in_scale] for r, c in group],
+                      group)
         for (r, c), out in zip(group, outputs):
             w = np.outer(ramp(r, rows, out_scale, margin), ramp(c, cols, out_scale, margin))  # (h, w) of the output
             area = (slice(r[0] * out_scale, r[1] * out_scale), slice(c[0] * out_scale, c[1] * out_scale))

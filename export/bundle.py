@@ -85,15 +85,17 @@ def tool_versions() -> dict[str, str]:
 
 
 def verification_sizes(profile: Profile, vae_factor: int, text_dim: int, names: list[str],
-                       feature: tuple[int, int] | None = None) -> dict[str, list[dict[str, int]]]:
+                       feature: tuple[int, int] | None = None,
+                       norms: tuple[int, int, int] = (0, 0, 1)) -> dict[str, list[dict[str, int]]]:
     """Shapes each component of ``names`` is verified at: the profile's opt size and its smallest size (if
     different); the UNets at batch 3 (one guided image) at both. ``feature``: the deep feature's (channels,
-    downscale) for the split UNet."""
+    downscale) for the split UNet; ``norms``: the VAE's GroupNorm layers (encoder, decoder) and groups."""
     sides = {(profile.height[1], profile.width[1]), (profile.height[0], profile.width[0])}
     batch = profile.batch[1]
     sets: dict[str, list[dict[str, int]]] = {name: [] for name in names}
     for hp, wp in sorted(sides):
-        base = {"B": batch, "HP": hp, "WP": wp, "H": hp // vae_factor, "W": wp // vae_factor, "D": text_dim}
+        base = {"B": batch, "HP": hp, "WP": wp, "H": hp // vae_factor, "W": wp // vae_factor, "D": text_dim,
+                "LE": norms[0], "LD": norms[1], "G": norms[2]}
         if feature is not None:
             channels, scale = feature
             base |= {"FC": channels, "FH": hp // vae_factor // scale, "FW": wp // vae_factor // scale}
@@ -137,11 +139,12 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     unet, modules, component_specs, feature, vocab_size = _networks(source, options.step_cache)
     # The UNet's rows N stay dynamic (B to 3B) in static bundles too: ORT captures one CUDA graph per row count
     # (gpu_graph_id), TensorRT builds one optimisation profile per row count; every other axis is fixed there.
-    dims = profile.dims(model_config.vae_factor, model_config.text_dim, feature=feature)
+    dims = profile.dims(model_config.vae_factor, model_config.text_dim, feature=feature, norms=model_config.vae_norms)
     # TensorRT builds its fp16 engines from float32 graphs; only ONNX bundles convert the graphs.
     graph_precision = options.precision if options.format == "onnx" else "fp32"
     names = [spec.name for spec in component_specs]
-    sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim, names, feature)
+    sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim, names, feature,
+                               model_config.vae_norms)
     opt_latent = (profile.height[1] // model_config.vae_factor, profile.width[1] // model_config.vae_factor)
 
     staging = staging_folder(out)
@@ -151,9 +154,10 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         for spec in tqdm(component_specs, desc="exporting", unit="component", disable=not progress):
             name = spec.name
             try:
+                precision = "fp32" if name in specs.TILE_COMPONENTS else graph_precision  # see TILE_COMPONENTS
                 entry, component_checks = _export_component(
                     name, modules[name], spec, dims, sizes[name], model_config.vae_factor, profile, staging,
-                    graph_precision, options.verify, vocab_size,
+                    precision, options.verify, vocab_size,
                 )
             except InputError:
                 raise
@@ -188,12 +192,13 @@ def _networks(source: ModelSource, step_cache: int | None) -> tuple[Any, dict[st
                                                                    tuple[int, int] | None, int]:
     """(the UNet, the module to export of every component, their specs, the split UNet's deep feature as
     (channels, downscale from the latent) or None, the text encoder's vocabulary size)."""
-    from engine.backends.torch_modules import load_networks, split_modules, wrap_components
+    from engine.backends.torch_modules import load_networks, split_modules, tile_module, wrap_components
     from engine.backends.unet_split import check_splittable, feature_channels
 
     unet, vae, text_encoder = load_networks(source)
     modules = wrap_components(unet, vae, text_encoder)
-    component_specs = list(specs.COMPONENTS.values())
+    modules |= {name: tile_module(modules, name) for name in specs.TILE_COMPONENTS}
+    component_specs = list(specs.COMPONENTS.values()) + list(specs.TILE_COMPONENTS.values())
     feature = None
     if step_cache is not None:
         check_splittable(unet, step_cache)

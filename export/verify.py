@@ -34,7 +34,8 @@ class Check:
 
 
 def random_inputs(spec: ComponentSpec, sizes: dict[str, int], vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Inputs for ``spec`` with symbolic dims set by ``sizes``: token ids, timesteps in [0, 1000), else N(0, 1)."""
+    """Inputs for ``spec`` with symbolic dims set by ``sizes``: token ids, timesteps in [0, 1000), 0/1 flags, positive
+    variances, else N(0, 1)."""
     rng = np.random.default_rng(seed)
     out = {}
     for tensor in spec.inputs:
@@ -43,6 +44,11 @@ def random_inputs(spec: ComponentSpec, sizes: dict[str, int], vocab_size: int, s
             out[tensor.name] = rng.integers(0, vocab_size, shape, dtype=np.int64)
         elif tensor.name == "timestep":
             out[tensor.name] = rng.uniform(0, 999, shape).astype(np.float32)
+        elif tensor.name in ("owned", "given_stats"):  # 0/1 flags
+            out[tensor.name] = rng.integers(0, 2, shape).astype(np.float32)
+        elif tensor.name == "norm_stats":  # means, and variances that are positive
+            out[tensor.name] = np.stack([rng.standard_normal(shape[:-1]), rng.uniform(0.5, 2.0, shape[:-1])],
+                                        -1).astype(np.float32)
         else:
             out[tensor.name] = rng.standard_normal(shape, dtype=np.float32)
     return out

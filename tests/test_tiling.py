@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.tiling import Tiling, blend, ramp
+from engine.tiling import Tiling, blend, combine_statistics, owned, ramp
 
 
 @pytest.mark.parametrize("length", [16, 17, 40, 64, 100, 257])
@@ -43,7 +43,7 @@ def test_blending_a_pointwise_map_gives_the_whole_picture_back():
     x = np.random.default_rng(0).normal(size=(2, 3, 40, 56)).astype(np.float32)
     calls = []
 
-    def double_upsample(tiles):  # a map whose tiles agree wherever they overlap
+    def double_upsample(tiles, boxes):  # a map whose tiles agree wherever they overlap
         calls.append(len(tiles))
         return [np.repeat(np.repeat(2 * t, 4, axis=2), 4, axis=3) for t in tiles]
 
@@ -54,6 +54,25 @@ def test_blending_a_pointwise_map_gives_the_whole_picture_back():
 
 def test_blending_downscales_when_the_input_grid_is_finer():
     x = np.arange(2 * 64 * 64, dtype=np.float32).reshape(1, 2, 64, 64)
-    out = blend(lambda tiles: [t[:, :, ::4, ::4] for t in tiles], x, Tiling(8, 2), in_scale=4, out_scale=1,
+    out = blend(lambda tiles, boxes: [t[:, :, ::4, ::4] for t in tiles], x, Tiling(8, 2), in_scale=4, out_scale=1,
                 out_channels=2)
     np.testing.assert_allclose(out, x[:, :, ::4, ::4], rtol=1e-6)
+
+
+def test_owned_cells_partition_the_side():
+    spans = Tiling(16, 6).spans(50)
+    flags = np.zeros(50)
+    for span in spans:
+        flags[span[0] : span[1]] += owned(span, spans)
+    np.testing.assert_array_equal(flags, 1)
+
+
+def test_statistics_of_owned_parts_combine_to_the_whole():
+    rng = np.random.default_rng(1)
+    values = rng.normal(3.0, 2.0, size=(2, 5, 4, 90))  # (L, B, G, cells)
+    cuts = [0, 7, 40, 41, 90]
+    parts = [np.stack([np.full(values.shape[:3], b - a), values[..., a:b].mean(-1), values[..., a:b].var(-1)], -1)
+             for a, b in zip(cuts, cuts[1:])]
+    whole = combine_statistics(parts)
+    np.testing.assert_allclose(whole[..., 0], values.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(whole[..., 1], values.var(-1), rtol=1e-4)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine import specs
-from engine.backends.torch_modules import load_networks, split_modules, unet_macs, wrap_components
+from engine.backends.torch_modules import load_networks, split_modules, tile_module, unet_macs, wrap_components
 from engine.checkpoints import ModelSource
 from engine.cpu import cpu_precision
 from engine.errors import InputError
@@ -61,12 +61,17 @@ class TorchBackend:
     def has(self, component: str) -> bool:
         if component in self._modules or (component == FP32_DECODER and self.dtype != torch.float32):
             return True
+        if component in specs.TILE_COMPONENTS:
+            return True
         return split_modules(self._unet, component, self._kv_downsample) is not None  # InputError: no such level
 
     def _module(self, component: str) -> tuple[nn.Module, torch.dtype]:
         if component not in self._modules:
             if component == FP32_DECODER:
                 module, dtype = copy.deepcopy(self._modules[specs.VAE_DECODER.name][0]).float(), torch.float32
+            elif component in specs.TILE_COMPONENTS:
+                modules = {name: module for name, (module, _) in self._modules.items()}
+                module, dtype = tile_module(modules, component), self.dtype
             else:
                 module, dtype = split_modules(self._unet, component, self._kv_downsample), self.dtype
                 if module is None:

@@ -5,6 +5,8 @@ downsampling, the UNet's step-caching halves, loading and MAC counting.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,69 @@ class VaeDecoder(nn.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+
+class TileContext:
+    """What the GroupNorms of one tile call share: the inputs they read and the statistics they report."""
+
+    def __init__(self):
+        self.stats: torch.Tensor | None = None  # (L, B, G, 2): mean, variance
+        self.owned: torch.Tensor | None = None  # (B, 1, h, w) on the latent grid
+        self.given: torch.Tensor | None = None  # (1,): 1 normalise with ``stats``, 0 with the tile's own
+        self.parts: dict[int, torch.Tensor] = {}  # layer -> (B, G, 3): count, mean, variance of the owned cells
+
+
+class TileNorm(nn.Module):
+    """A VAE GroupNorm running on one tile: normalises with the whole picture's statistics (or the tile's own),
+    and reports the statistics of the cells its tile owns, so that the tiles of a picture together give the
+    whole picture's. A (B, C, N) input (the VAE's attention) lies on the latent grid."""
+
+    def __init__(self, norm: nn.GroupNorm, context: TileContext, layer: int):
+        super().__init__()
+        self.norm, self.context, self.layer = norm, context, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx, norm = self.context, self.norm
+        owned = ctx.owned
+        grid = x if x.ndim == 4 else x.reshape(*x.shape[:2], *owned.shape[-2:])
+        b, c, h, w = grid.shape
+        values = grid.float().reshape(b, norm.num_groups, -1, h, w)  # (B, G, C/G, h, w)
+        mask = F.interpolate(owned.float(), size=(h, w), mode="nearest")[:, :, None]  # (B, 1, 1, h, w)
+        count = mask.sum((2, 3, 4)) * values.shape[2]  # (B, 1)
+        mean = (values * mask).sum((2, 3, 4)) / count  # (B, G)
+        var = (((values - mean[..., None, None, None]) * mask) ** 2).sum((2, 3, 4)) / count
+        ctx.parts[self.layer] = torch.stack([count.expand_as(mean), mean, var], -1)
+        given, stats = ctx.given.float(), ctx.stats[self.layer].float()  # (1,), (B, G, 2)
+        mean = given * stats[..., 0] + (1 - given) * values.mean((2, 3, 4))
+        var = given * stats[..., 1] + (1 - given) * values.var((2, 3, 4), unbiased=False)
+        normed = (values - mean[..., None, None, None]) * torch.rsqrt(var + norm.eps)[..., None, None, None]
+        out = normed.reshape(b, c, h, w) * norm.weight.float()[:, None, None] + norm.bias.float()[:, None, None]
+        return out.to(x.dtype).reshape(x.shape)
+
+
+class VaeTile(nn.Module):
+    """A VAE network (``VaeEncoder`` or ``VaeDecoder``) for one tile (``engine.specs.vae_tile``): the same weights,
+    its GroupNorms replaced by ``TileNorm``s, numbered in module order."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.context = TileContext()
+        shared = {id(t): t for t in list(network.parameters()) + list(network.buffers())}
+        self.network = copy.deepcopy(network, shared)  # the modules copied, the weights shared
+        norms = [(parent, name) for parent in self.network.modules() for name, child in parent.named_children()
+                 if isinstance(child, nn.GroupNorm)]
+        for layer, (parent, name) in enumerate(norms):
+            setattr(parent, name, TileNorm(getattr(parent, name), self.context, layer))
+        self.layers = len(norms)
+
+    def run_tile(self, x: torch.Tensor, norm_stats: torch.Tensor, owned: torch.Tensor,
+                 given_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        ctx.stats, ctx.owned, ctx.given, ctx.parts = norm_stats, owned, given_stats, {}
+        out = self.network(x)
+        parts = torch.stack([ctx.parts[layer] for layer in range(self.layers)])  # (L, B, G, 3)
+        ctx.stats = ctx.owned = ctx.given = None
+        return out, parts
 
 
 def token_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
@@ -128,6 +193,33 @@ def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, kv
         specs.UNET.name: UNet(unet, kv_downsample).eval(),
         specs.VAE_DECODER.name: VaeDecoder(vae).eval(),
     }
+
+
+class VaeEncoderTile(VaeTile):
+    """images (B, 3, 8H, 8W), norm_stats (LE, B, G, 2), owned (B, 1, H, W), given_stats (1,) -> image_latents
+    (B, 4, H, W), norm_parts (LE, B, G, 3)."""
+
+    def forward(self, images, norm_stats, owned, given_stats):
+        return self.run_tile(images, norm_stats, owned, given_stats)
+
+
+class VaeDecoderTile(VaeTile):
+    """latents (B, 4, H, W), norm_stats (LD, B, G, 2), owned (B, 1, H, W), given_stats (1,) -> images
+    (B, 3, 8H, 8W), norm_parts (LD, B, G, 3)."""
+
+    def forward(self, latents, norm_stats, owned, given_stats):
+        return self.run_tile(latents, norm_stats, owned, given_stats)
+
+
+def tile_module(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The tile network ``name`` (``vae_encoder_tile``/``vae_decoder_tile``) made from ``modules``' own VAE
+    network, sharing its weights; None for any other name."""
+    kinds = {specs.VAE_ENCODER_TILE.name: (VaeEncoderTile, specs.VAE_ENCODER.name),
+             specs.VAE_DECODER_TILE.name: (VaeDecoderTile, specs.VAE_DECODER.name)}
+    if name not in kinds:
+        return None
+    cls, network = kinds[name]
+    return cls(modules[network]).eval()
 
 
 def split_modules(unet: nn.Module, name: str, kv_downsample: int = 1) -> nn.Module | None:
