@@ -299,7 +299,8 @@ class Manifest:
     def to_dict(self) -> dict:
         data = {
             "format_version": self.format_version, "format": self.format, "precision": self.precision,
-            "source": self.source.to_dict(), "model": dataclasses.asdict(self.model),
+            "source": self.source.to_dict(), "model": {key: list(value) if isinstance(value, tuple) else value
+                                                         for key, value in dataclasses.asdict(self.model).items()},
             "profile": self.profile.to_dict(), "guidance": self.guidance,
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "null_embedding": self.null_embedding.to_dict(), "tokenizer": self.tokenizer.to_dict(),
