@@ -121,8 +121,8 @@ def _resident_bytes(pid: int) -> int:
 
 
 def memory(model: str, cap_gib: float, timeout: float, only: list[str] | None) -> list[dict]:
-    plan = [("engine", w, h, rows, "edit") for w, h in EDIT_SIZES for rows in (1, 3)]
-    plan += [("engine", *VAE_SIZE, 0, "vae"), ("diffusers-tiled", *VAE_SIZE, 0, "vae")]
+    plan = [("engine", *VAE_SIZE, 0, "vae"), ("engine", 2048, 2048, 1, "edit"), ("diffusers-tiled", *VAE_SIZE, 0, "vae")]
+    plan += [("engine", w, h, rows, "edit") for w, h in EDIT_SIZES for rows in (1, 3) if (w, rows) != (2048, 1)]
     plan += [(system, w, h, 1, "edit") for w, h in EDIT_SIZES for system in ("diffusers", "diffusers-tiled")]
     plan += [(system, 1024, 1024, 3, "edit") for system in ("diffusers", "diffusers-tiled")]
     results = []
