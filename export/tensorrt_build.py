@@ -23,7 +23,7 @@ from engine.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-FP32_COMPONENTS = (specs.VAE_DECODER.name,)
+FP32_COMPONENTS = (specs.VAE_DECODER.name, *specs.TILE_COMPONENTS)  # the tile networks: see TILE_COMPONENTS
 WORKSPACE_BYTES = 8 << 30
 
 

@@ -54,6 +54,19 @@ def test_static_engines_get_one_profile_per_unet_row_count():
     assert shallow[-1]["deep_feature"] == ((6, 320, 64, 64),) * 3
 
 
+def test_a_static_bundles_tile_networks_run_at_its_one_size_in_float32():
+    """The VAE tile networks: one static profile at the bundle's size (a tile of a larger picture is that size),
+    the GroupNorm layers and groups fixed; built in float32."""
+    from export.tensorrt_build import FP32_COMPONENTS
+
+    static = specs.Profile((1, 1, 1), (512,) * 3, (512,) * 3)
+    profiles = engine_profiles(static.dims(8, 768, norms=(22, 30, 32)), static=True)
+    decoder = profile_shapes(specs.VAE_DECODER_TILE, profiles)
+    assert decoder == [{"latents": ((1, 4, 64, 64),) * 3, "norm_stats": ((30, 1, 32, 2),) * 3,
+                        "owned": ((1, 1, 64, 64),) * 3, "given_stats": ((1,),) * 3}]
+    assert set(specs.TILE_COMPONENTS) <= set(FP32_COMPONENTS)
+
+
 def test_the_matching_profile_is_chosen_by_input_shapes():
     from engine.backends.tensorrt_backend import matching_profile
 
