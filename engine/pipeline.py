@@ -62,11 +62,13 @@ class EditResult:
 
 class StageClock:
     """Wall-clock seconds per stage with no gaps: a lap charges the time since the previous lap to its stage, so
-    the stages add up to the whole call; and the VAE tiles each stage ran."""
+    the stages add up to the whole call; and the VAE tiles each stage ran, told to ``on_tiles(stage, done, total)``
+    as they run."""
 
-    def __init__(self):
+    def __init__(self, on_tiles: Callable[[str, int, int], None] | None = None):
         self.seconds: dict[str, float] = defaultdict(float)
         self.tiles: dict[str, int] = defaultdict(int)
+        self.on_tiles = on_tiles
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -196,6 +198,7 @@ class EditPipeline:
         latents: Any = None,
         guidance_scales: Sequence[tuple[float, float]] | None = None,
         on_step: Callable[[int], Collection[int] | None] | None = None,
+        on_tiles: Callable[[str, int, int], None] | None = None,
     ) -> EditResult:
         """Edit ``images`` with ``config``; images that end up the same size are denoised as one batch.
 
@@ -203,8 +206,9 @@ class EditPipeline:
         would get alone with its own). ``on_step(steps_done)`` runs after every denoising step of every
         batch; raising ``engine.errors.Cancelled`` there stops the edit before the next UNet call, and
         returning indices into ``images`` drops those images: they cost no UNet rows from the next step on
-        and come back mid-grey, while the others keep exactly their pixels."""
-        clock = StageClock()
+        and come back mid-grey, while the others keep exactly their pixels. ``on_tiles(stage, done, total)`` runs
+        after every call of a tiled VAE (``stage``: "image_encode" or "decode")."""
+        clock = StageClock(on_tiles)
         if not images:
             raise InputError("no images to edit")
         instructions = _instructions_for(instruction, len(images))
@@ -409,12 +413,14 @@ class EditPipeline:
         if self.profile is not None:
             per_call = max(1, min(per_call, self.profile.batch[2] // len(x)))
         count = tiles.count(x.shape[2] // in_scale, x.shape[3] // in_scale)
-        with tqdm(total=count * network.passes, desc=f"{stage} tiles", unit="tile", disable=not self.progress,
-                  leave=False) as bar:
+        total, before = count * network.passes, clock.tiles[stage] if clock is not None else 0
+        with tqdm(total=total, desc=f"{stage} tiles", unit="tile", disable=not self.progress, leave=False) as bar:
             def done(ran: int) -> None:
                 bar.update(ran)
                 if clock is not None:
                     clock.tiles[stage] += ran
+                    if clock.on_tiles is not None:
+                        clock.on_tiles(stage, clock.tiles[stage] - before, total)
 
             return network(x, tiles, in_scale, out_scale, per_call, done)
 

@@ -1,9 +1,13 @@
 """Edits at the pictures' own sizes: any size by mirrored padding, the VAE in tiles, and keep_detail."""
+import asyncio
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from engine import EditPipeline, InputError
+from engine.config import EditConfig
 from engine import images as imaging
 from engine.specs import VAE_ENCODER, VAE_ENCODER_TILE
 from tests.test_pipeline import random_images
@@ -53,6 +57,38 @@ def test_tiles_are_counted_and_a_tile_larger_than_the_picture_changes_nothing(ti
     assert tiled.tiles == {"image_encode": 2 * count, "decode": 2 * count} and count > 2  # statistics, then pictures
     assert tiled.images.shape == whole.images.shape and np.isfinite(tiled.images).all()
     assert tiled.timings["decode"] > 0
+
+
+def test_tiles_are_reported_as_they_run(tiny_pipe):
+    heard = []
+    config = dataclasses.replace(EditConfig(steps=1), resolution=None, vae_tile=32)
+    result = tiny_pipe.run(random_images(1, 48, 96), "x", config, seed=0,
+                           on_tiles=lambda stage, done, total: heard.append((stage, done, total)))
+    assert [h[0] for h in heard] == sorted(h[0] for h in heard)[::-1]  # the encoder's tiles, then the decoder's
+    for stage, count in result.tiles.items():
+        mine = [h for h in heard if h[0] == stage]
+        done = [h[1] for h in mine]  # after each call, which may run several tiles
+        assert done == sorted(done) and done[-1] == count and {h[2] for h in mine} == {count} and len(done) >= 2
+
+
+def test_a_jobs_view_shows_its_tiles_while_it_runs():
+    from engine.serving.app import view_of
+    from engine.serving.jobs import Job, advance_tiles, job_config
+    from engine.serving.schema import EditParameters
+
+    params = EditParameters(instruction="x")
+    job = Job(Image.new("RGB", (8, 8)), params, job_config(params), None, None)
+    advance_tiles([job], "decode", 3, 8)
+    assert job.tiles is None  # a queued job is not running yet
+    job.start()
+    advance_tiles([job], "decode", 3, 8)
+
+    class Service:
+        def position(self, job):
+            return None
+
+    view = asyncio.run(view_of(job, Service()))
+    assert view.tiles == ("decode", 3, 8) and view.state == "running"
 
 
 def test_tiles_with_the_whole_pictures_statistics_agree_with_the_whole():

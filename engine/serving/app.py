@@ -269,7 +269,7 @@ async def view_of(job: Job, service: EditService, with_result: bool = True, fmt:
     result = await output_of(job, service, fmt) if with_result and job.state == "succeeded" else None
     position = service.position(job) if job.state == "queued" else None
     return JobView(id=job.id, state=job.state, position=position, steps_done=job.steps_done,
-                   steps=job.config.steps, error=job.error or (job.cancel_reason if job.state == "cancelled" else None),
+                   steps=job.config.steps, tiles=job.tiles if job.state == "running" else None, error=job.error or (job.cancel_reason if job.state == "cancelled" else None),
                    result=result)
 
 
@@ -431,7 +431,7 @@ def add_event_routes(app: FastAPI, service: EditService) -> None:
             last, quiet = None, 0.0
             while True:
                 view = await view_of(job, service, with_result=False)
-                state = (view.state, view.position, view.steps_done)
+                state = (view.state, view.position, view.steps_done, view.tiles)
                 if state != last:
                     last, quiet = state, 0.0
                     event = "done" if view.state in FINISHED else "progress"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ class Job:
         self.created = time.monotonic()
         self.deadline = None if timeout is None else self.created + timeout
         self.state, self.steps_done, self.error = "queued", 0, None
+        self.tiles: tuple[str, int, int] | None = None  # (stage, done, total) of a tiled VAE while it runs
         self.cancel_reason: str | None = None  # set by cancel(): "cancelled", "timeout", "disconnected", ...
         self.future: Future = Future()
         self.finished_at: float | None = None
@@ -235,11 +237,21 @@ def advance(batch: list[Job], done: int) -> list[int]:
     return [i for i, job in enumerate(batch) if job.cancel_reason is not None]
 
 
+def advance_tiles(batch: list[Job], stage: str, done: int, total: int) -> None:
+    """Record a tiled VAE's progress on every running job of a batch (``run_batch``'s ``on_tiles``)."""
+    for job in batch:
+        if job.state == "running":
+            job.tiles = (stage, done, total)
+            job.changed.set()
+
+
 def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], Collection[int] | None] | None = None) -> list[Outcome]:
     """Edit jobs of one batch key in one pipeline call; each keeps its seed and scales, and gets the pixels it
-    would get alone. ``on_step`` as for ``EditPipeline.run``: it may name jobs (by index) to drop."""
+    would get alone. ``on_step`` as for ``EditPipeline.run``: it may name jobs (by index) to drop; the tiles of a
+    tiled VAE are recorded on the jobs as they run."""
     result = pipe.run([j.image for j in jobs], [j.params.instruction for j in jobs], jobs[0].config,
-                      seed=[j.seed for j in jobs], guidance_scales=[j.scales for j in jobs], on_step=on_step)
+                      seed=[j.seed for j in jobs], guidance_scales=[j.scales for j in jobs], on_step=on_step,
+                      on_tiles=functools.partial(advance_tiles, jobs))
     return [Outcome(image, seed, rows, dict(result.timings))
             for image, seed, rows in zip(result.images, result.seeds, result.unet_evaluations)]
 

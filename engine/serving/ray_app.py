@@ -47,7 +47,8 @@ class EditModel:
         self._thread.submit(warm_up, self.pipe).result()
 
     async def edit(self, image: Image.Image, params: EditParameters):
-        """Stream one edit: 0 when its batch starts, the denoising steps done as they advance, then its Outcome
+        """Stream one edit: (0, None) when its batch starts, (denoising steps done, tiled VAE progress) as they
+        advance, then its Outcome
         (or the InputError). Cancelling the call (``response.cancel()`` at the ingress) drops the request from
         its batch at the next step: no more UNet rows for it, the others go on."""
         try:
@@ -65,7 +66,7 @@ class EditModel:
         try:
             while not batch.done():
                 await asyncio.wait([batch], timeout=POLL_S)
-                progress = job.steps_done if job.state == "running" else None
+                progress = (job.steps_done, job.tiles) if job.state == "running" else None
                 if progress != reported:
                     reported = progress
                     yield progress
@@ -195,15 +196,15 @@ class RayEditService(EditService):
 
 
 async def _follow(job: Job, stream):
-    """Read an edit's stream from a replica into its job: running once its batch starts, the steps done, and
-    the last item, the outcome (returned)."""
+    """Read an edit's stream from a replica into its job: running once its batch starts, the steps done and the
+    tiled VAE's progress, and the last item, the outcome (returned)."""
     outcome = None
     async for item in stream:
-        if isinstance(item, int):
+        if isinstance(item, tuple):
             if job.state == "queued":
                 job.start()
             if job.state == "running":
-                job.steps_done = item
+                job.steps_done, job.tiles = item
                 job.changed.set()
         else:
             outcome = item

@@ -61,6 +61,7 @@ class JobView(BaseModel):
     position: Optional[int] = None
     steps_done: int
     steps: int
+    tiles: Optional[tuple[str, int, int]] = None  # a tiled VAE running: (stage, tiles done, of how many)
     error: Optional[str] = None
     result: Optional[EditOutput] = None
 
