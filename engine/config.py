@@ -120,8 +120,8 @@ class EditConfig:
             raise InputError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.resolution not in (None, "auto") and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise InputError(f"resolution must be a positive integer, None or 'auto', got {self.resolution!r}")
-        if self.vae_tile not in (None, "auto") and (not isinstance(self.vae_tile, int) or isinstance(self.vae_tile, bool)
-                                                     or self.vae_tile < 8):
+        tile = self.vae_tile
+        if tile not in (None, "auto") and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 8):
             raise InputError(f"vae_tile must be a tile side in pixels, None or 'auto', got {self.vae_tile!r}")
         if self.keep_detail and self.resolution is None:
             raise InputError("keep_detail carries an edit made at a working resolution back to the input's size; "

@@ -230,10 +230,7 @@ class EditPipeline:
         reconstructed: list[np.ndarray | None] = [None] * len(images)  # the VAE's own input, for keep_detail
         evaluations, work = [0] * len(images), [0.0] * len(images)
         chunks = _chunked(groups.values(), self.profile.batch[2] if self.profile else len(images))
-        self._check_step_cache(config.step_cache)
-        for _, members in chunks:  # every call is checked before any work starts
-            self._check_size(prepared[members[0]].size, len(members))
-            self.vae_tiling(config.vae_tile, prepared[members[0]].size, len(members))
+        self._check_calls(config, [(prepared[members[0]].size, len(members)) for _, members in chunks])
         for start, members in chunks:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
@@ -287,6 +284,13 @@ class EditPipeline:
                              f"height {h_lo}-{h_hi} pixels; pass a resolution inside it or export with a wider one")
         if count < b_lo:
             raise InputError(f"this bundle was exported for at least {b_lo} images per call, got {count}")
+
+    def _check_calls(self, config: EditConfig, calls: list[tuple[tuple[int, int], int]]) -> None:
+        """Refuse, before any work starts, a call (size, images) the bundle or the VAE tiles cannot run."""
+        self._check_step_cache(config.step_cache)
+        for size, count in calls:
+            self._check_size(size, count)
+            self.vae_tiling(config.vae_tile, size, count)
 
     def _check_step_cache(self, cache: StepCache) -> None:
         """Refuse step caching up front where the backend lacks the split UNet, naming the fix."""

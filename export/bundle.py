@@ -154,11 +154,9 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
         for spec in tqdm(component_specs, desc="exporting", unit="component", disable=not progress):
             name = spec.name
             try:
-                precision = "fp32" if name in specs.TILE_COMPONENTS else graph_precision  # see TILE_COMPONENTS
                 entry, component_checks = _export_component(
                     name, modules[name], spec, dims, sizes[name], model_config.vae_factor, profile, staging,
-                    precision, options.verify, vocab_size,
-                )
+                    "fp32" if name in specs.TILE_COMPONENTS else graph_precision, options.verify, vocab_size)
             except InputError:
                 raise
             except Exception as err:
