@@ -7,7 +7,7 @@ import pytest
 
 from engine.errors import ExportError, InputError
 from engine.manifest import MANIFEST_NAME, read_bundle, sha256_file
-from engine.specs import COMPONENTS, Profile, component_spec, unet_split
+from engine.specs import COMPONENTS, TILE_COMPONENTS, Profile, component_spec, unet_split
 from export.bundle import ExportOptions, export_bundle
 from export.onnx_export import FP32_OPS
 from tests.conftest import model_copy
@@ -17,7 +17,7 @@ def test_bundle_contents_and_manifest(onnx_bundles, tiny_model):
     bundle = read_bundle(onnx_bundles["fp32"])
     manifest = bundle.manifest
     split = [spec.name for spec in unet_split(1)]  # exported with --step-cache 1
-    assert set(manifest.components) == set(COMPONENTS) | set(split)
+    assert set(manifest.components) == set(COMPONENTS) | set(TILE_COMPONENTS) | set(split)
     for name, entry in manifest.components.items():
         graph = onnx.load(bundle.component_file(name))
         assert [i.name for i in graph.graph.input] == list(component_spec(name).input_names)

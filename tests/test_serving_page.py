@@ -108,7 +108,8 @@ def test_randomize_draws_a_seed_and_scales_and_shows_them(page, library):
 
 
 def test_keep_detail_answers_at_the_uploads_size(page, library):
-    shown, _ = edit_on_page(page, prompt=INSTRUCTION, steps=4, seed=77, **{"keep-detail": True})
+    shown, _ = edit_on_page(page, prompt=INSTRUCTION, steps=4, seed=77, text=7.5, imagecfg=1.5,
+                            **{"keep-detail": True, "random-seed": False, "random-cfg": False})
     expected = library.edit(Image.open(EXAMPLE), INSTRUCTION, seed=77, steps=4, keep_detail=True).images[0]
     assert shown.shape[1::-1] == Image.open(EXAMPLE).size
     np.testing.assert_array_equal(shown, np.asarray(expected))
