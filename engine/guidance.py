@@ -126,6 +126,10 @@ class GuidancePlan:
                       for needed, dropped in zip(self._needed, self._dropped)]
         return [() if i in self.gone else b for i, b in enumerate(wanted)]
 
+    def most_rows(self) -> int:
+        """UNet rows a step of this plan asks for at most: each image's exact branches."""
+        return sum(len(needed) for i, needed in enumerate(self._needed) if i not in self.gone)
+
     def watching(self, branches: list[tuple[int, ...]]) -> bool:
         """Whether the adaptive rule needs this step's outputs: it is on and some image can still drop a branch."""
         return self.options.adaptive_threshold is not None and any(len(b) > 1 for b in branches)
@@ -182,6 +186,44 @@ def group_images(branches: list[tuple[int, ...]], keys: Sequence[Any] | None = N
     return list(groups.values())
 
 
+class GuidedStep:
+    """``D(x, sigma)`` of eq. 3 in two halves, so that one loop can put many edits' UNet rows in one call:
+    ``request`` is the UNet input, timestep and row groups ``plan`` asks for at this step, ``denoised`` the
+    prediction made from their outputs.
+
+    ``x`` is in k-diffusion's parametrisation (x0 + sigma * eps); the UNet sees x / sqrt(sigma^2 + 1).
+    ``concat`` joins arrays along the batch; ``to_numpy`` brings outputs to the host for the adaptive rule, only
+    on the steps it still watches."""
+
+    def __init__(self, plan: GuidancePlan, timestep_of: Callable[[float], float], concat: Callable[[list[Any]], Any],
+                 prediction_type: str = "epsilon", to_numpy: Callable[[Any], np.ndarray] = np.asarray):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.plan, self.timestep_of, self.concat = plan, timestep_of, concat
+        self.prediction_type, self.to_numpy = prediction_type, to_numpy
+
+    def request(self, x: Any, sigma: float) -> tuple[Any, float, Groups]:
+        """(the UNet's scaled input (B, 4, h, w), its timestep, the images grouped by the branches they evaluate)."""
+        return x * (1.0 / (sigma**2 + 1) ** 0.5), self.timestep_of(sigma), self.plan.groups(sigma)
+
+    def denoised(self, x: Any, sigma: float, groups: Groups, outputs: list[dict[int, Any]]) -> Any:
+        """D(x, sigma) (B, 4, h, w) from the UNet's ``outputs`` per group; the adaptive rule observes them."""
+        plan = self.plan
+        if plan.watching([b for _, b in groups]):
+            plan.observe(_per_image(groups, outputs, self.to_numpy, x.shape[0]))
+        parts = [combine(out, plan.weights_for(b, indices[0])) if b else x[indices] * 0  # dropped: no prediction
+                 for (indices, b), out in zip(groups, outputs)]
+        if len(parts) == 1:
+            out = parts[0]  # (B, 4, h, w), images in order
+        else:
+            order = np.argsort(np.concatenate([indices for indices, _ in groups]), kind="stable")
+            out = self.concat(parts)[order.tolist()]
+        if self.prediction_type == "epsilon":
+            return x - out * sigma
+        c_in = 1.0 / (sigma**2 + 1) ** 0.5
+        return x * (c_in * c_in) - out * (sigma * c_in)  # v-prediction (Salimans & Ho 2022)
+
+
 def guided_denoiser(
     unet: RowsUNet,
     timestep_of: Callable[[float], float],
@@ -190,32 +232,13 @@ def guided_denoiser(
     prediction_type: str = "epsilon",
     to_numpy: Callable[[Any], np.ndarray] = np.asarray,
 ) -> Callable[[Any, float], Any]:
-    """Turn ``unet(scaled_x, t, groups) -> per group {branch: output}`` into ``D(x, sigma)``.
-
-    ``x`` is in k-diffusion's parametrisation (x0 + sigma * eps); the UNet sees x / sqrt(sigma^2 + 1).
-    Each step ``plan`` says which branches each image evaluates; ``concat`` joins arrays along the batch;
-    ``to_numpy`` brings outputs to the host for the adaptive rule, only on the steps it still watches.
-    """
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    """Turn ``unet(scaled_x, t, groups) -> per group {branch: output}`` into ``D(x, sigma)`` (``GuidedStep``'s
+    halves around one call)."""
+    step = GuidedStep(plan, timestep_of, concat, prediction_type, to_numpy)
 
     def denoise(x: Any, sigma: float) -> Any:
-        c_in = 1.0 / (sigma**2 + 1) ** 0.5
-        branches = plan.branches(sigma)
-        groups = plan.groups(sigma)
-        outputs = unet(x * c_in, timestep_of(sigma), groups)
-        if plan.watching(branches):
-            plan.observe(_per_image(groups, outputs, to_numpy, x.shape[0]))
-        parts = [combine(out, plan.weights_for(b, indices[0])) if b else x[indices] * 0  # dropped: no prediction
-                 for (indices, b), out in zip(groups, outputs)]
-        if len(parts) == 1:
-            out = parts[0]  # (B, 4, h, w), images in order
-        else:
-            order = np.argsort(np.concatenate([indices for indices, _ in groups]), kind="stable")
-            out = concat(parts)[order.tolist()]
-        if prediction_type == "epsilon":
-            return x - out * sigma
-        return x * (c_in * c_in) - out * (sigma * c_in)  # v-prediction (Salimans & Ho 2022)
+        scaled, t, groups = step.request(x, sigma)
+        return step.denoised(x, sigma, groups, unet(scaled, t, groups))
 
     return denoise
 

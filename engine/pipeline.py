@@ -24,12 +24,12 @@ from engine.config import EditConfig, ModelConfig, Resolution, VaeTile, read_mod
 from engine.manifest import is_bundle, read_bundle
 from engine.errors import InputError, NumericalError
 from engine.extras import available
-from engine.guidance import COND, GuidancePlan, guided_denoiser
+from engine.denoising import DenoisingLoop, Edit
+from engine.guidance import COND, GuidancePlan, GuidedStep
 from engine.noise import NoiseSource, resolve_seeds
 from engine.presets import preset_config
 from engine.rows import UNetRows
-from engine.samplers import SAMPLERS, Sampler
-from engine.schedules import Schedule
+from engine.samplers import SAMPLERS
 from engine.specs import TEXT_ENCODER, VAE_DECODER, VAE_DECODER_FP32, VAE_ENCODER, Profile
 from engine.tokenizer import ClipTokenizer
 
@@ -227,7 +227,6 @@ class EditPipeline:
         clock.lap("preprocess")
 
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
-        reconstructed: list[np.ndarray | None] = [None] * len(images)  # the VAE's own input, for keep_detail
         evaluations, work = [0] * len(images), [0.0] * len(images)
         chunks = _chunked(groups.values(), self.profile.batch[2] if self.profile else len(images))
         self._check_calls(config, [(prepared[members[0]].size, len(members)) for _, members in chunks])
@@ -235,19 +234,46 @@ class EditPipeline:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
             clock.lap("preprocess")
-            edited, own, rows, cost = self._edit_batch(
-                pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise, config, clock,
-                [scales[i] for i in members], on_step and _members_callback(on_step, members),
-            )
-            for j, (i, out, count, done) in enumerate(zip(members, edited, rows, cost)):
+            edit = self._begin(pixels, [instructions[i] for i in members], [seeds[i] for i in members], noise,
+                               config, [scales[i] for i in members], [loaded[i] for i in members], clock)
+            self._denoise(edit, on_step and _members_callback(on_step, members))
+            for i, out, count, done in zip(members, self._end(edit), edit.rows.evaluations, edit.rows.work):
                 outputs[i], evaluations[i], work[i] = out, count, done
-                reconstructed[i] = None if own is None else own[j]
 
-        outputs = [self._restore_size(*parts, config) for parts in zip(outputs, reconstructed, loaded)]
         result = _to_output(outputs, config, [im.size for im in loaded])
         clock.lap("postprocess")
         return EditResult(images=result, seeds=seeds, timings=dict(clock.seconds), unet_evaluations=evaluations,
                           unet_work=work, tiles=dict(clock.tiles))
+
+    def begin(self, image: imaging.ImageInput, instruction: str, config: EditConfig, seed: int,
+              scales: tuple[float, float] | None = None,
+              on_tiles: Callable[[str, int, int], None] | None = None) -> Edit:
+        """One image's edit, its text and image encoded, ready for a ``DenoisingLoop`` (the server's unit of work;
+        ``scales``: (s_T, s_I) in place of the config's). ``finish`` it once the loop is done with it."""
+        clock = StageClock(on_tiles)
+        loaded = imaging.load_image(image, self.max_image_pixels)
+        resolution, multiple = self._sizing(config.resolution)
+        prepared = imaging.prepare(loaded, resolution, multiple, crop=not config.keep_detail)
+        self._check_calls(config, [(prepared.size, 1)])
+        pixels = imaging.to_model_input([prepared])
+        clock.lap("preprocess")
+        return self._begin(pixels, [instruction], [seed], None, config,
+                           _scales_for(None if scales is None else [scales], config, 1), [loaded], clock)
+
+    def finish(self, edit: Edit) -> EditResult:
+        """The result of an edit from ``begin`` whose denoising is done: decoded, as its config asks."""
+        context: _Context = edit.owner
+        context.clock.lap("denoise")  # since begin: the steps, and the waits between them in a shared loop
+        result = _to_output(self._end(edit), context.config, [im.size for im in context.originals])
+        context.clock.lap("postprocess")
+        return EditResult(images=result, seeds=context.seeds, timings=dict(context.clock.seconds),
+                          unet_evaluations=edit.rows.evaluations, unet_work=edit.rows.work,
+                          tiles=dict(context.clock.tiles))
+
+    def denoising_loop(self, on_call: Callable[[int, int], None] | None = None) -> DenoisingLoop:
+        """An empty loop for this pipeline's edits, its calls within the UNet rows a bundle's profile takes."""
+        limits = (1, None) if self.profile is None else (self.profile.batch[0], 3 * self.profile.batch[2])
+        return DenoisingLoop(self.backend, limits, on_call)
 
     @staticmethod
     def _restore_size(edited: np.ndarray, reconstructed: np.ndarray | None, original: Image.Image,
@@ -322,20 +348,18 @@ class EditPipeline:
             self._null_embedding = self.encode_text([""])
         return self._null_embedding
 
-    def _edit_batch(
+    def _begin(
         self,
         pixels: np.ndarray,
         instructions: list[str],
         seeds: list[int],
         latents: np.ndarray | None,
         config: EditConfig,
-        clock: StageClock,
         scales: list[tuple[float, float]],
-        on_step: Callable[[int], list[int]] | None,
-    ) -> tuple[np.ndarray, np.ndarray | None, list[int], list[float]]:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, 3, H, W) edited pixels as the VAE decodes them (about [-1, 1]), with
-        ``keep_detail`` the VAE's reconstruction of the input (else None), the UNet rows each image took, and their
-        MAC-weighted sum in whole-UNet rows."""
+        originals: list[Image.Image],
+        clock: StageClock,
+    ) -> Edit:
+        """(B, 3, H, W) pixels in [-1, 1] of one size -> their edit, text and image encoded, at its first step."""
         plan = GuidancePlan(len(instructions), [t for t, _ in scales], [i for _, i in scales], config.guidance)
         text = self.encode_text(instructions)  # (B, 77, D)
         null = self.null_embedding() if set(plan.needed) != {COND} else None  # (1, 77, D)
@@ -345,20 +369,32 @@ class EditPipeline:
         image_latents = self.encode_image(pixels, tiles, clock)  # (B, 4, h, w)
         clock.lap("image_encode")
 
+        be = self.backend
         sampler = SAMPLERS[config.sampler]
         schedule = sampler.schedule(self.model.scheduler, config.steps)
         noise = NoiseSource(seeds)
         x = self._initial_latents(noise, latents, pixels.shape) * schedule.init_noise_sigma  # (B, 4, h, w)
-        rows = UNetRows(self.backend, text, null, image_latents, config.step_cache)
-        x = self._denoise(x, rows, plan, sampler, schedule, noise, on_step)
-        clock.lap("denoise")
+        shape = tuple(x.shape[1:])
+        extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
+        guided = GuidedStep(plan, schedule.timestep, lambda parts: be.concat(parts, 0), self.model.prediction_type,
+                            to_numpy=be.to_numpy)
+        rows = UNetRows(be, text, null, image_latents, config.step_cache)
+        context = _Context(config, seeds, originals, pixels.shape, tiles, image_latents, clock)
+        return Edit(sampler.steps(x, schedule.sigmas, **extra), guided, rows, schedule.sigmas, owner=context)
 
-        decoded = self._decode_kept(x, plan.gone, pixels.shape, tiles, clock)
-        own = None
-        if config.keep_detail:
-            own = self.decode(image_latents * self.model.scaling_factor, tiles, clock)
+    def _end(self, edit: Edit) -> list[np.ndarray]:
+        """A denoised edit's (3, H, W) pixels per image, decoded (dropped images mid-grey), at the size its config
+        asks for."""
+        context: _Context = edit.owner
+        clock = context.clock
+        decoded = self._decode_kept(edit.sample, edit.plan.gone, context.pixel_shape, context.tiles, clock)
+        own: Any = [None] * len(decoded)
+        if context.config.keep_detail:
+            own = self.decode(context.image_latents * self.model.scaling_factor, context.tiles, clock)
         clock.lap("decode")
-        return decoded, own, rows.evaluations, rows.work
+        restored = [self._restore_size(*parts, context.config) for parts in zip(decoded, own, context.originals)]
+        clock.lap("postprocess")
+        return restored
 
     def vae_tiling(self, tile: VaeTile, size: tuple[int, int], count: int) -> tiling.Tiling | None:
         """The latent-grid tiling of the VAE for ``count`` pictures of ``size`` (width, height) pixels; None where
@@ -442,24 +478,17 @@ class EditPipeline:
             raise InputError(f"latents must have shape {(count, *shape)} for these images, got {latents.shape}")
         return self.backend.asarray(latents)
 
-    def _denoise(self, x: Any, rows: UNetRows, plan: GuidancePlan, sampler: Sampler, schedule: Schedule,
-                 noise: NoiseSource, on_step: Callable[[int], list[int]] | None) -> Any:
-        """The sampler's steps from ``x`` (B, 4, h, w) at the schedule's first sigma down to the last, guided by
-        ``plan`` over ``rows``; returned at the DDPM scale the VAE expects."""
-        be = self.backend
-        denoiser = guided_denoiser(rows, schedule.timestep, plan, lambda parts: be.concat(parts, 0),
-                                   self.model.prediction_type, to_numpy=be.to_numpy)
-        shape = tuple(x.shape[1:])
-        extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
-        with tqdm(total=len(schedule.sigmas) - 1, desc="denoising", unit="step", disable=not self.progress,
-                  leave=False) as bar:
-            def step_done(i: int, *_: Any) -> None:
+    def _denoise(self, edit: Edit, on_step: Callable[[int], list[int]] | None) -> None:
+        """Run one edit's steps in a loop of its own; ``on_step(steps_done)`` may drop images after each."""
+        loop = self.denoising_loop()
+        loop.add(edit)
+        with tqdm(total=edit.total, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
+            while loop:
+                loop.step()
                 bar.update()
                 if on_step is not None:
-                    plan.drop(on_step(i + 1))  # cancelled images cost no rows from the next step on
-
-            x = sampler.sample(denoiser, x, schedule.sigmas, callback=step_done, **extra)
-        return x * (1.0 / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5)
+                    edit.plan.drop(on_step(edit.done))  # cancelled images cost no rows from the next step on
+        edit.owner.clock.lap("denoise")
 
     def _decode_kept(self, x: Any, gone: set[int], pixel_shape: tuple[int, ...], tiles: tiling.Tiling | None,
                      clock: StageClock) -> np.ndarray:
@@ -484,6 +513,20 @@ class EditPipeline:
         if not np.isfinite(decoded).all():
             raise NumericalError("the decoded image contains NaN or Inf (the model's weights or latents are broken)")
         return decoded
+
+
+@dataclass
+class _Context:
+    """What the pipeline keeps with an edit in the loop to finish it: its config, seeds, the loaded inputs, the
+    (B, 3, H, W) shape of its pixels, the VAE's tiling, the image latents (for ``keep_detail``), its clock."""
+
+    config: EditConfig
+    seeds: list[int]
+    originals: list[Image.Image]
+    pixel_shape: tuple[int, ...]
+    tiles: tiling.Tiling | None
+    image_latents: Any
+    clock: StageClock
 
 
 def _to_output(outputs: list[np.ndarray], config: EditConfig, sizes: list[tuple[int, int]]) -> Any:

@@ -1,12 +1,14 @@
 """The UNet rows of a denoising step: one row per (image, guidance branch) the plan asks for, their conditioning,
 step caching's full or shallow call, and the work each image is charged.
 
-``UNetRows`` is the ``unet(scaled_x, t, groups)`` that ``engine.guidance.guided_denoiser`` calls; it holds
-everything per edit that is not the sampler's (the conditioning of every image, the cached deep feature, the
-counters), so the loop around it only samples. Array-agnostic through the backend's helpers.
+``UNetRows`` holds everything of an edit's UNet calls that is not the sampler's (the conditioning of every image,
+the cached deep feature, the counters): ``prepare`` makes a step's call, ``finish`` takes its outputs, so a loop
+can run many edits' calls as one (``engine.denoising``); called, it is the ``unet(scaled_x, t, groups)`` of
+``engine.guidance.guided_denoiser``. Array-agnostic through the backend's helpers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +16,18 @@ import numpy as np
 from engine.backends import Backend
 from engine.caching import FeatureCache, StepCache
 from engine.guidance import COND, UNCOND, Groups
+
+
+@dataclass
+class Call:
+    """One edit's UNet call at one step: the component, its inputs by spec name (N rows), the (image, branch) of
+    each row, the groups they came from, and whether it runs the whole UNet."""
+
+    component: str
+    inputs: dict[str, Any]
+    rows: list[tuple[int, int]]
+    groups: Groups
+    full: bool
 
 
 class UNetRows:
@@ -33,18 +47,27 @@ class UNetRows:
 
     def __call__(self, x: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
         """Per group, {branch: noise prediction (len(indices), 4, h, w)} of ``x`` (B, 4, h, w) at timestep ``t``."""
-        if not any(branches for _, branches in groups):  # every image dropped: no UNet call
-            return [{} for _ in groups]
+        call = self.prepare(x, t, groups)
+        return self.finish(call, self.backend.run(call.component, call.inputs) if call.rows else {})
+
+    def prepare(self, x: Any, t: float, groups: Groups) -> "Call":
+        """The UNet call ``groups`` asks for, not run yet; one of no rows where every image is dropped."""
+        if not any(branches for _, branches in groups):
+            return Call(self._full, {}, [], groups, full=False)
         inputs, rows = self._inputs(x, t, groups)
-        full = self.step_cache.full(self.calls) or not self._features.covers(rows)
-        if full:
-            result = self.backend.run(self._full, inputs)
-            if self.step_cache.on:
-                self._features.store(rows, result["deep_feature"])  # (N, C, h', w')
-        else:
-            result = self.backend.run(self._shallow, {**inputs, "deep_feature": self._features.take(rows)})
+        if self.step_cache.full(self.calls) or not self._features.covers(rows):
+            return Call(self._full, inputs, rows, groups, full=True)
+        inputs["deep_feature"] = self._features.take(rows)  # (N, C, h', w')
+        return Call(self._shallow, inputs, rows, groups, full=False)
+
+    def finish(self, call: "Call", result: dict[str, Any]) -> list[dict[int, Any]]:
+        """``call``'s outputs (the backend's ``result``) per group and branch; the images charged their rows."""
+        if not call.rows:
+            return [{} for _ in call.groups]
+        if call.full and self.step_cache.on:
+            self._features.store(call.rows, result["deep_feature"])  # (N, C, h', w')
         self.calls += 1
-        return self._split(result["noise_pred"], groups, full)
+        return self._split(result["noise_pred"], call.groups, call.full)
 
     def _inputs(self, x: Any, t: float, groups: Groups) -> tuple[dict[str, Any], list[tuple[int, int]]]:
         """The UNet's inputs for ``groups``, branch-major per group, and the (image, branch) of each row."""

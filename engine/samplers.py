@@ -1,30 +1,47 @@
-"""Samplers as plain functions over a denoiser (k-diffusion style).
+"""Samplers as plain step functions over a denoiser (k-diffusion's samplers, turned inside out).
 
-The only contract is ``denoised = model(x, sigma)``; ``x`` is any array type supporting arithmetic
-with Python floats (torch tensors, numpy arrays), so the same code drives every backend. Samplers
-hold no state and import no model. ``callback(i, x, denoised)`` runs after each step.
+A sampler is a generator: it yields ``(x, sigma)``, the sample it needs denoised, is sent back
+``denoised = D(x, sigma)``, and returns the final sample. It holds its own history (an edit's sampler
+state) and knows no model, so one loop can step many edits, each with its own sampler, and batch their
+model calls; ``drive`` runs one to the end with a plain ``model(x, sigma)`` (the k-diffusion contract).
+``x`` is any array type supporting arithmetic with Python floats (torch tensors, numpy arrays).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from engine import schedules
 
 Denoiser = Callable[[Any, float], Any]
 NoiseSampler = Callable[[], Any]  # unit-variance noise shaped like x
 Callback = Callable[[int, Any, Any], None]
+Steps = Generator[tuple[Any, float], Any, Any]  # yields (x, sigma), is sent D(x, sigma), returns the sample
 
 
-def sample_euler(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
+def drive(steps: Steps, model: Denoiser, callback: Callback | None = None) -> Any:
+    """Run a sampler's ``steps`` to the end with ``model``; ``callback(i, x, denoised)`` after each step."""
+    i, (x, sigma) = 0, next(steps)
+    while True:
+        denoised = model(x, sigma)
+        try:
+            x, sigma = steps.send(denoised)
+        except StopIteration as finished:
+            if callback is not None:
+                callback(i, finished.value, denoised)
+            return finished.value
+        if callback is not None:
+            callback(i, x, denoised)
+        i += 1
+
+
+def euler(x: Any, sigmas) -> Steps:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022, alg. 1)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
+        denoised = yield x, sigma
         x = x + (x - denoised) / sigma * (sigma_next - sigma)  # (B, C, H, W)
-        if callback is not None:
-            callback(i, x, denoised)
     return x
 
 
@@ -35,24 +52,15 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return sigma_down, sigma_up
 
 
-def sample_euler_ancestral(
-    model: Denoiser,
-    x: Any,
-    sigmas,
-    noise_sampler: NoiseSampler,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-) -> Any:
+def euler_ancestral(x: Any, sigmas, noise_sampler: NoiseSampler, eta: float = 1.0) -> Steps:
     """Ancestral Euler: an Euler step to sigma_down, then noise of std sigma_up (the paper's sampler)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
+        denoised = yield x, sigma
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + noise_sampler() * sigma_up
-        if callback is not None:
-            callback(i, x, denoised)
     return x
 
 
@@ -66,12 +74,12 @@ def multistep_denoised(denoised: Any, old_denoised: Any, sigmas, i: int, h: floa
     return denoised + (denoised - old_denoised) * (0.5 / r)
 
 
-def sample_dpmpp_2m(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
+def dpmpp_2m(x: Any, sigmas) -> Steps:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in log-sigma time; first order on the first and last step."""
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
+        denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised
         else:
@@ -79,13 +87,10 @@ def sample_dpmpp_2m(model: Denoiser, x: Any, sigmas, callback: Callback | None =
             d = multistep_denoised(denoised, old_denoised, sigmas, i, h)
             x = x * (sigma_next / sigma) - d * math.expm1(-h)
         old_denoised = denoised
-        if callback is not None:
-            callback(i, x, denoised)
     return x
 
 
-def sample_dpmpp_2m_sde(model: Denoiser, x: Any, sigmas, noise_sampler: NoiseSampler,
-                        callback: Callback | None = None) -> Any:
+def dpmpp_2m_sde(x: Any, sigmas, noise_sampler: NoiseSampler) -> Steps:
     """DPM-Solver++(2M) SDE: the second-order multistep data-prediction solver of the reverse SDE (Lu et al.
     2022), midpoint form, as diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"); with
     h = log(sigma / sigma_next), x keeps exp(-2h) of itself, and fresh noise of std sigma_next sqrt(1 - exp(-2h))
@@ -93,7 +98,7 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: Any, sigmas, noise_sampler: NoiseSam
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
+        denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised
         else:
@@ -102,8 +107,6 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: Any, sigmas, noise_sampler: NoiseSam
             kept = -math.expm1(-2 * h)  # 1 - exp(-2h)
             x = x * (sigma_next / sigma * math.exp(-h)) + d * kept + noise_sampler() * (sigma_next * kept**0.5)
         old_denoised = denoised
-        if callback is not None:
-            callback(i, x, denoised)
     return x
 
 
@@ -128,7 +131,7 @@ def unipc_correct(x_prev: Any, denoised: Any, history: list[Any], sigmas, i: int
     return x - ((history[-2] - history[-1]) * (rho_old / r) + d_now * rho_now) * phi
 
 
-def sample_unipc(model: Denoiser, x: Any, sigmas, callback: Callback | None = None) -> Any:
+def unipc(x: Any, sigmas) -> Steps:
     """UniPC (Zhao et al. 2023), order 2, "bh2", as diffusers' UniPCMultistepScheduler: each step first
     corrects the sample it is at with the model's prediction there (UniC), then predicts the next one
     (UniP, of order 2 equal to DPM-Solver++(2M)'s step). First order on the first and last step."""
@@ -136,7 +139,7 @@ def sample_unipc(model: Denoiser, x: Any, sigmas, callback: Callback | None = No
     x_prev = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
+        denoised = yield x, sigma
         if history:
             x = unipc_correct(x_prev, denoised, history, sigmas, i)
         x_prev = x
@@ -148,25 +151,27 @@ def sample_unipc(model: Denoiser, x: Any, sigmas, callback: Callback | None = No
             d = denoised if last or not history else multistep_denoised(denoised, history[-1], sigmas, i, h)
             x = x * (sigma_next / sigma) - d * math.expm1(-h)
         history = (history + [denoised])[-2:]
-        if callback is not None:
-            callback(i, x, denoised)
     return x
 
 
 @dataclass(frozen=True)
 class Sampler:
-    sample: Callable[..., Any]
+    steps: Callable[..., Steps]  # steps(x, sigmas[, noise_sampler]): the sampler's generator
     schedule: Callable[[dict, int], schedules.Schedule]
     stochastic: bool  # takes a noise_sampler
 
+    def sample(self, model: Denoiser, x: Any, sigmas, callback: Callback | None = None, **extra: Any) -> Any:
+        """The whole trajectory from ``x`` at sigmas[0] with ``model`` (``extra``: the noise_sampler)."""
+        return drive(self.steps(x, sigmas, **extra), model, callback)
+
 
 SAMPLERS: dict[str, Sampler] = {
-    "euler": Sampler(sample_euler, schedules.euler_schedule, stochastic=False),
-    "euler_ancestral": Sampler(sample_euler_ancestral, schedules.euler_schedule, stochastic=True),
-    "dpmpp_2m": Sampler(sample_dpmpp_2m, schedules.karras_schedule, stochastic=False),
-    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, schedules.karras_schedule, stochastic=True),
-    "unipc": Sampler(sample_unipc, schedules.multistep_schedule, stochastic=False),
+    "euler": Sampler(euler, schedules.euler_schedule, stochastic=False),
+    "euler_ancestral": Sampler(euler_ancestral, schedules.euler_schedule, stochastic=True),
+    "dpmpp_2m": Sampler(dpmpp_2m, schedules.karras_schedule, stochastic=False),
+    "dpmpp_2m_sde": Sampler(dpmpp_2m_sde, schedules.karras_schedule, stochastic=True),
+    "unipc": Sampler(unipc, schedules.multistep_schedule, stochastic=False),
     # Deterministic DDIM (eta = 0) is exactly an Euler step in sigma space (Karras et al. 2022, sec. 3);
     # what makes it DDIM is its schedule of integer timesteps.
-    "ddim": Sampler(sample_euler, schedules.ddim_schedule, stochastic=False),
+    "ddim": Sampler(euler, schedules.ddim_schedule, stochastic=False),
 }
