@@ -20,9 +20,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=4, help="requests denoised together (default 4)")
+    parser.add_argument("--max-batch", type=int, default=12,
+                        help="UNet rows per call, guidance branches counted (an edit at both scales takes 3; default 12)")
+    parser.add_argument("--batching", choices=("step", "request"), default="step",
+                        help="step (default): queued edits join the running ones at every denoising step; request: a "
+                        "batch of one size and settings runs to its end before the next starts")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0,
-                        help="how long the first request of a batch waits for others (default 10)")
+                        help="request batching: how long the first request of a batch waits for others (default 10)")
     parser.add_argument("--max-queue", type=int, default=64, help="queued edits before 429 (default 64)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included; 504 past it")
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit; 413 past it")
@@ -58,7 +62,8 @@ def settings_from(args: argparse.Namespace):
             raise InputError(f"--{name.replace('_', '-')} must be positive")
     if args.batch_wait_ms < 0 or args.drain_timeout < 0:
         raise InputError("--batch-wait-ms and --drain-timeout must not be negative")
-    return Settings(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+    return Settings(max_batch=args.max_batch, batching=args.batching, batch_wait_ms=args.batch_wait_ms,
+                    max_queue=args.max_queue,
                     timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                     max_steps=args.max_steps, max_resolution=args.max_resolution, result_ttl=args.result_ttl,
                     max_results=args.max_results, max_held_bytes=int(args.max_held_mb * 2**20),
@@ -80,8 +85,8 @@ def run_serve(args: argparse.Namespace) -> None:
     from engine.serving.service import http_server, local_service
 
     service = local_service(load, settings)
-    log.info("serving on http://%s:%d (max batch %d, queue %d)", args.host, args.port, settings.max_batch,
-             settings.max_queue)
+    log.info("serving on http://%s:%d (%s batching, %d UNet rows per call, queue %d)", args.host, args.port,
+             settings.batching, settings.max_batch, settings.max_queue)
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down; a drained shutdown is a clean exit, not a kill
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)

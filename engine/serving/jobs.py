@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Hashable, Iterator
+from typing import Hashable, Iterator
 
 from PIL import Image
 
 from engine.config import EditConfig
 from engine.errors import Cancelled, InputError
+from engine.guidance import needed_branches
 from engine.presets import preset_config
 from engine.serving.interface import QueueFull
 from engine.serving.schema import EditParameters, draw_seed
@@ -59,6 +59,16 @@ class Job:
     @property
     def scales(self) -> tuple[float, float]:
         return self.config.text_guidance, self.config.image_guidance
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) the edit runs at: jobs of one size can share UNet calls."""
+        return self.key[0]
+
+    @property
+    def rows(self) -> int:
+        """UNet rows a step of this edit takes at most: one per branch its scales weigh (eq. 3)."""
+        return len(needed_branches(*self.scales))
 
     def start(self) -> bool:
         """Mark a queued job running; False if it was cancelled meanwhile (the worker leaves it out)."""
@@ -223,20 +233,6 @@ class JobTable:
                 excess -= 1
 
 
-def advance(batch: list[Job], done: int) -> list[int]:
-    """Record ``done`` denoising steps on every job of a running batch, cancelling those past their deadline;
-    the indices of the cancelled ones, which drop out (``run_batch``'s ``on_step``). Raises Cancelled once every
-    job is."""
-    for job in batch:
-        job.cancel_if_expired()
-        if job.state == "running":
-            job.steps_done = done
-            job.changed.set()
-    if all(job.cancel_reason is not None for job in batch):
-        raise Cancelled("every request of the batch was cancelled")
-    return [i for i, job in enumerate(batch) if job.cancel_reason is not None]
-
-
 def advance_tiles(batch: list[Job], stage: str, done: int, total: int) -> None:
     """Record a tiled VAE's progress on every running job of a batch (``run_batch``'s ``on_tiles``)."""
     for job in batch:
@@ -245,23 +241,13 @@ def advance_tiles(batch: list[Job], stage: str, done: int, total: int) -> None:
             job.changed.set()
 
 
-def run_batch(pipe, jobs: list[Job], on_step: Callable[[int], Collection[int] | None] | None = None) -> list[Outcome]:
-    """Edit jobs of one batch key in one pipeline call; each keeps its seed and scales, and gets the pixels it
-    would get alone. ``on_step`` as for ``EditPipeline.run``: it may name jobs (by index) to drop; the tiles of a
-    tiled VAE are recorded on the jobs as they run."""
-    result = pipe.run([j.image for j in jobs], [j.params.instruction for j in jobs], jobs[0].config,
-                      seed=[j.seed for j in jobs], guidance_scales=[j.scales for j in jobs], on_step=on_step,
-                      on_tiles=functools.partial(advance_tiles, jobs))
-    return [Outcome(image, seed, rows, dict(result.timings))
-            for image, seed, rows in zip(result.images, result.seeds, result.unet_evaluations)]
-
-
 @dataclass
 class Settings:
     """How the service batches, queues and limits work (CLI flags of ``ip2p serve``)."""
 
-    max_batch: int = 4
-    batch_wait_ms: float = 10.0
+    max_batch: int = 12  # UNet rows per call: an edit at both guidance scales takes 3
+    batching: str = "step"  # "step": edits join the running ones at every step; "request": whole batches
+    batch_wait_ms: float = 10.0  # request batching: how long a batch's first request waits for others
     max_queue: int = 64
     timeout: float | None = 120.0  # seconds per request, queue included
     max_body_bytes: int = 20 * 2**20
@@ -275,3 +261,7 @@ class Settings:
     max_connections: int = 256  # requests in progress (each holds a connection), health checks exempt; 503 past it
     drain_timeout: float = 30.0  # seconds queued work may take to finish on shutdown
     api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.batching not in ("step", "request"):
+            raise InputError(f"batching: 'step' or 'request', got {self.batching!r}")

@@ -1,19 +1,19 @@
-"""The edit service on Ray Serve: a FastAPI ingress (the same API as ``ip2p serve``) in front of model replicas
-that batch with ``@serve.batch``. ``build_app`` makes the application; ``serve_locally`` runs it.
+"""The edit service on Ray Serve: a FastAPI ingress (the same API as ``ip2p serve``) in front of model replicas,
+each running the single-machine server's EditWorker (edits join its denoising loop at every step). ``build_app``
+makes the application; ``serve_locally`` runs it.
 
-Back-pressure: each replica takes ``max_ongoing_requests`` at once (``max_batch``) and its handle queues
-``max_queued_requests`` (``max_queue``) more; past that the ingress answers 429. A replica that dies fails its
+Back-pressure: each replica takes ``max_ongoing_requests`` at once (``max_queue`` + ``max_batch``: its worker's
+queue and loop) and its handle queues ``max_queued_requests`` (``max_queue``) more; past that, or when a
+replica's own queue is full, the ingress answers 429. A replica that dies fails its
 in-flight requests with 503; Serve restarts it and later requests succeed there.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 from ray import serve
@@ -22,10 +22,10 @@ from ray.serve.exceptions import BackPressureError
 
 from engine.errors import Cancelled, InputError
 from engine.serving.app import create_app
-from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline, warm_up
-from engine.serving.jobs import (Job, JobTable, Settings, advance, batch_key, check_limits, check_size, job_config,
-                                 run_batch)
+from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline
+from engine.serving.jobs import Job, JobTable, Settings, check_limits, job_config
 from engine.serving.metrics import Metrics
+from engine.serving.worker import EditWorker
 from engine.serving.schema import EditParameters
 
 log = logging.getLogger("engine.serving")
@@ -35,70 +35,46 @@ POLL_S = 0.05
 
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
 class EditModel:
-    """One replica: its own EditPipeline; concurrent requests are gathered by ``@serve.batch``."""
+    """One replica: its own EditWorker (the single-machine server's queue and denoising loop, so edits join the
+    replica's running ones at every step); the ingress keeps the deadlines."""
 
     def __init__(self, load: dict, settings: Settings):
-        # one thread loads, warms up and runs every edit (see EditWorker: torch on a CPU is slow on a second one)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ip2p-edit")
-        self.pipe = self._thread.submit(serving_pipeline, load, settings).result()
-        self.settings = settings
-        self.edit_batch.set_max_batch_size(settings.max_batch)
-        self.edit_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
-        self._thread.submit(warm_up, self.pipe).result()
+        # the worker's thread loads, warms up and runs every edit (torch on a CPU is slow on a second thread)
+        self.worker = EditWorker(lambda: serving_pipeline(load, settings), dataclasses.replace(settings, timeout=None),
+                                 Metrics(settings.max_batch))
+        while not self.worker.ready:
+            time.sleep(POLL_S)
+        self.pipe = self.worker.pipe
 
     async def edit(self, image: Image.Image, params: EditParameters):
-        """Stream one edit: (0, None) when its batch starts, (denoising steps done, tiled VAE progress) as they
-        advance, then its Outcome
-        (or the InputError). Cancelling the call (``response.cancel()`` at the ingress) drops the request from
-        its batch at the next step: no more UNet rows for it, the others go on."""
+        """Stream one edit: (0, None) once it starts, (denoising steps done, tiled VAE progress) as they advance,
+        then its Outcome (or the InputError, QueueFull or failure). Cancelling the call (``response.cancel()`` at
+        the ingress) takes the edit out of the replica's loop at the next step: no more UNet rows for it."""
         try:
-            config = job_config(params)
-            check_limits(config, self.settings)
-            size = self.pipe.edit_size(image.size, config.resolution)
-            check_size(config, size, self.settings)
-            key = batch_key(config, size)
-        except InputError as err:
+            job = self.worker.submit(image, params)
+        except (InputError, QueueFull) as err:
             yield err
             return
-        job = Job(image, params, config, key, None)
-        batch = asyncio.ensure_future(self.edit_batch(job))
         reported = None
         try:
-            while not batch.done():
-                await asyncio.wait([batch], timeout=POLL_S)
+            while not job.future.done():
+                await asyncio.sleep(POLL_S)
                 progress = (job.steps_done, job.tiles) if job.state == "running" else None
                 if progress != reported:
                     reported = progress
                     yield progress
-            yield batch.result()
+            if job.state == "succeeded":
+                yield job.future.result()
+            elif job.state == "cancelled":
+                yield Cancelled(job.cancel_reason or "cancelled")
+            else:
+                yield InputError(job.error) if job.status == 422 else RuntimeError(job.error)
         finally:
-            if not batch.done():  # cancelled, or the caller stopped listening
-                job.cancel("cancelled")
-                batch.cancel()  # a batch not started yet leaves it out
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def edit_batch(self, jobs: list[Job]) -> list:
-        """Edit a gathered batch: jobs of one batch key share a pipeline call (one at a time:
-        ``max_concurrent_batches`` is 1); each answer is its Outcome, the InputError, or Cancelled."""
-        groups: dict = {}
-        for job in jobs:
-            groups.setdefault(job.key, []).append(job)
-        outcomes: dict[str, object] = {}
-        for members in groups.values():
-            members = [job for job in members if job.start()]  # one cancelled meanwhile is answered already
-            if not members:
-                continue
-            try:
-                done = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, run_batch, self.pipe, members, functools.partial(advance, members))
-            except (InputError, Cancelled) as err:
-                done = [err] * len(members)
-            outcomes.update((job.id, Cancelled(job.cancel_reason) if job.cancel_reason else outcome)
-                            for job, outcome in zip(members, done))
-        return [outcomes.get(job.id, Cancelled(job.cancel_reason or "cancelled")) for job in jobs]
+            job.cancel("cancelled")  # the caller stopped listening: out of the loop (a finished job ignores it)
+            self.worker.forget(job)
 
     def check_health(self) -> None:
-        if self.pipe is None:
+        if not self.worker.ready:
             raise RuntimeError("the pipeline is not loaded")
 
 
@@ -161,6 +137,10 @@ class RayEditService(EditService):
                 job.finish("cancelled")
             elif isinstance(outcome, InputError):
                 job.finish("failed", error=outcome, status=422)
+            elif isinstance(outcome, QueueFull):
+                job.finish("failed", error=outcome, status=429)
+            elif isinstance(outcome, Exception):
+                job.finish("failed", error=outcome, status=500)
             else:
                 job.steps_done = job.config.steps
                 job.timings["queue"] = max(0.0, elapsed - sum(outcome.timings.values()))  # and the transfers
@@ -227,7 +207,7 @@ def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float
               autoscaling: dict | None = None):
     """The Serve application: Ingress -> EditModel x ``replicas`` (or ``autoscaling`` bounds)."""
     options: dict = dict(ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                         max_ongoing_requests=settings.max_batch, max_queued_requests=settings.max_queue)
+                         max_ongoing_requests=settings.max_queue + settings.max_batch, max_queued_requests=settings.max_queue)
     if autoscaling:
         options["autoscaling_config"] = autoscaling
     else:

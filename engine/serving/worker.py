@@ -1,6 +1,8 @@
-"""The single-machine service: a bounded queue, dynamic batching, and one thread that owns the pipeline."""
+"""The single-machine service: a bounded queue, and one thread that owns the pipeline and runs its denoising loop,
+with queued edits joining the running ones at every step (or, with request batching, only between batches)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -11,10 +13,11 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
-from engine.errors import Cancelled, InputError
+from engine.denoising import DenoisingLoop, Edit
+from engine.errors import InputError
 from engine.serving.interface import EditService, QueueFull, Unavailable, warm_up
-from engine.serving.jobs import (FINISHED, Job, JobTable, Settings, advance, batch_key, check_limits, check_size,
-                                 job_config, run_batch)
+from engine.serving.jobs import (FINISHED, Job, JobTable, Outcome, Settings, advance_tiles, batch_key, check_limits,
+                                 check_size, job_config)
 from engine.serving.metrics import Metrics
 from engine.serving.schema import EditParameters
 
@@ -25,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class EditWorker(EditService):
-    """Owns one EditPipeline: requests are queued, gathered into batches of one key, and run on one thread."""
+    """Owns one EditPipeline: requests are queued and denoised on one thread, in one loop whose set of edits changes
+    at every step (``settings.batching``: "step"; "request": batches of one key, run to the end)."""
 
     def __init__(self, load_pipeline: Callable[[], "EditPipeline"], settings: Settings, metrics: Metrics):
         """Start the worker thread, which loads the pipeline with ``load_pipeline()`` (errors are raised here),
@@ -38,7 +42,8 @@ class EditWorker(EditService):
         self._lock = threading.Condition()
         self._stopping = False
         self.ready = False
-        self._batch_seconds = 1.0  # running mean of a batch's wall time, for Retry-After
+        self._edit_seconds = 1.0  # running mean of an edit's wall time from its start, for Retry-After
+        self._size: tuple[int, int] | None = None  # the edit size of the running edits
         loaded: Future = Future()
         self._thread = threading.Thread(target=self._loop, args=(load_pipeline, loaded), name="ip2p-edit-worker",
                                         daemon=True)
@@ -103,11 +108,13 @@ class EditWorker(EditService):
         self._thread.join(timeout=max(drain_timeout, 1.0))
 
     def _retry_after(self) -> int:
-        batches = len(self._queue) / max(self.settings.max_batch, 1)
-        return max(1, math.ceil(batches * self._batch_seconds))
+        edits_at_once = max(1, self.settings.max_batch // 3)
+        return max(1, math.ceil(len(self._queue) / edits_at_once * self._edit_seconds))
 
     # -- the worker thread ------------------------------------------------------------------------------
     def _loop(self, load_pipeline: Callable[[], "EditPipeline"], loaded: Future) -> None:
+        """Load, warm up, then the denoising loop: newcomers admitted (and encoded) between steps, one step of every
+        running edit, the finished ones decoded and answered, the cancelled ones taken out."""
         try:
             self.pipe = load_pipeline()
         except BaseException as err:  # the caller re-raises it: a bad model is one line from the CLI
@@ -116,41 +123,77 @@ class EditWorker(EditService):
         loaded.set_result(self.pipe)
         warm_up(self.pipe)
         self.ready = True
+        loop = self.pipe.denoising_loop(on_call=self._count_call)
+        running: dict[Edit, Job] = {}
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            admitted = self._admit(loop)
+            if admitted is None:
                 return
-            self._run(batch)
+            for job in admitted:
+                self._begin(job, loop, running)
+            if loop:
+                self._step(loop, running)
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest live job and up to max_batch - 1 others of its key, gathered for batch_wait_ms."""
-        settings = self.settings
+    def _admit(self, loop: DenoisingLoop) -> list[Job] | None:
+        """The queued jobs that start now (None: stopped and nothing left). Step batching: jobs of the running
+        edits' size join while their rows fit ``max_batch``, oldest first. Request batching: only into an empty
+        loop, a batch of the oldest job's key, gathered for ``batch_wait_ms``. Waits only while nothing runs."""
         with self._lock:
             while True:
                 self._drop_dead()
-                if self._queue:
+                if self._queue or loop:
                     break
                 if self._stopping:
                     return None
                 self._lock.wait(timeout=0.5)
-            first = self._queue[0]
-            gather_until = time.monotonic() + settings.batch_wait_ms / 1000
-            while True:
-                batch = [j for j in self._queue if j.key == first.key and j.cancel_reason is None][: settings.max_batch]
-                remaining = gather_until - time.monotonic()
-                if len(batch) >= settings.max_batch or remaining <= 0 or self._stopping:
-                    break
-                self._lock.wait(timeout=remaining)
-                self._drop_dead()
-                if first not in self._queue:  # cancelled while gathering: start over with the next
-                    return []
-            for job in batch:
+            if self.settings.batching == "request":
+                chosen = self._gather() if not loop else []
+            else:
+                chosen = self._joining(loop)
+            for job in chosen:
                 self._queue.remove(job)
-            batch = [job for job in batch if job.start()]  # one cancelled meanwhile stays finished
-            for job in batch:
-                job.timings["queue"] = time.monotonic() - job.created
+            chosen = [job for job in chosen if job.start()]  # one cancelled meanwhile stays finished
+            now = time.monotonic()
+            for job in chosen:
+                job.timings["queue"] = now - job.created
+                self.metrics.join_wait.observe(job.timings["queue"])
             self.metrics.queue_depth.set(len(self._queue))
-            return batch
+            return chosen
+
+    def _joining(self, loop: DenoisingLoop) -> list[Job]:
+        """Step batching: the oldest queued jobs, in order, that fit beside the running edits (caller holds the
+        lock). A job of another size waits for the running ones to finish, and nothing overtakes it."""
+        size = self._size if loop else None
+        room, chosen = self.settings.max_batch - loop.rows(), []
+        for job in self._queue:
+            if size is not None and job.size != size or (job.rows > room and (loop or chosen)):
+                break
+            size, room = job.size, room - job.rows
+            chosen.append(job)
+        if chosen:
+            self._size = size
+        return chosen
+
+    def _gather(self) -> list[Job]:
+        """Request batching: the oldest job and the next ones of its key whose rows fit ``max_batch``, gathered for
+        ``batch_wait_ms`` (caller holds the lock; the wait releases it)."""
+        first = self._queue[0]
+        gather_until = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while True:
+            batch, rows = [], 0
+            for job in self._queue:
+                if job.key == first.key and job.cancel_reason is None and (not batch or rows + job.rows <= self.settings.max_batch):
+                    batch.append(job)
+                    rows += job.rows
+            remaining = gather_until - time.monotonic()
+            if rows + first.rows > self.settings.max_batch or remaining <= 0 or self._stopping:
+                break
+            self._lock.wait(timeout=remaining)
+            self._drop_dead()
+            if first not in self._queue:  # cancelled while gathering: start over with the next
+                return []
+        self._size = first.size
+        return batch
 
     def _drop_dead(self) -> None:
         """Take cancelled and timed-out jobs out of the queue (cancelling answers them; caller holds the lock)."""
@@ -160,33 +203,64 @@ class EditWorker(EditService):
                 self._queue.remove(job)
         self.metrics.queue_depth.set(len(self._queue))
 
-    def _run(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.in_flight.inc(len(batch))
-
-        start = time.perf_counter()
+    def _begin(self, job: Job, loop: DenoisingLoop, running: dict[Edit, Job]) -> None:
+        """Encode a newcomer's text and image and add its edit to the loop; a refused one fails alone."""
         try:
-            outcomes = run_batch(self.pipe, batch, lambda done: advance(batch, done))
-        except Cancelled:
-            pass  # every job of the batch was cancelled, and answered then
+            edit = self.pipe.begin(job.image, job.params.instruction, job.config, job.seed, job.scales,
+                                   on_tiles=functools.partial(advance_tiles, [job]))
         except InputError as err:  # a request the pipeline refuses (e.g. a size outside a bundle's profile)
-            for job in batch:
-                job.finish("failed", error=err, status=422)
-        except Exception as err:  # an engine fault: the requests fail, the worker goes on serving
-            log.exception("batch of %d failed", len(batch))
-            for job in batch:
-                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
-        else:
-            for job, outcome in zip(batch, outcomes):
-                if job.state not in FINISHED:  # else cancelled during the edit, and answered then
-                    job.timings.update(outcome.timings)
-                    job.finish("succeeded", outcome)
-            for stage, seconds in outcomes[0].timings.items():
-                self.metrics.stage_seconds.labels(stage).observe(seconds)
-        finally:
-            self.metrics.in_flight.dec(len(batch))
-            elapsed = time.perf_counter() - start
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            job.finish("failed", error=err, status=422)
+            return
+        except Exception as err:  # an engine fault: this request fails, the worker goes on serving
+            log.exception("starting job %s failed", job.id)
+            job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
+            return
+        loop.add(edit)
+        running[edit] = job
+        self.metrics.in_flight.set(len(running))
 
+    def _step(self, loop: DenoisingLoop, running: dict[Edit, Job]) -> None:
+        """One step of every running edit; finished ones answered, cancelled and timed-out ones taken out."""
+        try:
+            finished = loop.step()
+        except Exception as err:  # an engine fault: the running requests fail, the worker goes on serving
+            log.exception("a denoising step of %d edits failed", len(running))
+            for edit, job in running.items():
+                loop.remove(edit)
+                job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
+            running.clear()
+            finished = []
+        for edit in finished:
+            self._finish(running.pop(edit), edit)
+        for edit, job in list(running.items()):
+            job.cancel_if_expired()
+            if job.cancel_reason is not None:  # answered when cancelled; no more rows from the next step on
+                loop.remove(edit)
+                del running[edit]
+            else:
+                job.steps_done = edit.done
+                job.changed.set()
+        self.metrics.in_flight.set(len(running))
+
+    def _finish(self, job: Job, edit: Edit) -> None:
+        """Decode a denoised edit and answer its job (unless it was cancelled at its last step)."""
+        if job.state in FINISHED:
+            return
+        try:
+            result = self.pipe.finish(edit)
+        except Exception as err:
+            log.exception("decoding job %s failed", job.id)
+            job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
+            return
+        job.steps_done = edit.done
+        job.timings.update(result.timings)
+        job.finish("succeeded", Outcome(result.images[0], job.seed, result.unet_evaluations[0], dict(result.timings)))
+        for stage, seconds in result.timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        elapsed = time.monotonic() - job.created - job.timings.get("queue", 0.0)
+        self._edit_seconds = 0.8 * self._edit_seconds + 0.2 * elapsed
+
+    def _count_call(self, rows: int, padded: int) -> None:
+        self.metrics.batch_size.observe(rows)
+        if padded:
+            self.metrics.padded_rows.inc(padded)
