@@ -32,7 +32,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
                        default=["uncontended", "load", "soak", "overhead"], help="what to run (default: all)")
     serve.add_argument("--clients", type=int, default=32)
     serve.add_argument("--requests", type=int, default=300)
-    serve.add_argument("--max-batch", type=int, nargs="+", default=[1, 8], help="one load run per value")
+    serve.add_argument("--max-batch", type=int, nargs="+", default=[1, 8],
+                       help="UNet rows per call (an edit at both scales takes 3); one load run per value")
     serve.add_argument("--soak", type=int, default=0, metavar="N", help="also N edits of mixed sizes, memory measured")
     serve.add_argument("--hostile", type=int, default=0, metavar="N",
                        help="N hostile clients beside each load run and the soak (benchmarks/hostile.py): image "

@@ -64,7 +64,9 @@ def serve_process(load_args: dict, settings: Settings, ray_replicas: int | None 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "ip2p.cli", "-q", "serve", load_args["model"], "--port", str(port),
-               "--max-batch", str(settings.max_batch), "--batch-wait-ms", str(settings.batch_wait_ms),
+               "--max-batch", str(settings.max_batch), "--batching", settings.batching,
+               "--batch-wait-ms", str(settings.batch_wait_ms), "--max-steps", str(settings.max_steps),
+               "--timeout", f"{settings.timeout:g}",
                "--max-queue", str(settings.max_queue), "--max-resolution", str(settings.max_resolution),
                "--max-held-mb", f"{settings.max_held_bytes / 2**20:g}", "--read-timeout", f"{settings.read_timeout:g}",
                "--max-connections", str(settings.max_connections)]
