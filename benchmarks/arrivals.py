@@ -70,7 +70,7 @@ async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int)
     rng = random.Random(seed)
     arrivals = np.cumsum([rng.expovariate(rate) for _ in range(requests)])
     latencies, statuses, answers = [], {}, {}
-    bar = tqdm(total=requests, desc=f"{rate:.2f} edits/s", leave=False)
+    bar = tqdm(total=requests, desc=f"{rate:.2f} edits/s", leave=False, mininterval=5)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests)) as client:
         start = time.perf_counter()
 
@@ -120,10 +120,10 @@ def differing(pipe: EditPipeline, png: bytes, answers: dict[int, bytes]) -> int:
     return wrong
 
 
-def run(model: str, backend: str | None, requests: int, loads=LOADS) -> dict:
+def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LOADS) -> dict:
     load_args = {"model": model, "backend": backend}
     png = example_png(64)
-    settings = {mode: Settings(max_batch=12, batching=mode, max_queue=10_000, max_steps=LONG_STEPS, timeout=3600,
+    settings = {mode: Settings(max_batch=max_batch, batching=mode, max_queue=10_000, max_steps=LONG_STEPS, timeout=3600,
                                max_connections=20_000) for mode in MODES}
     capacity = {}
     for mode in MODES:
@@ -163,12 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--backend")
     parser.add_argument("--requests", type=int, default=200, help="edits per open-loop run")
+    parser.add_argument("--max-batch", type=int, default=12, help="UNet rows per call, both servers")
     parser.add_argument("--json", required=True, help="write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("engine.serving").setLevel(logging.WARNING)  # not one line per request
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    results = run(args.model, args.backend, args.requests)
+    results = run(args.model, args.backend, args.requests, args.max_batch)
     write_json_atomic(args.json, results, indent=1)
     print(table(results))
 
