@@ -69,7 +69,7 @@ async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int)
     throughput (answers over the time from the first send to the last answer), statuses, the answers."""
     rng = random.Random(seed)
     arrivals = np.cumsum([rng.expovariate(rate) for _ in range(requests)])
-    latencies, statuses, answers = [], {}, {}
+    latencies, statuses, answers, by_steps = [], {}, {}, {}
     bar = tqdm(total=requests, desc=f"{rate:.2f} edits/s", leave=False, mininterval=5)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests)) as client:
         start = time.perf_counter()
@@ -80,6 +80,7 @@ async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if response.status_code == 200:
                 latencies.append(latency)
+                by_steps.setdefault(request_fields(i)["steps"], []).append(latency)
                 answers[i] = response.content
             bar.update()
 
@@ -88,7 +89,9 @@ async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int)
     bar.close()
     return dict(rate_per_s=rate, requests=requests, statuses=statuses, throughput_per_s=len(answers) / wall,
                 p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
-                mean_s=statistics.fmean(latencies) if latencies else float("nan"), answers=answers)
+                mean_s=statistics.fmean(latencies) if latencies else float("nan"), answers=answers,
+                by_steps={steps: dict(p50_s=percentile(values, 50), p99_s=percentile(values, 99))
+                          for steps, values in sorted(by_steps.items(), key=lambda item: int(item[0]))})
 
 
 async def behind_long_job(url: str, png: bytes) -> dict:
@@ -144,7 +147,8 @@ def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LO
                 log.info("%s batching at %.0f%%: %s", mode, load * 100, runs[-1])
             long_job[mode] = asyncio.run(behind_long_job(url, png))
             log.info("%s batching, behind a %d-step job: %s", mode, LONG_STEPS, long_job[mode])
-    return dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=model, backend=backend or "its own", capacity_per_s=capacity,
+    return dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=model,
+                backend=backend or "its own", max_batch=max_batch, capacity_per_s=capacity,
                 mix=dict(steps=STEPS, presets=PRESETS, size=64), runs=runs, long_job=long_job)
 
 

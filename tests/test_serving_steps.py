@@ -37,8 +37,8 @@ def library():
 
 
 def create_job(client: httpx.Client, url: str, seed: int, **settings) -> str:
-    response = client.post(f"{url}/v1/jobs", files={"image": ("a.png", png_bytes(), "image/png")},
-                           data={"instruction": INSTRUCTION, "seed": str(seed), **{k: str(v) for k, v in settings.items()}})
+    fields = {"instruction": INSTRUCTION, "seed": str(seed), **{k: str(v) for k, v in settings.items()}}
+    response = client.post(f"{url}/v1/jobs", files={"image": ("a.png", png_bytes(), "image/png")}, data=fields)
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -67,7 +67,8 @@ def test_edits_joining_mid_way_share_calls_and_answer_their_solo_pixels(library)
         waits = worker.metrics.join_wait.collect()[0].samples
     for seed, (view, settings) in enumerate(zip(views, MIXED)):
         assert view["state"] == "succeeded", view
-        np.testing.assert_array_equal(pixels(base64.b64decode(view["result"]["image"])), solo(library, seed, **settings))
+        answer = pixels(base64.b64decode(view["result"]["image"]))
+        np.testing.assert_array_equal(answer, solo(library, seed, **settings))
     assert bucket(samples, 3) < bucket(samples, "+Inf")  # some calls held rows of several edits
     assert next(s.value for s in waits if s.name.endswith("_count")) == len(MIXED)  # each waited to join
 

@@ -21,7 +21,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=12,
-                        help="UNet rows per call, guidance branches counted (an edit at both scales takes 3; default 12)")
+                        help="UNet rows per call, guidance branches counted (an edit at both scales takes 3; "
+                        "default 12)")
     parser.add_argument("--batching", choices=("step", "request"), default="step",
                         help="step (default): queued edits join the running ones at every denoising step; request: a "
                         "batch of one size and settings runs to its end before the next starts")

@@ -182,7 +182,8 @@ class EditWorker(EditService):
         while True:
             batch, rows = [], 0
             for job in self._queue:
-                if job.key == first.key and job.cancel_reason is None and (not batch or rows + job.rows <= self.settings.max_batch):
+                fits = not batch or rows + job.rows <= self.settings.max_batch
+                if job.key == first.key and job.cancel_reason is None and fits:
                     batch.append(job)
                     rows += job.rows
             remaining = gather_until - time.monotonic()
