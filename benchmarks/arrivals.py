@@ -168,12 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend")
     parser.add_argument("--requests", type=int, default=200, help="edits per open-loop run")
     parser.add_argument("--max-batch", type=int, default=12, help="UNet rows per call, both servers")
+    parser.add_argument("--loads", type=float, nargs="+", default=LOADS, help="fractions of the capacity")
     parser.add_argument("--json", required=True, help="write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("engine.serving").setLevel(logging.WARNING)  # not one line per request
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    results = run(args.model, args.backend, args.requests, args.max_batch)
+    results = run(args.model, args.backend, args.requests, args.max_batch, tuple(args.loads))
     write_json_atomic(args.json, results, indent=1)
     print(table(results))
 

@@ -42,10 +42,10 @@ def test_the_builder_makes_the_deployments_the_config_asks_for(monkeypatch):
     model = model_app._bound_deployment
     assert model.name == "EditModel" and ingress.name == "Ingress"
     assert model.init_args[0] == dict(model="/models/instruct-pix2pix-fp16", backend="onnxruntime", device="cuda")
-    assert (settings.max_batch, settings.max_queue, settings.timeout) == (4, 64, 120)
+    assert (settings.max_batch, settings.max_queue, settings.timeout) == (12, 64, 120)
     assert settings.api_key == "from-the-secret"
     assert model.ray_actor_options["num_gpus"] == 0.5 and model.ray_actor_options["num_cpus"] == 2
-    assert (model.max_ongoing_requests, model.max_queued_requests) == (4, 64)
+    assert (model.max_ongoing_requests, model.max_queued_requests) == (64 + 12, 64)  # its queue and loop
     autoscaling = model._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 8)
 
