@@ -102,7 +102,9 @@ async def behind_long_job(url: str, png: bytes) -> dict:
         created = await client.post(f"{url}/v1/jobs", files={"image": ("in.png", png, "image/png")},
                                     data={"instruction": INSTRUCTIONS[1], "seed": "8", "steps": str(LONG_STEPS)})
         job = f"{url}/v1/jobs/{created.json()['id']}"
-        while (await client.get(job)).json()["steps_done"] < 10:
+        while (view := (await client.get(job)).json())["steps_done"] < 10:
+            if view["state"] != "running" and view["state"] != "queued":
+                raise RuntimeError(f"the {LONG_STEPS}-step job ended early: {view}")
             await asyncio.sleep(0.01)
         behind, response = await post(client, url, png, fields)
         response.raise_for_status()

@@ -16,7 +16,7 @@ import logging
 from typing import Any, Callable
 
 from engine.backends import Backend
-from engine.guidance import GuidedStep
+from engine.guidance import GuidancePlan, GuidedStep
 from engine.rows import Call, UNetRows
 from engine.samplers import Steps
 
@@ -46,7 +46,7 @@ class Edit:
         return self.done == self.total
 
     @property
-    def plan(self):
+    def plan(self) -> GuidancePlan:
         return self.guided.plan
 
     def prepare(self) -> Call:

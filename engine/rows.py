@@ -3,8 +3,7 @@ step caching's full or shallow call, and the work each image is charged.
 
 ``UNetRows`` holds everything of an edit's UNet calls that is not the sampler's (the conditioning of every image,
 the cached deep feature, the counters): ``prepare`` makes a step's call, ``finish`` takes its outputs, so a loop
-can run many edits' calls as one (``engine.denoising``); called, it is the ``unet(scaled_x, t, groups)`` of
-``engine.guidance.guided_denoiser``. Array-agnostic through the backend's helpers.
+can run many edits' calls as one (``engine.denoising``). Array-agnostic through the backend's helpers.
 """
 from __future__ import annotations
 
@@ -45,22 +44,18 @@ class UNetRows:
         self._features = FeatureCache(lambda parts: backend.concat(parts, 0))
         self._conditioning: dict[tuple, tuple[Any, Any]] = {}  # per grouping: (text rows, image latent rows)
 
-    def __call__(self, x: Any, t: float, groups: Groups) -> list[dict[int, Any]]:
-        """Per group, {branch: noise prediction (len(indices), 4, h, w)} of ``x`` (B, 4, h, w) at timestep ``t``."""
-        call = self.prepare(x, t, groups)
-        return self.finish(call, self.backend.run(call.component, call.inputs) if call.rows else {})
-
-    def prepare(self, x: Any, t: float, groups: Groups) -> "Call":
-        """The UNet call ``groups`` asks for, not run yet; one of no rows where every image is dropped."""
+    def prepare(self, x: Any, t: float, groups: Groups) -> Call:
+        """The UNet call of ``x`` (B, 4, h, w) at timestep ``t`` that ``groups`` asks for, not run yet; one of no
+        rows where every image is dropped (nothing runs it)."""
         if not any(branches for _, branches in groups):
-            return Call(self._full, {}, [], groups, full=False)
+            return Call(self._full, {}, [], groups, full=False)  # no rows: no call, no feature stored
         inputs, rows = self._inputs(x, t, groups)
         if self.step_cache.full(self.calls) or not self._features.covers(rows):
             return Call(self._full, inputs, rows, groups, full=True)
         inputs["deep_feature"] = self._features.take(rows)  # (N, C, h', w')
         return Call(self._shallow, inputs, rows, groups, full=False)
 
-    def finish(self, call: "Call", result: dict[str, Any]) -> list[dict[int, Any]]:
+    def finish(self, call: Call, result: dict[str, Any]) -> list[dict[int, Any]]:
         """``call``'s outputs (the backend's ``result``) per group and branch; the images charged their rows."""
         if not call.rows:
             return [{} for _ in call.groups]

@@ -21,7 +21,9 @@ Steps = Generator[tuple[Any, float], Any, Any]  # yields (x, sigma), is sent D(x
 
 
 def drive(steps: Steps, model: Denoiser, callback: Callback | None = None) -> Any:
-    """Run a sampler's ``steps`` to the end with ``model``; ``callback(i, x, denoised)`` after each step."""
+    """Run a sampler's ``steps`` to the end with a plain ``model`` (k-diffusion's way, for a caller with one
+    denoiser, e.g. ``engine.guidance.guided_denoiser``; the engine's own loop is ``engine.denoising``);
+    ``callback(i, x, denoised)`` after each step."""
     i, (x, sigma) = 0, next(steps)
     while True:
         denoised = model(x, sigma)

@@ -148,3 +148,20 @@ def test_under_load_with_cancels_and_disconnects_no_edit_is_lost_or_answered_twi
         if view["state"] == "succeeded":
             image = Image.open(io.BytesIO(base64.b64decode(view["result"]["image"])))
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), solo(library, seed, **settings))
+
+
+def test_a_bundle_that_needs_several_images_per_call_is_refused_at_start(tmp_path):
+    """The server encodes each request's image alone: a profile from 2 images is refused in one line, at start-up."""
+    import json
+    import shutil
+
+    from engine.errors import InputError
+    from engine.serving.service import local_service
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE_LOAD["model"], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["profile"]["batch"] = [2, 2, 16]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="at least 2 images per call"):
+        local_service({**BUNDLE_LOAD, "model": str(bundle)}, STEP_SERVER)

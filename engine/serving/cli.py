@@ -64,8 +64,8 @@ def settings_from(args: argparse.Namespace):
     if args.batch_wait_ms < 0 or args.drain_timeout < 0:
         raise InputError("--batch-wait-ms and --drain-timeout must not be negative")
     return Settings(max_batch=args.max_batch, batching=args.batching, batch_wait_ms=args.batch_wait_ms,
-                    max_queue=args.max_queue,
-                    timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                    max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20),
+                    max_pixels=args.max_pixels,
                     max_steps=args.max_steps, max_resolution=args.max_resolution, result_ttl=args.result_ttl,
                     max_results=args.max_results, max_held_bytes=int(args.max_held_mb * 2**20),
                     read_timeout=args.read_timeout, max_connections=args.max_connections,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from PIL import Image
 
+from engine.errors import InputError
 from engine.pipeline import EditPipeline
 
 if TYPE_CHECKING:
@@ -63,7 +64,11 @@ def serving_pipeline(load: dict, settings: Settings) -> EditPipeline:
     """``EditPipeline.from_pretrained(**load)`` as a server runs it: no progress bars (a server logs) and the
     pixel limit of its settings. onnxruntime keeps its spinning CPU threads: sleeping ones cut the server's
     overhead p99 from ~18 to ~6 ms but made the 64x64 edit ~10% slower on the 2-core host (docs/serving.md)."""
-    return EditPipeline.from_pretrained(**load, max_image_pixels=settings.max_pixels, progress=False)
+    pipe = EditPipeline.from_pretrained(**load, max_image_pixels=settings.max_pixels, progress=False)
+    if pipe.profile is not None and pipe.profile.batch[0] > 1:
+        raise InputError(f"{load.get('model')}: this bundle takes at least {pipe.profile.batch[0]} images per call, "
+                         "and the server encodes each request's image alone; export it with a batch profile from 1")
+    return pipe
 
 
 def warm_up(pipe: EditPipeline) -> None:

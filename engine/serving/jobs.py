@@ -234,7 +234,7 @@ class JobTable:
 
 
 def advance_tiles(batch: list[Job], stage: str, done: int, total: int) -> None:
-    """Record a tiled VAE's progress on every running job of a batch (``run_batch``'s ``on_tiles``)."""
+    """Record a tiled VAE's progress on every running job of ``batch`` (``EditPipeline.begin``'s ``on_tiles``)."""
     for job in batch:
         if job.state == "running":
             job.tiles = (stage, done, total)

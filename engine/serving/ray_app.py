@@ -40,11 +40,14 @@ class EditModel:
 
     def __init__(self, load: dict, settings: Settings):
         # the worker's thread loads, warms up and runs every edit (torch on a CPU is slow on a second thread)
-        self.worker = EditWorker(lambda: serving_pipeline(load, settings), dataclasses.replace(settings, timeout=None),
-                                 Metrics(settings.max_batch))
+        # Serve lets max_queue + max_batch calls in at once: the worker's queue holds them all (Serve's limits are
+        # the back-pressure); the ingress keeps the deadlines
+        own = dataclasses.replace(settings, timeout=None, max_queue=settings.max_queue + settings.max_batch)
+        self.worker = EditWorker(lambda: serving_pipeline(load, settings), own, Metrics(settings.max_batch))
         while not self.worker.ready:
+            if not self.worker.alive:
+                raise RuntimeError("the replica's worker stopped while warming up (see its log)")
             time.sleep(POLL_S)
-        self.pipe = self.worker.pipe
 
     async def edit(self, image: Image.Image, params: EditParameters):
         """Stream one edit: (0, None) once it starts, (denoising steps done, tiled VAE progress) as they advance,
@@ -52,7 +55,7 @@ class EditModel:
         the ingress) takes the edit out of the replica's loop at the next step: no more UNet rows for it."""
         try:
             job = self.worker.submit(image, params)
-        except (InputError, QueueFull) as err:
+        except (InputError, QueueFull, Unavailable) as err:
             yield err
             return
         reported = None
@@ -74,8 +77,8 @@ class EditModel:
             self.worker.forget(job)
 
     def check_health(self) -> None:
-        if not self.worker.ready:
-            raise RuntimeError("the pipeline is not loaded")
+        if not (self.worker.ready and self.worker.alive):
+            raise RuntimeError("the replica's worker is not running")
 
 
 class RayEditService(EditService):
@@ -139,6 +142,8 @@ class RayEditService(EditService):
                 job.finish("failed", error=outcome, status=422)
             elif isinstance(outcome, QueueFull):
                 job.finish("failed", error=outcome, status=429)
+            elif isinstance(outcome, Unavailable):
+                job.finish("failed", error=outcome, status=503)
             elif isinstance(outcome, Exception):
                 job.finish("failed", error=outcome, status=500)
             else:
@@ -207,7 +212,8 @@ def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float
               autoscaling: dict | None = None):
     """The Serve application: Ingress -> EditModel x ``replicas`` (or ``autoscaling`` bounds)."""
     options: dict = dict(ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                         max_ongoing_requests=settings.max_queue + settings.max_batch, max_queued_requests=settings.max_queue)
+                         max_ongoing_requests=settings.max_queue + settings.max_batch,
+                         max_queued_requests=settings.max_queue)
     if autoscaling:
         options["autoscaling_config"] = autoscaling
     else:

@@ -71,6 +71,11 @@ class EditWorker(EditService):
             self._lock.notify_all()
         return job
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (it ends only when stopped, or when loading or warming up failed)."""
+        return self._thread.is_alive()
+
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
@@ -153,10 +158,6 @@ class EditWorker(EditService):
             for job in chosen:
                 self._queue.remove(job)
             chosen = [job for job in chosen if job.start()]  # one cancelled meanwhile stays finished
-            now = time.monotonic()
-            for job in chosen:
-                job.timings["queue"] = now - job.created
-                self.metrics.join_wait.observe(job.timings["queue"])
             self.metrics.queue_depth.set(len(self._queue))
             return chosen
 
@@ -187,7 +188,7 @@ class EditWorker(EditService):
                     batch.append(job)
                     rows += job.rows
             remaining = gather_until - time.monotonic()
-            if rows + first.rows > self.settings.max_batch or remaining <= 0 or self._stopping:
+            if rows >= self.settings.max_batch or remaining <= 0 or self._stopping:
                 break
             self._lock.wait(timeout=remaining)
             self._drop_dead()
@@ -205,9 +206,15 @@ class EditWorker(EditService):
         self.metrics.queue_depth.set(len(self._queue))
 
     def _begin(self, job: Job, loop: DenoisingLoop, running: dict[Edit, Job]) -> None:
-        """Encode a newcomer's text and image and add its edit to the loop; a refused one fails alone."""
+        """Encode a newcomer's text and image and add its edit to the loop; a refused one fails alone, one cancelled
+        meanwhile (its image let go) is left out."""
+        image = job.image
+        if image is None or job.cancel_reason is not None:
+            return
+        job.timings["queue"] = time.monotonic() - job.created  # its wait, and the newcomers encoded before it
+        self.metrics.join_wait.observe(job.timings["queue"])
         try:
-            edit = self.pipe.begin(job.image, job.params.instruction, job.config, job.seed, job.scales,
+            edit = self.pipe.begin(image, job.params.instruction, job.config, job.seed, job.scales,
                                    on_tiles=functools.partial(advance_tiles, [job]))
         except InputError as err:  # a request the pipeline refuses (e.g. a size outside a bundle's profile)
             job.finish("failed", error=err, status=422)
@@ -215,6 +222,8 @@ class EditWorker(EditService):
         except Exception as err:  # an engine fault: this request fails, the worker goes on serving
             log.exception("starting job %s failed", job.id)
             job.finish("failed", error=RuntimeError(f"internal error: {type(err).__name__}"), status=500)
+            return
+        if job.cancel_reason is not None:  # cancelled while it was encoded
             return
         loop.add(edit)
         running[edit] = job
