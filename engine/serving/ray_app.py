@@ -118,7 +118,7 @@ class RayEditService(EditService):
                 if not followed.done():
                     job.cancel_if_expired()
                 if not followed.done() and job.cancel_reason is not None:  # answered when cancelled
-                    stream.cancel()  # the replica drops the edit from its batch at the next step
+                    stream.cancel()  # the replica takes the edit out of its loop at the next step
                     followed.cancel()
                     return
             self._finish(job, followed, time.perf_counter() - sent)
@@ -181,8 +181,8 @@ class RayEditService(EditService):
 
 
 async def _follow(job: Job, stream):
-    """Read an edit's stream from a replica into its job: running once its batch starts, the steps done and the
-    tiled VAE's progress, and the last item, the outcome (returned)."""
+    """Read an edit's stream from a replica into its job: running once it joins the replica's loop, the steps done
+    and the tiled VAE's progress, and the last item, the outcome (returned)."""
     outcome = None
     async for item in stream:
         if isinstance(item, tuple):
