@@ -375,7 +375,7 @@ class EditPipeline:
         noise = NoiseSource(seeds)
         x = self._initial_latents(noise, latents, pixels.shape) * schedule.init_noise_sigma  # (B, 4, h, w)
         shape = tuple(x.shape[1:])
-        extra = {"noise_sampler": lambda: be.asarray(noise.randn(shape))} if sampler.stochastic else {}
+        extra = sampler.arguments(schedule, lambda: be.asarray(noise.randn(shape)))
         guided = GuidedStep(plan, schedule.timestep, lambda parts: be.concat(parts, 0), self.model.prediction_type,
                             to_numpy=be.to_numpy)
         rows = UNetRows(be, text, null, image_latents, config.step_cache)

@@ -133,6 +133,22 @@ def unipc_correct(x_prev: Any, denoised: Any, history: list[Any], sigmas, i: int
     return x - ((history[-2] - history[-1]) * (rho_old / r) + d_now * rho_now) * phi
 
 
+def lcm(x: Any, sigmas, noise_sampler: NoiseSampler, timesteps, timestep_scaling: float = 10.0) -> Steps:
+    """Latent Consistency Models' multistep sampler (Luo et al. 2023, alg. 3), as diffusers' LCMScheduler: each
+    step takes the consistency function's output, the prediction D kept with c_out and the DDPM-scaled sample
+    with c_skip (their boundary condition, sigma_data 0.5, at timestep * ``timestep_scaling``), and noises it
+    afresh to the next sigma; the last step returns it. For a model distilled to it (few steps)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = yield x, sigma
+        scaled = float(timesteps[i]) * timestep_scaling
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
+        x = denoised * c_out + x * (c_skip / (sigma**2 + 1) ** 0.5)  # the DDPM sample is x / sqrt(sigma^2 + 1)
+        if sigma_next > 0:
+            x = x + noise_sampler() * sigma_next
+    return x
+
+
 def unipc(x: Any, sigmas) -> Steps:
     """UniPC (Zhao et al. 2023), order 2, "bh2", as diffusers' UniPCMultistepScheduler: each step first
     corrects the sample it is at with the model's prediction there (UniC), then predicts the next one
@@ -158,9 +174,15 @@ def unipc(x: Any, sigmas) -> Steps:
 
 @dataclass(frozen=True)
 class Sampler:
-    steps: Callable[..., Steps]  # steps(x, sigmas[, noise_sampler]): the sampler's generator
+    steps: Callable[..., Steps]  # steps(x, sigmas, **arguments(...)): the sampler's generator
     schedule: Callable[[dict, int], schedules.Schedule]
     stochastic: bool  # takes a noise_sampler
+    uses_timesteps: bool = False  # takes the schedule's timesteps
+
+    def arguments(self, schedule: schedules.Schedule, noise_sampler: NoiseSampler) -> dict[str, Any]:
+        """What ``steps`` takes besides x and the sigmas."""
+        extra: dict[str, Any] = {"noise_sampler": noise_sampler} if self.stochastic else {}
+        return extra | ({"timesteps": schedule.timesteps} if self.uses_timesteps else {})
 
     def sample(self, model: Denoiser, x: Any, sigmas, callback: Callback | None = None, **extra: Any) -> Any:
         """The whole trajectory from ``x`` at sigmas[0] with ``model`` (``extra``: the noise_sampler)."""
@@ -176,4 +198,5 @@ SAMPLERS: dict[str, Sampler] = {
     # Deterministic DDIM (eta = 0) is exactly an Euler step in sigma space (Karras et al. 2022, sec. 3);
     # what makes it DDIM is its schedule of integer timesteps.
     "ddim": Sampler(euler, schedules.ddim_schedule, stochastic=False),
+    "lcm": Sampler(lcm, schedules.lcm_schedule, stochastic=True, uses_timesteps=True),
 }

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import InputError
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -116,6 +118,22 @@ def multistep_schedule(config: dict, steps: int) -> Schedule:
     train = training_sigmas(config)
     sigmas = np.concatenate([train[timesteps.astype(np.int64)], [0.0]]).astype(np.float32)
     return Schedule(sigmas=sigmas, timesteps=timesteps, init_noise_sigma=float((sigmas[0] ** 2 + 1) ** 0.5))
+
+
+def lcm_schedule(config: dict, steps: int) -> Schedule:
+    """Latent Consistency Models' timesteps: ``steps`` of the ``original_inference_steps`` (50) evenly spaced
+    training timesteps a model was distilled on, taken at evenly spaced indices from the top (diffusers'
+    LCMScheduler); then sigma 0."""
+    total, original = int(config.get("num_train_timesteps", 1000)), int(config.get("original_inference_steps", 50))
+    if steps > original:
+        raise InputError(f"the lcm sampler takes at most {original} steps (the model's original_inference_steps), "
+                         f"got {steps}")
+    origin = (np.arange(1, original + 1) * (total // original) - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, original, steps, endpoint=False)).astype(np.int64)]
+    train = training_sigmas(config)
+    sigmas = np.concatenate([train[timesteps], [0.0]]).astype(np.float32)
+    return Schedule(sigmas=sigmas, timesteps=timesteps.astype(np.float32),
+                    init_noise_sigma=float((sigmas[0] ** 2 + 1) ** 0.5))
 
 
 def ddim_schedule(config: dict, steps: int) -> Schedule:

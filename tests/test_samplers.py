@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       UniPCMultistepScheduler)
+                       LCMScheduler, UniPCMultistepScheduler)
 
+from engine.errors import InputError
 from engine.guidance import COND, GuidancePlan, guided_denoiser
 from engine.random_models import SD15_SCHEDULER
 from engine.samplers import SAMPLERS, ancestral_step
@@ -27,10 +28,8 @@ def run_ours(name, config, steps, noise, step_noise_seed=None):
     sampler = SAMPLERS[name]
     schedule = sampler.schedule(config, steps)
     denoiser = unguided(eps_model, schedule.timestep)
-    extra = {}
-    if sampler.stochastic:
-        gen = torch.Generator().manual_seed(step_noise_seed)
-        extra["noise_sampler"] = lambda: torch.randn(SHAPE, generator=gen)
+    gen = torch.Generator().manual_seed(step_noise_seed) if sampler.stochastic else None
+    extra = sampler.arguments(schedule, lambda: torch.randn(SHAPE, generator=gen))
     x = sampler.sample(denoiser, noise * schedule.init_noise_sigma, schedule.sigmas, **extra)
     return x / (float(schedule.sigmas[-1]) ** 2 + 1) ** 0.5
 
@@ -99,7 +98,7 @@ def test_samplers_run_on_numpy_arrays():
     for name, sampler in SAMPLERS.items():
         schedule = sampler.schedule(SD15_SCHEDULER, 5)
         denoiser = unguided(lambda x, t: np.tanh(x) * 0.5, schedule.timestep)
-        extra = {"noise_sampler": lambda: rng.standard_normal(SHAPE).astype(np.float32)} if sampler.stochastic else {}
+        extra = sampler.arguments(schedule, lambda: rng.standard_normal(SHAPE).astype(np.float32))
         x = rng.standard_normal(SHAPE).astype(np.float32) * schedule.init_noise_sigma
         out = sampler.sample(denoiser, x, schedule.sigmas, **extra)
         assert isinstance(out, np.ndarray) and out.shape == SHAPE and np.isfinite(out).all(), name
@@ -128,3 +127,16 @@ def test_unipc_matches_unipc_multistep(noise, steps, spacing):
     predictor_only = UniPCMultistepScheduler.from_config(config, disable_corrector=list(range(steps)))
     if steps > 2:  # the corrector changes the trajectory (on the last step its correction is dropped, as diffusers does)
         assert (run_diffusers(predictor_only, steps, noise) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("original", [50, 20])
+def test_lcm_matches_lcm_scheduler_given_the_same_noise(noise, steps, original):
+    config = {**SD15_SCHEDULER, "original_inference_steps": original}
+    ref = run_diffusers(LCMScheduler.from_config(config), steps, noise, step_noise_seed=3)
+    torch.testing.assert_close(run_ours("lcm", config, steps, noise, step_noise_seed=3), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lcm_refuses_more_steps_than_it_was_distilled_on():
+    with pytest.raises(InputError, match="at most 50 steps"):
+        SAMPLERS["lcm"].schedule(SD15_SCHEDULER, 51)
