@@ -127,8 +127,10 @@ class GuidancePlan:
         return [() if i in self.gone else b for i, b in enumerate(wanted)]
 
     def most_rows(self) -> int:
-        """UNet rows a step of this plan asks for at most: each image's exact branches."""
-        return sum(len(needed) for i, needed in enumerate(self._needed) if i not in self.gone)
+        """UNet rows any later step of this plan can ask for: each image's exact branches less those the adaptive
+        rule has stopped (for good; a guidance interval only ever brings back branches among the rest)."""
+        return sum(len(set(needed) - dropped) for i, (needed, dropped) in enumerate(zip(self._needed, self._dropped))
+                   if i not in self.gone)
 
     def watching(self, branches: list[tuple[int, ...]]) -> bool:
         """Whether the adaptive rule needs this step's outputs: it is on and some image can still drop a branch."""

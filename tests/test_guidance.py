@@ -104,6 +104,15 @@ def test_adaptive_guidance_drops_converged_branches_per_image():
     plan.observe([{COND: same, IMAGE: same}, {COND: other, IMAGE: same, UNCOND: -same}])
     assert plan.branches(5.0) == [(COND,), ALL] and plan.weights_for((COND,)) == pytest.approx((1.0, 0.0, 0.0))
     assert group_images(plan.branches(5.0)) == [([0], (COND,)), ([1], ALL)]
+    assert plan.most_rows() == 1 + 3  # what a server counts against its rows per call
+    plan.drop([1])
+    assert plan.most_rows() == 1
+
+
+def test_most_rows_bounds_every_later_step_with_a_guidance_interval():
+    plan = GuidancePlan(2, [7.5, 1.0], [1.5, 1.0], GuidanceOptions(interval=(1.0, 4.0)))
+    assert plan.most_rows() == 3 + 1
+    assert sum(map(len, plan.branches(9.0))) == 2 and sum(map(len, plan.branches(3.0))) == 4
 
 
 def test_adaptive_guidance_on_two_way_guidance_compares_the_two_branches():
