@@ -213,9 +213,7 @@ class EditPipeline:
             raise InputError("no images to edit")
         instructions = _instructions_for(instruction, len(images))
         scales = _scales_for(guidance_scales, config, len(images))
-        loaded = [imaging.load_image(im, self.max_image_pixels) for im in images]
-        resolution, multiple = self._sizing(config.resolution)
-        prepared = [imaging.prepare(im, resolution, multiple, crop=not config.keep_detail) for im in loaded]
+        loaded, prepared = self._load(images, config)
         seeds = resolve_seeds(seed, len(images))
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, im in enumerate(prepared):
@@ -251,14 +249,20 @@ class EditPipeline:
         """One image's edit, its text and image encoded, ready for a ``DenoisingLoop`` (the server's unit of work;
         ``scales``: (s_T, s_I) in place of the config's). ``finish`` it once the loop is done with it."""
         clock = StageClock(on_tiles)
-        loaded = imaging.load_image(image, self.max_image_pixels)
-        resolution, multiple = self._sizing(config.resolution)
-        prepared = imaging.prepare(loaded, resolution, multiple, crop=not config.keep_detail)
-        self._check_calls(config, [(prepared.size, 1)])
-        pixels = imaging.to_model_input([prepared])
+        loaded, prepared = self._load([image], config)
+        self._check_calls(config, [(prepared[0].size, 1)])
+        pixels = imaging.to_model_input(prepared)
         clock.lap("preprocess")
         return self._begin(pixels, [instruction], [seed], None, config,
-                           _scales_for(None if scales is None else [scales], config, 1), [loaded], clock)
+                           _scales_for(None if scales is None else [scales], config, 1), loaded, clock)
+
+    def _load(self, images: list[imaging.ImageInput],
+              config: EditConfig) -> tuple[list[Image.Image], list[Image.Image]]:
+        """The images read and checked, and each sized for the edit (the working resolution, or padded to the
+        model's multiple)."""
+        loaded = [imaging.load_image(im, self.max_image_pixels) for im in images]
+        resolution, multiple = self._sizing(config.resolution)
+        return loaded, [imaging.prepare(im, resolution, multiple, crop=not config.keep_detail) for im in loaded]
 
     def finish(self, edit: Edit) -> EditResult:
         """The result of an edit from ``begin`` whose denoising is done: decoded, as its config asks."""
