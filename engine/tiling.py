@@ -106,10 +106,8 @@ def blend(run: Callable[[list[np.ndarray], list[Box]], list[np.ndarray]], x: np.
     total = np.zeros((batch, out_channels, height * out_scale, width * out_scale), np.float32)
     weight = np.zeros((height * out_scale, width * out_scale), np.float32)
     rows, cols = tiling.spans(height), tiling.spans(width)
-    boxes = [(r, c) for r in rows for c in cols]
-    for group in _chunks(boxes, per_call):
-        outputs = run([x[:, :, r[0] * in_scale : r[1] * in_scale, c[0] * in_scale : c[1] * in_scale] for r, c in group],
-                      group)
+    for pieces, group in tile_groups(x, tiling, in_scale, per_call):
+        outputs = run(pieces, group)
         for (r, c), out in zip(group, outputs):
             w = np.outer(ramp(r, rows, out_scale, margin), ramp(c, cols, out_scale, margin))  # (h, w) of the output
             area = (slice(r[0] * out_scale, r[1] * out_scale), slice(c[0] * out_scale, c[1] * out_scale))
@@ -118,6 +116,15 @@ def blend(run: Callable[[list[np.ndarray], list[Box]], list[np.ndarray]], x: np.
         if done is not None:
             done(len(group))
     return total / weight
+
+
+def tile_groups(x: np.ndarray, tiling: Tiling, in_scale: int,
+                per_call: int = 1) -> Iterator[tuple[list[np.ndarray], list[Box]]]:
+    """The tiles of ``x`` (B, C, in_scale*H, in_scale*W) on its (H, W) grid, up to ``per_call`` at a time: (their
+    pieces of ``x``, their boxes)."""
+    rows, cols = tiling.spans(x.shape[2] // in_scale), tiling.spans(x.shape[3] // in_scale)
+    for group in _chunks([(r, c) for r in rows for c in cols], per_call):
+        yield [x[:, :, r[0] * in_scale : r[1] * in_scale, c[0] * in_scale : c[1] * in_scale] for r, c in group], group
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -47,24 +47,26 @@ class TiledVae:
         out_channels = self.spec.outputs[0].dims[1]
         rows, cols = tiles.spans(x.shape[2] // in_scale), tiles.spans(x.shape[3] // in_scale)
         stats, given = np.zeros((self.layers, len(x), self.groups, 2), np.float32), 0.0
-        for _ in range(self.passes):
-            parts: list[np.ndarray] = []
+        parts: list[np.ndarray] = []
 
-            def run(pieces: list[np.ndarray], boxes: list[tiling.Box]) -> list[np.ndarray]:
-                batch = np.concatenate(pieces)  # (k*B, C, h, w): tile-major
-                if not self.shared:
-                    return np.split(self.run_whole(batch), len(pieces))
-                owned = np.concatenate([np.broadcast_to(np.outer(tiling.owned(r, rows), tiling.owned(c, cols)),
-                                                        (len(x), 1, r[1] - r[0], c[1] - c[0])) for r, c in boxes])
-                out = self._run_tile(batch, np.tile(stats, (1, len(pieces), 1, 1)), owned, given)
-                parts.extend(np.split(out["norm_parts"], len(pieces), axis=1))
-                return np.split(out[self.spec.output_names[0]], len(pieces))
+        def run(pieces: list[np.ndarray], boxes: list[tiling.Box]) -> list[np.ndarray]:
+            batch = np.concatenate(pieces)  # (k*B, C, h, w): tile-major
+            if not self.shared:
+                return np.split(self.run_whole(batch), len(pieces))
+            owned = np.concatenate([np.broadcast_to(np.outer(tiling.owned(r, rows), tiling.owned(c, cols)),
+                                                    (len(x), 1, r[1] - r[0], c[1] - c[0])) for r, c in boxes])
+            out = self._run_tile(batch, np.tile(stats, (1, len(pieces), 1, 1)), owned, given)
+            parts.extend(np.split(out["norm_parts"], len(pieces), axis=1))
+            return np.split(out[self.spec.output_names[0]], len(pieces))
 
-            blended = tiling.blend(run, x, tiles, in_scale, out_scale, out_channels, per_call,
-                                   margin=tiles.overlap // 4, done=done)
-            if parts:
-                stats, given = tiling.combine_statistics(parts), 1.0
-        return blended
+        for _ in range(self.passes - 1):  # statistics only: the tiles' pictures are not blended
+            parts.clear()
+            for pieces, boxes in tiling.tile_groups(x, tiles, in_scale, per_call):
+                run(pieces, boxes)
+                done(len(boxes))
+            stats, given = tiling.combine_statistics(parts), 1.0
+        return tiling.blend(run, x, tiles, in_scale, out_scale, out_channels, per_call, margin=tiles.overlap // 4,
+                            done=done)
 
     def _run_plain(self, batch: np.ndarray) -> np.ndarray:
         be = self.backend

@@ -124,8 +124,13 @@ def test_the_tile_network_with_its_own_statistics_is_the_plain_network(tiny_pipe
     plain = be.run(VAE_ENCODER.name, {"images": be.asarray(pixels)})["image_latents"]
     np.testing.assert_allclose(be.to_numpy(out["image_latents"]), be.to_numpy(plain), atol=1e-5)
     parts = be.to_numpy(out["norm_parts"])
-    assert parts.shape == (layers, 2, groups, 3) and (parts[..., 2] >= 0).all()
-    assert np.all(parts[0, :, :, 0] == parts[0, 0, 0, 0])  # every group of the first layer: the same cell count
+    assert parts.shape == (layers, 2, groups, 3) and (parts[..., 0] > 0).all()
+    half = np.ones((2, 1, 32 // model.vae_factor, 48 // model.vae_factor), np.float32)
+    half[..., half.shape[-1] // 2 :] = 0  # the tile owns its left half only: every layer counts half the cells
+    counted = be.to_numpy(be.run(VAE_ENCODER_TILE.name, {
+        "images": be.asarray(pixels), "norm_stats": be.asarray(np.zeros((layers, 2, groups, 2), np.float32)),
+        "owned": be.asarray(half), "given_stats": be.asarray(np.zeros(1, np.float32))})["norm_parts"])
+    np.testing.assert_allclose(counted[..., 0], parts[..., 0] / 2)
 
 
 def test_keep_detail_adds_only_the_change_to_the_full_size_input(tiny_pipe):
