@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine import EditPipeline, InputError
@@ -189,3 +190,32 @@ def test_a_bundle_runs_the_tiles_as_torch_does(onnx_bundles, tiny_pipe, backend)
     ours = pipe.decode(pipe.encode_image(pixels, tiles) * scale, tiles)
     reference = tiny_pipe.decode(tiny_pipe.encode_image(pixels, tiles) * scale, tiles)
     np.testing.assert_allclose(ours, reference, atol=2e-3)
+
+
+@pytest.mark.parametrize("given", [0.0, 1.0])
+def test_the_tile_networks_eager_path_equals_the_masked_graph(tiny_pipe, given, monkeypatch):
+    """Eager torch slices each row's owned rectangle and normalises in fused kernels; an export traces the masked
+    graph. Both give the same pictures and statistics, for two rows owning different rectangles, with given
+    statistics and with the tile's own; a mask that is no rectangle takes the graph's path."""
+    from engine.backends import torch_modules
+
+    module = torch_modules.tile_module({VAE_ENCODER.name: tiny_pipe.backend._module(VAE_ENCODER.name)[0]},
+                                       VAE_ENCODER_TILE.name)
+    layers, _, groups = tiny_pipe.model.vae_norms
+    rng = np.random.default_rng(4)
+    pixels = torch.from_numpy(imaging.to_model_input(random_images(2, 32, 48)))
+    owned = torch.zeros(2, 1, 32 // tiny_pipe.model.vae_factor, 48 // tiny_pipe.model.vae_factor)
+    owned[0, :, 1:3, 0:4], owned[1, :, :, 2:] = 1, 1
+    stats = torch.from_numpy(np.stack([rng.normal(0, 0.3, (layers, 2, groups)),
+                                       rng.uniform(0.5, 2, (layers, 2, groups))], -1).astype(np.float32))
+    args = (pixels, stats, owned, torch.tensor([given]))
+    with torch.inference_mode():
+        eager = module(*args)
+        monkeypatch.setattr(torch_modules, "owned_boxes", lambda owned: None)  # the graph's masked path
+        graph = module(*args)
+        monkeypatch.undo()
+    for a, b in zip(eager, graph):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    assert torch_modules.owned_boxes(owned) == [(1, 3, 0, 4), (0, owned.shape[2], 2, owned.shape[3])]
+    owned[0, :, 0, 0] = 1  # an L shape
+    assert torch_modules.owned_boxes(owned) is None
