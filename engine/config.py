@@ -10,9 +10,61 @@ from engine.caching import StepCache
 from engine.errors import InputError
 from engine.guidance import GuidanceOptions
 from engine.samplers import SAMPLERS
+from engine.specs import UNET, UNET_GUIDED
 
 Resolution = Union[int, None, Literal["auto"]]
 VaeTile = Union[int, None, Literal["auto"]]  # tile side in pixels; None: never tile; "auto": past a memory budget
+
+
+PRESET_NAMES = ("exact", "balanced", "fast")
+
+
+@dataclass(frozen=True)
+class Student:
+    """A UNet distilled to take the guidance scales as an input (``ip2p distill``): one UNet row per image and step,
+    ``text_guidance``/``image_guidance`` meaning what they mean for its teacher, inside the ranges it learnt them
+    over. Read from the model folder's ``distillation.json``; the UNet's ``time_cond_proj_dim`` (diffusers' own
+    key) is twice ``embedding_dim``."""
+
+    embedding_dim: int  # Fourier features per scale (engine.backends.torch_modules.scale_embedding)
+    text_range: tuple[float, float]  # s_T it was trained over
+    image_range: tuple[float, float]  # s_I
+    sampler: str = "lcm"  # the sampler it was distilled for
+    steps: tuple[int, int, int] = (4, 4, 2)  # steps of the presets exact, balanced, fast
+
+    def preset_steps(self, preset: str) -> int:
+        return self.steps[PRESET_NAMES.index(preset)]
+
+    def check_scales(self, text_scale: float, image_scale: float) -> None:
+        """Refuse scales outside the ranges the student learnt (it was never taught what they do there)."""
+        for name, value, (lo, hi) in (("text_guidance", text_scale, self.text_range),
+                                      ("image_guidance", image_scale, self.image_range)):
+            if not lo <= value <= hi:
+                raise InputError(f"{name} {value:g} is outside {lo:g}-{hi:g}, the range this distilled model was "
+                                 f"trained over; pick one inside it or use the teacher model")
+
+
+def read_student(model_dir: Path, unet: dict) -> Student | None:
+    """The folder's ``distillation.json`` checked against its UNet config; None for a plain InstructPix2Pix."""
+    path, proj = model_dir / "distillation.json", unet.get("time_cond_proj_dim")
+    if not path.is_file():
+        if proj:
+            raise InputError(f"{model_dir}: the UNet takes a time condition (time_cond_proj_dim {proj}) but the "
+                             "folder has no distillation.json: not a model `ip2p distill` made")
+        return None
+    data = _read_json(path, "distillation")
+    try:
+        student = Student(embedding_dim=int(data["embedding_dim"]), text_range=tuple(data["text_range"]),
+                          image_range=tuple(data["image_range"]), sampler=str(data.get("sampler", "lcm")),
+                          steps=tuple(int(v) for v in data.get("steps", (4, 4, 2))))
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: not a distillation config ({err!r})") from None
+    if proj != 2 * student.embedding_dim:
+        raise InputError(f"{path}: embedding_dim {student.embedding_dim} needs the UNet's time_cond_proj_dim to be "
+                         f"{2 * student.embedding_dim}, got {proj}")
+    if student.sampler not in SAMPLERS or len(student.steps) != len(PRESET_NAMES) or min(student.steps) < 1:
+        raise InputError(f"{path}: sampler must be one of {', '.join(SAMPLERS)} and steps three positive counts")
+    return student
 
 
 @dataclass(frozen=True)
@@ -28,6 +80,12 @@ class ModelConfig:
     text_dim: int  # width of the text embeddings, 768 for CLIP ViT-L/14
     vae_width: int = 128  # channels of the VAE's full-resolution level (its activations' size per pixel)
     vae_norms: tuple[int, int, int] = (0, 0, 32)  # GroupNorm layers of the VAE encoder, of its decoder; groups
+    student: Student | None = None  # a distilled UNet that takes the guidance scales (one row a step)
+
+    @property
+    def unet_component(self) -> str:
+        """The spec name of the whole UNet (``engine.specs``): a student's takes the scales too."""
+        return UNET_GUIDED.name if self.student else UNET.name
 
     @property
     def downsampling(self) -> int:
@@ -62,12 +120,13 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     text = _read_json(model_dir / "text_encoder" / "config.json", "text encoder")
     scheduler = _read_json(model_dir / "scheduler" / "scheduler_config.json", "scheduler")
     check_unet_channels(unet.get("in_channels"), model_dir)
-    return model_config_from(unet, vae, text, scheduler)
+    return model_config_from(unet, vae, text, scheduler, read_student(model_dir, unet))
 
 
-def model_config_from(unet: dict, vae: dict, text: dict, scheduler: dict) -> ModelConfig:
+def model_config_from(unet: dict, vae: dict, text: dict, scheduler: dict, student: Student | None = None) -> ModelConfig:
     """ModelConfig from the UNet, VAE, text encoder and scheduler configs (diffusers/transformers keys)."""
     return ModelConfig(
+        student=student,
         scheduler=dict(scheduler),
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         vae_factor=2 ** (len(vae["block_out_channels"]) - 1),

@@ -103,11 +103,16 @@ class GuidancePlan:
     row of images no longer wanted (a server's cancelled requests): they evaluate no branch from then on."""
 
     def __init__(self, count: int, text_scale: float | Sequence[float], image_scale: float | Sequence[float],
-                 options: GuidanceOptions = GuidanceOptions()):
+                 options: GuidanceOptions = GuidanceOptions(), distilled: bool = False):
+        """``distilled``: the UNet takes the scales as input (a student of ``ip2p distill``): its one row per image,
+        the (instruction, image) row, is eq. 3's result already."""
         texts, images = scales_per_image(text_scale, count, "text"), scales_per_image(image_scale, count, "image")
         self.options = options
-        self._weights = [branch_weights(t, i) for t, i in zip(texts, images)]  # per image: its own scales
-        self._needed = [needed_branches(t, i) for t, i in zip(texts, images)]
+        if distilled:
+            self._weights, self._needed = [(1.0, 0.0, 0.0)] * count, [(COND,)] * count
+        else:
+            self._weights = [branch_weights(t, i) for t, i in zip(texts, images)]  # per image: its own scales
+            self._needed = [needed_branches(t, i) for t, i in zip(texts, images)]
         self.needed = tuple(k for k in ALL if any(k in n for n in self._needed))  # branches some image needs
         self._dropped: list[set[int]] = [set() for _ in range(count)]  # adaptive: converged branches per image
         self.gone: set[int] = set()  # images dropped whole

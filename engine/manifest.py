@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import specs
-from engine.config import ModelConfig
+from engine.config import ModelConfig, Student
 from engine.errors import InputError
 from engine.specs import Profile
 
@@ -43,7 +43,12 @@ def _object(data: Any, cls: type, where: str) -> dict:
 
 def _model_config(data: dict) -> ModelConfig:
     """ModelConfig from its JSON object (lists become the tuples the dataclass holds)."""
-    return ModelConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+    if values.get("student") is not None:
+        student = _object(values["student"], Student, "model.student")
+        values["student"] = Student(**{key: tuple(value) if isinstance(value, list) else value
+                                       for key, value in student.items()})
+    return ModelConfig(**values)
 
 
 def _mapping(data: Any, where: str, optional: bool = False) -> dict | None:
@@ -267,9 +272,12 @@ def _components(data: Any) -> dict[str, Component]:
             specs.component_spec(name)
         except KeyError:
             raise ManifestError(f"unknown component {name!r} in components") from None
-    missing = [name for name in specs.COMPONENTS if name not in data]
+    missing = [name for name in specs.COMPONENTS if name not in data and name not in specs.UNETS]
     if missing:
         raise ManifestError(f"missing key {missing[0]!r} in components")
+    unets = [name for name in specs.UNETS if name in data]
+    if len(unets) != 1:
+        raise ManifestError(f"components must hold one of {', '.join(specs.UNETS)}, got {len(unets)}")
     return {name: Component.from_dict(entry, f"components.{name}") for name, entry in data.items()}
 
 
@@ -399,7 +407,10 @@ def read_manifest(folder: Path) -> Manifest:
         manifest = Manifest.from_dict(data)
     except ManifestError as err:
         raise InputError(f"{path}: {err}; export the bundle again with `ip2p export`") from None
-    rows = [t.shapes[0][0] for t in manifest.components[specs.UNET.name].inputs if t.name == "sample"]
+    if manifest.model.unet_component not in manifest.components:
+        raise InputError(f"{path}: the model is {'a' if manifest.model.student else 'no'} distilled student, but the "
+                         f"bundle holds no {manifest.model.unet_component}; export it again with `ip2p export`")
+    rows = [t.shapes[0][0] for t in manifest.components[manifest.model.unet_component].inputs if t.name == "sample"]
     if manifest.profile.static and rows == [3 * manifest.profile.batch[0]]:
         raise InputError(f"{path}: a static bundle of an older export, its UNet taking only 3B rows; "
                          "export it again with `ip2p export`")

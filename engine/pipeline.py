@@ -180,7 +180,7 @@ class EditPipeline:
         only its ``cache_depth`` outer levels between (all approximate)."""
         config = preset_config(
             preset, dict(resolution=resolution, keep_size=keep_size, keep_detail=keep_detail, vae_tile=vae_tile,
-                         output_type=output_type),
+                         output_type=output_type), self.model.student,
             steps=steps, text_guidance=text_guidance, image_guidance=image_guidance, sampler=sampler,
             guidance_interval=guidance_interval, adaptive_guidance=adaptive_guidance,
             cache_interval=cache_interval, cache_depth=cache_depth,
@@ -227,7 +227,7 @@ class EditPipeline:
         outputs: list[np.ndarray] = [np.empty(0)] * len(images)
         evaluations, work = [0] * len(images), [0.0] * len(images)
         chunks = _chunked(groups.values(), self.profile.batch[2] if self.profile else len(images))
-        self._check_calls(config, [(prepared[members[0]].size, len(members)) for _, members in chunks])
+        self._check_calls(config, [(prepared[members[0]].size, len(members)) for _, members in chunks], scales)
         for start, members in chunks:
             pixels = imaging.to_model_input([prepared[i] for i in members])
             noise = None if latents is None else latents[start : start + len(members)]
@@ -250,11 +250,11 @@ class EditPipeline:
         ``scales``: (s_T, s_I) in place of the config's). ``finish`` it once the loop is done with it."""
         clock = StageClock(on_tiles)
         loaded, prepared = self._load([image], config)
-        self._check_calls(config, [(prepared[0].size, 1)])
+        per_image = _scales_for(None if scales is None else [scales], config, 1)
+        self._check_calls(config, [(prepared[0].size, 1)], per_image)
         pixels = imaging.to_model_input(prepared)
         clock.lap("preprocess")
-        return self._begin(pixels, [instruction], [seed], None, config,
-                           _scales_for(None if scales is None else [scales], config, 1), loaded, clock)
+        return self._begin(pixels, [instruction], [seed], None, config, per_image, loaded, clock)
 
     def _load(self, images: list[imaging.ImageInput],
               config: EditConfig) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -315,8 +315,17 @@ class EditPipeline:
         if count < b_lo:
             raise InputError(f"this bundle was exported for at least {b_lo} images per call, got {count}")
 
-    def _check_calls(self, config: EditConfig, calls: list[tuple[tuple[int, int], int]]) -> None:
-        """Refuse, before any work starts, a call (size, images) the bundle or the VAE tiles cannot run."""
+    def _check_calls(self, config: EditConfig, calls: list[tuple[tuple[int, int], int]],
+                     scales: list[tuple[float, float]]) -> None:
+        """Refuse, before any work starts, a call (size, images) the bundle or the VAE tiles cannot run, or settings
+        a distilled student cannot take."""
+        student = self.model.student
+        if student is not None:
+            if not config.guidance.exact or config.step_cache.on:
+                raise InputError("a distilled model runs one UNet row a step: guidance intervals, adaptive guidance "
+                                 "and step caching do not apply to it; leave them off")
+            for text_scale, image_scale in scales:
+                student.check_scales(text_scale, image_scale)
         self._check_step_cache(config.step_cache)
         for size, count in calls:
             self._check_size(size, count)
@@ -364,7 +373,9 @@ class EditPipeline:
         clock: StageClock,
     ) -> Edit:
         """(B, 3, H, W) pixels in [-1, 1] of one size -> their edit, text and image encoded, at its first step."""
-        plan = GuidancePlan(len(instructions), [t for t, _ in scales], [i for _, i in scales], config.guidance)
+        student = self.model.student is not None
+        plan = GuidancePlan(len(instructions), [t for t, _ in scales], [i for _, i in scales], config.guidance,
+                            distilled=student)
         text = self.encode_text(instructions)  # (B, 77, D)
         null = self.null_embedding() if set(plan.needed) != {COND} else None  # (1, 77, D)
         clock.lap("text_encode")
@@ -382,7 +393,8 @@ class EditPipeline:
         extra = sampler.arguments(schedule, lambda: be.asarray(noise.randn(shape)))
         guided = GuidedStep(plan, schedule.timestep, lambda parts: be.concat(parts, 0), self.model.prediction_type,
                             to_numpy=be.to_numpy)
-        rows = UNetRows(be, text, null, image_latents, config.step_cache)
+        guidance = be.asarray(np.asarray(scales, np.float32)) if student else None  # (B, 2): the student's input
+        rows = UNetRows(be, text, null, image_latents, config.step_cache, guidance)
         context = _Context(config, seeds, originals, pixels.shape, tiles, image_latents, clock)
         return Edit(sampler.steps(x, schedule.sigmas, **extra), guided, rows, schedule.sigmas, owner=context)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from engine.caching import StepCache
-from engine.config import EditConfig
+from engine.config import EditConfig, Student
 from engine.errors import InputError
 from engine.guidance import GuidanceOptions
 
@@ -23,12 +23,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(preset: str = "exact", fixed: dict | None = None, **settings) -> EditConfig:
+def preset_config(preset: str = "exact", fixed: dict | None = None, student: Student | None = None,
+                  **settings) -> EditConfig:
     """The EditConfig of ``preset``, with every setting given (not None) taking precedence over it, and the
-    fields no preset sets (``fixed``: resolution, keep_size, output_type) as given."""
+    fields no preset sets (``fixed``: resolution, keep_size, output_type) as given. For a distilled ``student``
+    (``ModelConfig.student``) a preset is its sampler at the step count it names for that preset: a student has
+    one UNet row a step and no branches to save."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
+    values = dict(PRESETS[preset]) if student is None else {"steps": student.preset_steps(preset),
+                                                             "sampler": student.sampler}
     guidance = values.pop("guidance", GuidanceOptions())
     interval, adaptive = settings.pop("guidance_interval", None), settings.pop("adaptive_guidance", None)
     if interval is not None or adaptive is not None:

@@ -15,6 +15,7 @@ import numpy as np
 from engine.backends import Backend
 from engine.caching import FeatureCache, StepCache
 from engine.guidance import COND, UNCOND, Groups
+from engine.specs import UNET_GUIDED
 
 
 @dataclass
@@ -33,13 +34,16 @@ class UNetRows:
     """Runs the UNet over the rows ``groups`` asks for, each call's input built from the images' latents and
     their conditioning; counts each image's rows and their MACs in whole-UNet rows."""
 
-    def __init__(self, backend: Backend, text: Any, null: Any, image_latents: Any, step_cache: StepCache):
-        self.backend, self.step_cache = backend, step_cache
+    def __init__(self, backend: Backend, text: Any, null: Any, image_latents: Any, step_cache: StepCache,
+                 scales: Any = None):
+        """``scales``: (B, 2) (s_T, s_I) per image where the UNet is a distilled student's (``specs.UNET_GUIDED``),
+        which takes them as its rows' ``guidance`` input; None for a plain UNet."""
+        self.backend, self.step_cache, self.scales = backend, step_cache, scales
         self.text, self.null, self.image_latents = text, null, image_latents  # (B, 77, D), (1, 77, D), (B, 4, h, w)
         self.count = int(image_latents.shape[0])
         self.evaluations, self.work = [0] * self.count, [0.0] * self.count  # per image, over the whole edit
         self.calls = 0  # UNet calls so far: the step cache decides by it
-        self._full, self._shallow = step_cache.components
+        self._full, self._shallow = (UNET_GUIDED.name,) * 2 if scales is not None else step_cache.components
         self._shallow_cost = backend.macs(self._shallow) / backend.macs(self._full) if step_cache.on else 1.0
         self._features = FeatureCache(lambda parts: backend.concat(parts, 0))
         self._conditioning: dict[tuple, tuple[Any, Any]] = {}  # per grouping: (text rows, image latent rows)
@@ -74,7 +78,10 @@ class UNetRows:
             rows += [(i, k) for k in branches for i in indices]
         sample = be.concat([be.concat(xs, 0), image_rows], 1)  # (N, 8, h, w)
         timestep = be.asarray(np.full(sample.shape[0], t, dtype=np.float32))  # (N,)
-        return {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_rows}, rows
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_rows}
+        if self.scales is not None:
+            inputs["guidance"] = self._take(self.scales, [i for i, _ in rows])  # (N, 2)
+        return inputs, rows
 
     def _rows_for(self, groups: Groups) -> tuple[Any, Any]:
         """(N, 77, D) text and (N, 4, h, w) image latents of the rows ``groups`` asks for: the same objects every

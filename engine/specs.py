@@ -61,6 +61,14 @@ UNET = ComponentSpec(
     outputs=(TensorSpec("noise_pred", "float32", ("N", 4, "H", "W")),),
 )
 
+# A distilled student's UNet (``ip2p distill``): the guidance scales (s_T, s_I) of each row are an input, embedded
+# into its time embedding, and one row per image stands for eq. 3's three.
+UNET_GUIDED = ComponentSpec(
+    name="unet_guided",
+    inputs=UNET.inputs + (TensorSpec("guidance", "float32", ("N", 2)),),
+    outputs=UNET.outputs,
+)
+
 VAE_DECODER = ComponentSpec(
     name="vae_decoder",
     inputs=(TensorSpec("latents", "float32", ("B", 4, "H", "W")),),  # scaled, as the sampler produces them
@@ -68,6 +76,7 @@ VAE_DECODER = ComponentSpec(
 )
 
 COMPONENTS = {spec.name: spec for spec in (TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER)}
+UNETS = {spec.name: spec for spec in (UNET, UNET_GUIDED)}  # a bundle holds one of them
 
 
 def vae_tile(spec: ComponentSpec, layers: str) -> ComponentSpec:
@@ -110,8 +119,8 @@ def split_of(name: str) -> tuple[str, int] | None:
 
 def component_spec(name: str) -> ComponentSpec:
     """The spec of any component a bundle or backend may hold, the split UNets included."""
-    if name in COMPONENTS or name in TILE_COMPONENTS:
-        return COMPONENTS.get(name) or TILE_COMPONENTS[name]
+    if name in COMPONENTS or name in TILE_COMPONENTS or name in UNETS:
+        return COMPONENTS.get(name) or TILE_COMPONENTS.get(name) or UNETS[name]
     split = split_of(name)
     if split is None:
         raise KeyError(f"no component {name!r}")

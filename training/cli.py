@@ -37,6 +37,35 @@ def add_train_arguments(trainer: argparse.ArgumentParser) -> None:
     trainer.add_argument("--resume", help="'latest' or a checkpoint folder")
 
 
+def add_distill_arguments(distiller: argparse.ArgumentParser) -> None:
+    distiller.add_argument("teacher", nargs="?", help="the InstructPix2Pix model to distil (folder, checkpoint or hub id)")
+    distiller.add_argument("--config", help="YAML file with any DistillConfig option")
+    distiller.add_argument("--data", help="training pairs, in any format ip2p train reads")
+    distiller.add_argument("-o", "--output", help="where the student (and each stage's checkpoints) go")
+    distiller.add_argument("--guidance-steps", type=int, help="optimiser steps of stage 1 (the scales as input)")
+    distiller.add_argument("--consistency-steps", type=int, help="optimiser steps of stage 2 (few steps)")
+    distiller.add_argument("--resolution", type=int)
+    distiller.add_argument("--batch-size", type=int)
+    distiller.add_argument("--lr", type=float)
+    distiller.add_argument("--text-range", type=_range, metavar="LO:HI", help="s_T the student learns (default 1:12)")
+    distiller.add_argument("--image-range", type=_range, metavar="LO:HI", help="s_I the student learns (default 1:3)")
+    distiller.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    distiller.add_argument("--checkpoint-every", type=int)
+    distiller.add_argument("--seed", type=int)
+    distiller.add_argument("--resume", help="'latest' or a checkpoint folder")
+
+
+def run_distill(args: argparse.Namespace) -> None:
+    from engine.extras import import_extra
+
+    distill = import_extra("training.distill", "ip2p distill", extra="train")
+    flags = {k: getattr(args, k) for k in ("teacher", "data", "output", "guidance_steps", "consistency_steps",
+                                           "resolution", "batch_size", "lr", "text_range", "image_range",
+                                           "mixed_precision", "checkpoint_every", "seed")}
+    log.info("wrote %s", distill.distill(distill.load_distill_config(args.config, flags), resume=args.resume,
+                                         progress=not args.quiet))
+
+
 def add_synth_arguments(synth: argparse.ArgumentParser) -> None:
     synth.add_argument("out_dir")
     synth.add_argument("--count", type=int, default=1000)
@@ -228,6 +257,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "train": (add_train_arguments, run_train),
+    "distill": (add_distill_arguments, run_distill),
     "synth": (add_synth_arguments, run_synth),
     "eval": (add_eval_arguments, run_eval),
     "generate-pairs": (add_pairs_arguments, run_pairs),

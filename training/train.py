@@ -276,7 +276,9 @@ def _resume_path(output: Path, resume: str) -> Path:
     return Path(resume)
 
 
-def _save_checkpoint(accelerator, output, step, unet, optimizer, lr_schedule, ema, cursor, config) -> None:
+def _save_checkpoint(accelerator, output, step, unet, optimizer, lr_schedule, ema, cursor, config,
+                     extra: dict | None = None) -> None:
+    """<output>/checkpoints/step-N, written whole or not at all; ``extra``: more modules to keep (by name)."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -285,19 +287,22 @@ def _save_checkpoint(accelerator, output, step, unet, optimizer, lr_schedule, em
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save({"unet": accelerator.unwrap_model(unet).state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "step": step, "cursor": cursor.position, "config": dataclasses.asdict(config)}, tmp / "state.pt")
+                "step": step, "cursor": cursor.position, "config": dataclasses.asdict(config),
+                "extra": {name: module.state_dict() for name, module in (extra or {}).items()}}, tmp / "state.pt")
     tmp.rename(target)
     for old in _checkpoint_paths(output)[: -config.keep_checkpoints]:
         shutil.rmtree(old)
 
 
-def _load_checkpoint(path: Path, unet, optimizer, lr_schedule, ema, cursor) -> int:
+def _load_checkpoint(path: Path, unet, optimizer, lr_schedule, ema, cursor, extra: dict | None = None) -> int:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     unet.load_state_dict(state["unet"])
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
+    for name, module in (extra or {}).items():
+        module.load_state_dict(state["extra"][name])
     cursor.position = state["cursor"]
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
@@ -307,14 +312,7 @@ def _save_model(source: ModelSource, unet, output: Path, config: TrainConfig, lo
     """Diffusers format: the base's VAE, text encoder (the weight files trained with) and tokenizer, the new
     UNet, an Euler-ancestral scheduler."""
     base = source.folder
-    output.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(base / "tokenizer", output / "tokenizer", dirs_exist_ok=True)
-    for name in ("vae", "text_encoder"):
-        (output / name).mkdir(exist_ok=True)
-        kept = source.weights(name).files
-        for path in (base / name).iterdir():
-            if path.is_file() and (path in kept or path.suffix not in WEIGHT_SUFFIXES):
-                shutil.copy2(path, output / name / path.name)
+    copy_frozen_parts(source, output)
     unet.save_pretrained(output / "unet")
     scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     scheduler["_class_name"] = "EulerAncestralDiscreteScheduler"
@@ -331,6 +329,18 @@ def _save_model(source: ModelSource, unet, output: Path, config: TrainConfig, lo
         {"config": dataclasses.asdict(config), "final_loss": float(np.mean(losses[-20:])) if losses else None}, indent=2))
     if config.save_dtype == "float16":
         save_half_precision(output)
+
+
+def copy_frozen_parts(source: ModelSource, output: Path) -> None:
+    """The base's tokenizer, VAE and text encoder (the weight files trained with) into diffusers folder ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source.folder / "tokenizer", output / "tokenizer", dirs_exist_ok=True)
+    for name in ("vae", "text_encoder"):
+        (output / name).mkdir(exist_ok=True)
+        kept = source.weights(name).files
+        for path in (source.folder / name).iterdir():
+            if path.is_file() and (path in kept or path.suffix not in WEIGHT_SUFFIXES):
+                shutil.copy2(path, output / name / path.name)
 
 
 def save_half_precision(model_dir: Path) -> None:

@@ -41,7 +41,8 @@ class TorchBackend:
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, dtype: torch.dtype,
                  compile_unet: bool = False):
         self.device, self.dtype, self.compile_unet = device, dtype, compile_unet
-        wrapper = modules[specs.UNET.name]
+        self._unet_name = next(name for name in specs.UNETS if name in modules)
+        wrapper = modules[self._unet_name]
         self._unet, self._kv_downsample = wrapper.unet, wrapper.kv_downsample  # the diffusers UNet, for splits
         self._channels_last = set(CHANNELS_LAST_ON_CPU) if device.type == "cpu" else set()
         self._modules = {name: (m.to(device=device, dtype=dtype), dtype) for name, m in modules.items()}
@@ -49,7 +50,7 @@ class TorchBackend:
             self._modules[name][0].to(memory_format=torch.channels_last)
         self._macs: dict[str, float] = {}  # per component
         if compile_unet:
-            self._modules[specs.UNET.name] = (self._compiled(self._modules[specs.UNET.name][0]), dtype)
+            self._modules[self._unet_name] = (self._compiled(self._modules[self._unet_name][0]), dtype)
             log.info("the UNet is compiled at its first call for each new input shape (about a minute on 2 CPU "
                      "cores for SD 1.5), then runs compiled")
 

@@ -6,6 +6,7 @@ downsampling, the UNet's step-caching halves, loading and MAC counting.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -225,12 +226,40 @@ class UNet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs, return_dict=False)[0]
 
 
+SCALE_EMBEDDING_FACTOR = 1000.0  # a scale is multiplied by this before its sines, as LCM embeds its one scale
+
+
+def scale_embedding(scales: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, 2) guidance scales (s_T, s_I) -> (N, 2 * dim): each scale's ``dim`` sinusoidal features (half sines,
+    half cosines, frequencies from 1 down to 1/10000), the two side by side: what a student's UNet takes as
+    ``timestep_cond`` (Luo et al. 2023 embed their single guidance scale this way)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=scales.device) * (-math.log(10000.0) / max(half - 1, 1)))
+    angles = scales.float()[..., None] * SCALE_EMBEDDING_FACTOR * freqs  # (N, 2, half)
+    return torch.cat([angles.sin(), angles.cos()], -1).reshape(len(scales), 2 * dim)
+
+
+class GuidedUNet(UNet):
+    """A distilled student's UNet (``specs.UNET_GUIDED``): also guidance (N, 2), each row's (s_T, s_I), embedded
+    and added to the time embedding through diffusers' ``timestep_cond`` -> its guided noise_pred (N, 4, H, W)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                guidance: torch.Tensor) -> torch.Tensor:
+        kwargs = {"latent_size": tuple(sample.shape[-2:])} if self.kv_downsample > 1 else None
+        cond = scale_embedding(guidance, self.unet.config.time_cond_proj_dim // 2).to(sample.dtype)
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=cond, cross_attention_kwargs=kwargs,
+                         return_dict=False)[0]
+
+
 def wrap_components(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, kv_downsample: int = 1) -> dict[str, nn.Module]:
-    """The spec-named modules of one InstructPix2Pix model."""
+    """The spec-named modules of one InstructPix2Pix model (a student's UNet, one that takes a time condition:
+    ``unet_guided``)."""
+    guided = bool(getattr(unet.config, "time_cond_proj_dim", None))
+    wrapper = (GuidedUNet if guided else UNet)(unet, kv_downsample).eval()
     return {
         specs.TEXT_ENCODER.name: TextEncoder(text_encoder).eval(),
         specs.VAE_ENCODER.name: VaeEncoder(vae).eval(),
-        specs.UNET.name: UNet(unet, kv_downsample).eval(),
+        (specs.UNET_GUIDED if guided else specs.UNET).name: wrapper,
         specs.VAE_DECODER.name: VaeDecoder(vae).eval(),
     }
 

@@ -1,0 +1,125 @@
+"""Distillation (training/distill.py) on the tiny model, and the engine running its students."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import EditPipeline, InputError
+from tests.test_training_train import pairs  # noqa: F401  (the fixture)
+from training.distill import DistillConfig, distill, make_student
+
+TINY = dict(resolution=32, batch_size=4, lr=1e-3, guidance_steps=3, consistency_steps=3, checkpoint_every=0,
+            seed=5, embedding_dim=8, text_range=(1.0, 8.0), image_range=(1.0, 2.5), preset_steps=(4, 2, 1),
+            original_inference_steps=10, ema_decay=0.9)
+
+
+def config(teacher, data, out, **changes) -> DistillConfig:
+    return DistillConfig(**{**TINY, "teacher": str(teacher), "data": str(data), "output": str(out), **changes})
+
+
+@pytest.fixture(scope="module")
+def student(tiny_model, pairs, tmp_path_factory):  # noqa: F811
+    return distill(config(tiny_model, pairs, tmp_path_factory.mktemp("distill") / "student"), progress=False)
+
+
+def unet_weights(folder):
+    return load_file(f"{folder}/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_a_new_student_predicts_what_the_teachers_conditional_branch_does(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    from engine.backends.torch_modules import scale_embedding
+
+    teacher = UNet2DConditionModel.from_pretrained(f"{tiny_model}/unet")
+    student = make_student(teacher, 8)
+    assert student.config.time_cond_proj_dim == 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 8, 8, generator=gen)
+    text = torch.randn(2, 77, teacher.config.cross_attention_dim, generator=gen)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = teacher(x, t, text).sample
+        got = student(x, t, text, timestep_cond=scale_embedding(torch.tensor([[7.5, 1.5], [2.0, 1.0]]), 8)).sample
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_student_folder_loads_in_diffusers_and_runs_one_row_a_step_in_the_engine(student, rgb_image):
+    from diffusers import LCMScheduler, StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(student, safety_checker=None,
+                                                                  requires_safety_checker=False)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 16
+    card = json.loads((student / "distillation.json").read_text())
+    assert card["steps"] == [4, 2, 1] and card["stages"]["guidance"]["steps"] == 3
+    engine = EditPipeline.from_pretrained(str(student), progress=False)
+    assert engine.model.student.text_range == (1.0, 8.0)
+    for preset, steps in (("exact", 4), ("balanced", 2), ("fast", 1)):
+        result = engine.edit(rgb_image, "make it blue", preset=preset, seed=1, output_type="np")
+        assert result.unet_evaluations == [steps]  # one row a step
+
+
+def test_the_students_scales_act_as_the_unets_input_says(student, rgb_image):
+    """The engine's guided row equals the diffusers UNet called with the scale embedding, and other scales give
+    another output (the projection made large, as a trained student's is)."""
+    from engine.backends.torch_modules import scale_embedding
+
+    engine = EditPipeline.from_pretrained(str(student), progress=False)
+    be = engine.backend
+    unet = be._module("unet_guided")[0].unet
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.normal_(generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    inputs = {"sample": rng.standard_normal((2, 8, 8, 8)).astype(np.float32),
+              "timestep": np.array([3.0, 700.0], np.float32),
+              "encoder_hidden_states": rng.standard_normal((2, 77, engine.model.text_dim)).astype(np.float32),
+              "guidance": np.array([[7.5, 1.5], [3.0, 2.0]], np.float32)}
+    out = be.to_numpy(be.run("unet_guided", {k: be.asarray(v) for k, v in inputs.items()})["noise_pred"])
+    other = be.to_numpy(be.run("unet_guided", {k: be.asarray(v) for k, v in
+                                               {**inputs, "guidance": inputs["guidance"] + 1}.items()})["noise_pred"])
+    assert np.abs(out - other).max() > 1e-2
+    with torch.no_grad():
+        expected = unet(*(torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states")),
+                        timestep_cond=scale_embedding(torch.from_numpy(inputs["guidance"]), 8)).sample
+    np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+
+
+def test_a_student_refuses_scales_it_never_learnt_and_the_savings_it_has_no_use_for(student, rgb_image):
+    engine = EditPipeline.from_pretrained(str(student), progress=False)
+    with pytest.raises(InputError, match="text_guidance 9 is outside 1-8"):
+        engine.edit(rgb_image, "x", text_guidance=9.0)
+    with pytest.raises(InputError, match="image_guidance 0.5 is outside 1-2.5"):
+        engine.edit(rgb_image, "x", image_guidance=0.5)
+    with pytest.raises(InputError, match="one UNet row a step"):
+        engine.edit(rgb_image, "x", adaptive_guidance=0.9)
+    with pytest.raises(InputError, match="lcm sampler takes at most 10 steps"):
+        engine.edit(rgb_image, "x", steps=20)
+
+
+def test_resume_equals_an_uninterrupted_distillation(tiny_model, pairs, tmp_path):  # noqa: F811
+    straight = distill(config(tiny_model, pairs, tmp_path / "a", checkpoint_every=2), progress=False)
+    checkpoint = tmp_path / "a" / "consistency" / "checkpoints" / "step-2"
+    assert checkpoint.is_dir() and (tmp_path / "a" / "guidance" / "checkpoints" / "step-2").is_dir()
+    # b: stage 1 finished, stage 2 stopped at its checkpoint (as a killed run leaves them)
+    import shutil
+
+    shutil.copytree(tmp_path / "a" / "guidance", tmp_path / "b" / "guidance")
+    shutil.copytree(checkpoint, tmp_path / "b" / "consistency" / "checkpoints" / "step-2")
+    resumed = distill(config(tiny_model, pairs, tmp_path / "b", checkpoint_every=2), resume="latest", progress=False)
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):  # noqa: F811
+    with pytest.raises(InputError, match="a distilled student"):
+        distill(config(student, pairs, tmp_path / "x"), progress=False)
+    with pytest.raises(InputError, match="4-channel text-to-image UNet"):
+        distill(config(saved_models["sd"], pairs, tmp_path / "y"), progress=False)
+    with pytest.raises(InputError, match="text_range"):
+        config(tiny_model, pairs, tmp_path / "z", text_range=(5.0, 2.0))
+    with pytest.raises(InputError, match="preset_steps"):
+        config(tiny_model, pairs, tmp_path / "z", preset_steps=(4, 4, 20))

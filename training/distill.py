@@ -1,0 +1,400 @@
+"""Distillation: ``ip2p distill TEACHER --data DATA -o OUT``, a student that runs one UNet row per step, in few steps.
+
+The student is the teacher's UNet with an embedding of the two guidance scales (s_T, s_I) added to its time
+embedding (diffusers' ``time_cond_proj_dim``/``timestep_cond``; ``engine.backends.torch_modules.scale_embedding``),
+the new projection zero-initialised so that the student starts as the teacher's (instruction, image) branch.
+Two stages, each run by ``_Stage`` (accelerate, mixed precision, EMA, checkpoints with exact resume, progress):
+
+1. ``guidance`` (Meng et al. 2023, "On distillation of guided diffusion models", stage 1): at random timesteps and
+   scales drawn from the configured ranges, the student's one row learns the teacher's three-row prediction of
+   eq. 3 (mean squared error, in the teacher's own parametrisation).
+2. ``consistency`` (Luo et al. 2023, Latent Consistency Models): from stage 1's weights, consistency distillation
+   over the ``original_inference_steps`` timesteps an ``lcm`` sampler takes its steps from, one DDIM step of the
+   guided teacher between neighbours, a slowly moving target network, the pseudo-Huber loss. The guided teacher
+   of this stage is stage 1's student: one row where the teacher costs three, at the price of its error.
+
+Every step's randomness is derived from (seed, stage, step), the data order from (seed, epoch): a checkpoint holds
+the weights, optimiser, schedule, EMA, target network and data cursor, and resumes exactly. A finished stage leaves
+its weights in ``<output>/<stage>/unet`` and is skipped when the command runs again.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine.backends.torch_modules import load_component, scale_embedding
+from engine.checkpoints import resolve_model
+from engine.config import PRESET_NAMES, read_model_config
+from engine.errors import InputError
+from engine.files import write_json_atomic
+from engine.guidance import combine_guidance
+from engine.schedules import alphas_cumprod
+from engine.tokenizer import ClipTokenizer
+from training.data import PairedData
+from training.train import (DataCursor, PairEncoder, _checkpoint_paths, _load_checkpoint, _log_row, _resume_path,
+                            _save_checkpoint, copy_frozen_parts, next_batch, save_half_precision)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("guidance", "consistency")
+TIMESTEP_SCALING = 10.0  # LCM's boundary condition is taken at timestep * 10 (engine.samplers.lcm, diffusers)
+SIGMA_DATA = 0.5
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # an InstructPix2Pix model (diffusers folder, checkpoint or hub id)
+    data: str = ""  # anything ``ip2p train`` reads
+    output: str = ""
+    resolution: int = 256
+    batch_size: int = 8
+    guidance_steps: int = 1000  # optimiser steps of stage 1
+    consistency_steps: int = 1000  # of stage 2
+    lr: float = 1e-4
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    ema_decay: float = 0.999  # of the weights each stage saves (0: the last weights)
+    target_decay: float = 0.95  # stage 2's target network, an EMA of the student (LCM's)
+    embedding_dim: int = 128  # Fourier features per scale; time_cond_proj_dim is twice this
+    text_range: tuple[float, float] = (1.0, 12.0)  # s_T drawn uniformly from it; the student refuses others
+    image_range: tuple[float, float] = (1.0, 3.0)  # s_I
+    original_inference_steps: int = 50  # stage 2's timestep grid; an lcm sampler takes its steps from it
+    huber_c: float = 0.001
+    preset_steps: tuple[int, int, int] = (4, 4, 2)  # lcm steps of the student's presets exact, balanced, fast
+    latent_cache_mb: int = 0  # as ``ip2p train``
+    log_every: int = 10  # rows of <output>/<stage>/log.csv
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    save_dtype: str = "float32"  # float32 | float16
+
+    def __post_init__(self) -> None:
+        if min(self.guidance_steps, self.consistency_steps) < 0 or self.batch_size < 1 or self.resolution < 8:
+            raise InputError("guidance_steps and consistency_steps >= 0, batch_size >= 1 and resolution >= 8")
+        for name in ("text_range", "image_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise InputError(f"{name} must be LO:HI with 0 <= LO <= HI, got {lo}:{hi}")
+        if self.embedding_dim < 2 or self.embedding_dim % 2:
+            raise InputError(f"embedding_dim must be even and at least 2, got {self.embedding_dim}")
+        if self.mixed_precision not in ("no", "fp16", "bf16") or self.save_dtype not in ("float32", "float16"):
+            raise InputError("mixed_precision must be no, fp16 or bf16; save_dtype float32 or float16")
+        if len(self.preset_steps) != len(PRESET_NAMES) or not all(0 < s <= self.original_inference_steps
+                                                                   for s in self.preset_steps):
+            raise InputError(f"preset_steps: three step counts within 1-{self.original_inference_steps}")
+
+
+def load_distill_config(path: str | Path | None, overrides: dict) -> DistillConfig:
+    """Defaults, then the YAML file, then non-None ``overrides`` (CLI flags)."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise InputError(f"{path}: invalid YAML ({err})") from None
+    unknown = set(values) - {f.name for f in dataclasses.fields(DistillConfig)}
+    if unknown:
+        raise InputError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("text_range", "image_range", "preset_steps"):
+        if name in values:
+            values[name] = tuple(values[name])
+    for required in ("teacher", "data", "output"):
+        if not values.get(required):
+            raise InputError(f"--{required} is required (or set it in the config file)")
+    return DistillConfig(**values)
+
+
+def make_student(teacher_unet: torch.nn.Module, embedding_dim: int) -> torch.nn.Module:
+    """The teacher's UNet taking ``timestep_cond`` of 2 * ``embedding_dim`` features, its weights the teacher's and
+    the new projection zero: before training it predicts what the teacher's (instruction, image) branch does."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
+    student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 2 * embedding_dim})
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+        raise RuntimeError(f"student and teacher differ beyond the scale projection: {missing}, {unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(next(teacher_unet.parameters()).dtype)
+
+
+def check_teacher(folder: Path) -> None:
+    """One line for a teacher the recipe cannot distil: not InstructPix2Pix (read_model_config says so), or a
+    student already."""
+    if read_model_config(folder).student is not None:
+        raise InputError(f"{folder}: a distilled student (it has distillation.json); distil from its teacher instead")
+
+
+class _Frozen:
+    """What both stages read and never train: the data, the VAE's encodings, the text encoder, the noise schedule."""
+
+    def __init__(self, config: DistillConfig, device: torch.device):
+        self.data = PairedData(config.data, config.resolution)  # bad data fails before any model loads
+        self.source = resolve_model(config.teacher)
+        check_teacher(self.source.folder)
+        folder = self.source.folder
+        self.tokenizer = ClipTokenizer(folder / "tokenizer")
+        vae = load_component(self.source, "vae").requires_grad_(False).to(device)
+        self.text_encoder = load_component(self.source, "text_encoder").requires_grad_(False).to(device)
+        self.scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        self.acp = torch.from_numpy(alphas_cumprod(self.scheduler)).to(device)  # (T,)
+        self.prediction_type = self.scheduler.get("prediction_type", "epsilon")
+        self.scaling, self.device = float(vae.config.scaling_factor), device
+        self.encoder = PairEncoder(vae, device, config.latent_cache_mb)
+        with torch.no_grad():
+            self.null = self._text([""])  # (1, 77, D)
+
+    def _text(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(torch.from_numpy(self.tokenizer(prompts)).to(self.device))[0]
+
+    @torch.no_grad()
+    def batch(self, examples: list[dict], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scaled latents of the edited images, a fresh sample; the inputs' latent modes; the instructions)."""
+        mean, std, image_latents = self.encoder(examples)
+        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(self.device)) * self.scaling
+        return latents, image_latents, self._text([e["prompt"] for e in examples])
+
+    def x0(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from a UNet output at x_t (DDPM-scaled), in the teacher's parametrisation."""
+        a, s = _coefficients(self.acp, t)
+        if self.prediction_type == "epsilon":
+            return (x - s * out) / a, out
+        return a * x - s * out, s * x + a * out  # v-prediction
+
+
+def _coefficients(acp: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = acp[t].sqrt()[:, None, None, None]
+    return a, (1 - acp[t]).sqrt()[:, None, None, None]
+
+
+def _scales(config: DistillConfig, count: int, gen: torch.Generator, device) -> torch.Tensor:
+    """(count, 2) (s_T, s_I) drawn uniformly from the configured ranges."""
+    u = torch.rand(count, 2, generator=gen)
+    lo = torch.tensor([config.text_range[0], config.image_range[0]])
+    hi = torch.tensor([config.text_range[1], config.image_range[1]])
+    return (lo + u * (hi - lo)).to(device)
+
+
+def _student_out(unet, x, image_latents, t, text, scales, dim) -> torch.Tensor:
+    cond = scale_embedding(scales, dim).to(x.dtype)
+    return unet(torch.cat([x, image_latents], 1), t, text, timestep_cond=cond).sample
+
+
+def guidance_loss(frozen: _Frozen, teacher, config: DistillConfig) -> Callable:
+    """Stage 1: the student's one row against the teacher's eq. 3 over its three rows, at random t and scales."""
+
+    def loss(student, examples: list[dict], gen: torch.Generator) -> torch.Tensor:
+        latents, image_latents, text = frozen.batch(examples, gen)
+        b, device = len(latents), frozen.device
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, frozen.acp.shape[0], (b,), generator=gen).to(device)
+        a, s = _coefficients(frozen.acp, t)
+        noisy = a * latents + s * noise
+        scales = _scales(config, b, gen, device)
+        with torch.no_grad():
+            null = frozen.null.expand(b, -1, -1)
+            rows = torch.cat([torch.cat([noisy, image_latents], 1), torch.cat([noisy, image_latents], 1),
+                              torch.cat([noisy, torch.zeros_like(image_latents)], 1)])
+            cond, image, uncond = teacher(rows, t.repeat(3), torch.cat([text, null, null])).sample.chunk(3)
+            target = combine_guidance(cond, image, uncond, scales[:, 0, None, None, None], scales[:, 1, None, None, None])
+        pred = _student_out(student, noisy, image_latents, t, text, scales, config.embedding_dim)
+        return F.mse_loss(pred.float(), target.float())
+
+    return loss
+
+
+def _boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's c_skip, c_out at timesteps ``t`` (1 and 0 at t = 0)."""
+    scaled = (t.float() * TIMESTEP_SCALING)[:, None, None, None]
+    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+
+
+def consistency_loss(frozen: _Frozen, teacher, target_net, config: DistillConfig) -> Callable:
+    """Stage 2: the consistency function at t_{n+1} against the target network's at t_n, t_n reached by one DDIM
+    step of the guided teacher, on the grid of ``original_inference_steps`` timesteps."""
+    total = frozen.acp.shape[0]
+    skip = total // config.original_inference_steps
+    grid = torch.arange(1, config.original_inference_steps + 1) * skip - 1  # 19, 39, ..., 999 for 50 of 1000
+
+    def loss(student, examples: list[dict], gen: torch.Generator) -> torch.Tensor:
+        latents, image_latents, text = frozen.batch(examples, gen)
+        b, device, dim = len(latents), frozen.device, config.embedding_dim
+        start = grid[torch.randint(0, len(grid), (b,), generator=gen)].to(device)
+        prev = (start - skip).clamp(min=0)
+        a, s = _coefficients(frozen.acp, start)
+        x = a * latents + s * torch.randn(latents.shape, generator=gen).to(device)
+        scales = _scales(config, b, gen, device)
+        skip_now, out_now = _boundary(start)
+        x0 = frozen.x0(_student_out(student, x, image_latents, start, text, scales, dim), x, start)[0]
+        pred = skip_now * x + out_now * x0
+        with torch.no_grad():
+            x0_t, eps_t = frozen.x0(_student_out(teacher, x, image_latents, start, text, scales, dim), x, start)
+            a_prev, s_prev = _coefficients(frozen.acp, prev)
+            x_prev = a_prev * x0_t + s_prev * eps_t  # DDIM (eta 0) from start to prev
+            x0_prev = frozen.x0(_student_out(target_net, x_prev, image_latents, prev, text, scales, dim), x_prev, prev)[0]
+            skip_prev, out_prev = _boundary(prev)
+            target = skip_prev * x_prev + out_prev * x0_prev
+        c = config.huber_c
+        return (torch.sqrt((pred.float() - target.float()) ** 2 + c * c) - c).mean()
+
+    return loss
+
+
+@dataclass
+class _Stage:
+    """One stage's training: ``loss(student, examples, gen)``; ``follow(student)`` after every optimiser step
+    (stage 2's target network); ``extra`` modules checkpointed beside the student."""
+
+    name: str
+    steps: int
+    loss: Callable
+    follow: Callable | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _run_stage(stage: _Stage, student, config: DistillConfig, accelerator, frozen: _Frozen, output: Path,
+               resume: str | None, progress: bool):
+    """Train ``student`` through ``stage``; its final (EMA) weights, also saved in <output>/<stage>/unet."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    folder = output / stage.name
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.adam_weight_decay)
+    lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                num_training_steps=max(stage.steps, 1))
+    ema = EMAModel(student.parameters(), decay=config.ema_decay, use_ema_warmup=True) if config.ema_decay > 0 else None
+    cursor, step = DataCursor(len(frozen.data), config.seed), 0
+    if resume and _checkpoint_paths(folder):
+        step = _load_checkpoint(_resume_path(folder, resume), student, optimizer, lr_schedule, ema, cursor, stage.extra)
+    student, optimizer, lr_schedule = accelerator.prepare(student, optimizer, lr_schedule)
+    if ema is not None:
+        ema.to(accelerator.device)
+    bar = tqdm(total=stage.steps, initial=step, desc=f"distill: {stage.name}", unit="step", disable=not progress)
+    started, first, losses = time.perf_counter(), step, []
+    while step < stage.steps:
+        rng = np.random.default_rng([config.seed, STAGES.index(stage.name), step])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        examples = next_batch(frozen.data, cursor, config.batch_size, rng)
+        with accelerator.autocast():
+            loss = stage.loss(student, examples, gen)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad()
+        step += 1
+        unwrapped = accelerator.unwrap_model(student)
+        if ema is not None:
+            ema.step(unwrapped.parameters())
+        if stage.follow is not None:
+            stage.follow(unwrapped)
+        losses.append(loss.detach().item())
+        rate = (step - first) * config.batch_size / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_per_s=f"{rate:.1f}")
+        bar.update()
+        if config.log_every and step % config.log_every == 0:
+            _log_row(folder, step, float(np.mean(losses[-config.log_every:])), lr_schedule.get_last_lr()[0], rate)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < stage.steps:
+            _save_checkpoint(accelerator, folder, step, student, optimizer, lr_schedule, ema, cursor, config,
+                             stage.extra)
+    bar.close()
+    final = accelerator.unwrap_model(student)
+    if ema is not None:
+        ema.copy_to(final.parameters())
+    _save_stage(final, folder, {"steps": stage.steps, "from_step": first,  # > 0: resumed, the seconds are this run's
+                                "seconds": round(time.perf_counter() - started, 1),
+                                "images_per_second": round(rate, 2) if step > first else None,
+                                "final_loss": float(np.mean(losses[-20:])) if losses else None})
+    return final
+
+
+def _save_stage(unet, folder: Path, report: dict) -> None:
+    """<folder>/unet and stage.json (written last: a stage counts as finished only with it)."""
+    unet.save_pretrained(folder / "unet")
+    write_json_atomic(folder / "stage.json", report)
+
+
+def _stage_report(folder: Path) -> dict | None:
+    path = folder / "stage.json"
+    return json.loads(path.read_text()) if path.is_file() and (folder / "unet").is_dir() else None
+
+
+def distill(config: DistillConfig, resume: str | None = None, progress: bool = True) -> Path:
+    """Distil ``config.teacher`` into a student (module docstring); write it to ``config.output`` as a diffusers
+    folder that diffusers loads and the engine runs at one UNet row a step."""
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    output, device = Path(config.output), accelerator.device
+    frozen = _Frozen(config, device)
+    teacher = load_component(frozen.source, "unet").requires_grad_(False).eval().to(device)
+    if _stage_report(output / "guidance") is None:
+        student = make_student(teacher, config.embedding_dim).to(device).train()
+        guided = _run_stage(_Stage("guidance", config.guidance_steps, guidance_loss(frozen, teacher, config)),
+                            student, config, accelerator, frozen, output, resume, progress)
+    else:
+        log.info("%s: finished, skipped", output / "guidance")
+        guided = UNet2DConditionModel.from_pretrained(output / "guidance" / "unet").to(device)
+    del teacher
+    guided_teacher = copy.deepcopy(guided).requires_grad_(False).eval()
+    target = copy.deepcopy(guided).requires_grad_(False).eval()
+
+    def follow(student) -> None:  # the target network: a slow EMA of the student
+        with torch.no_grad():
+            for kept, new in zip(target.parameters(), student.parameters()):
+                kept.lerp_(new, 1 - config.target_decay)
+
+    if _stage_report(output / "consistency") is None:
+        stage = _Stage("consistency", config.consistency_steps,
+                       consistency_loss(frozen, guided_teacher, target, config), follow, {"target": target})
+        final = _run_stage(stage, guided.train(), config, accelerator, frozen, output, resume, progress)
+    else:
+        final = UNet2DConditionModel.from_pretrained(output / "consistency" / "unet")
+    _save_student(frozen, final, output, config)
+    return output
+
+
+def _save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig) -> None:
+    """The diffusers folder: the teacher's frozen parts, the student's UNet, an LCMScheduler over the teacher's
+    noise schedule, and distillation.json (written last) that tells the engine what the UNet takes."""
+    copy_frozen_parts(frozen.source, output)
+    unet.save_pretrained(output / "unet")
+    scheduler = {**frozen.scheduler, "_class_name": "LCMScheduler",
+                 "original_inference_steps": config.original_inference_steps, "timestep_scaling": TIMESTEP_SCALING}
+    (output / "scheduler").mkdir(exist_ok=True)
+    write_json_atomic(output / "scheduler" / "scheduler_config.json", scheduler)
+    index_path = frozen.source.folder / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index.update({"_class_name": "StableDiffusionInstructPix2PixPipeline",
+                  "scheduler": ["diffusers", "LCMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+                  "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
+                  "feature_extractor": [None, None], "requires_safety_checker": False})
+    write_json_atomic(output / "model_index.json", index)
+    if config.save_dtype == "float16":
+        save_half_precision(output)
+    stages = {name: _stage_report(output / name) for name in STAGES}
+    write_json_atomic(output / "training_config.json", {"config": dataclasses.asdict(config), "stages": stages})
+    write_json_atomic(output / "distillation.json", {
+        "embedding_dim": config.embedding_dim, "text_range": list(config.text_range),
+        "image_range": list(config.image_range), "sampler": "lcm", "steps": list(config.preset_steps),
+        "teacher": str(config.teacher), "stages": stages})
