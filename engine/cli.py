@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 from engine.errors import InputError
 
 if TYPE_CHECKING:
-    from engine.config import EditConfig
+    from engine.config import EditConfig, Student
 
 log = logging.getLogger("ip2p")
 
@@ -92,11 +92,12 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
                         help="step caching: how many outer UNet levels the calls between run (default 1)")
 
 
-def edit_config(args: argparse.Namespace, **fixed) -> "EditConfig":
-    """The EditConfig of ``--preset`` with the options given on the command line, and ``fixed``."""
+def edit_config(args: argparse.Namespace, student: "Student | None" = None, **fixed) -> "EditConfig":
+    """The EditConfig of ``--preset`` (a distilled ``student``'s own presets for its model) with the options given
+    on the command line, and ``fixed``."""
     from engine.presets import preset_config
 
-    return preset_config(args.preset, fixed, steps=args.steps, text_guidance=args.text_guidance,
+    return preset_config(args.preset, fixed, student, steps=args.steps, text_guidance=args.text_guidance,
                          image_guidance=args.image_guidance, sampler=args.sampler,
                          guidance_interval=args.guidance_interval, adaptive_guidance=args.adaptive_guidance,
                          cache_interval=args.cache_interval, cache_depth=args.cache_depth)
@@ -191,6 +192,9 @@ def run_edit(args: argparse.Namespace) -> None:
         args.model, backend=args.backend, device=args.device, dtype=args.dtype, config=args.config,
         variant=args.variant, max_image_pixels=args.max_pixels, progress=not args.quiet, backend_options=options or None,
     )
+    if pipe.model.student is not None:  # its presets are its own step counts
+        config = edit_config(args, pipe.model.student, resolution=args.resolution, keep_size=args.keep_size,
+                             keep_detail=args.keep_detail, vae_tile=args.vae_tile)
     seeds = resolve_seeds(args.seed, len(args.images))
     for start in range(0, len(args.images), args.batch_size):
         chunk = slice(start, start + args.batch_size)

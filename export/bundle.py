@@ -162,7 +162,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             except Exception as err:
                 raise ExportError(f"{name}: export failed ({type(err).__name__}: {str(err).splitlines()[0]})") from err
             checks += _passed(name, component_checks)
-            if name == specs.UNET.name or specs.split_of(name):  # a row's cost weighs step caching's shallow calls
+            if name in specs.UNETS or specs.split_of(name):  # a row's cost weighs step caching's shallow calls
                 macs = Macs(unet_macs(unet, name, opt_latent, model_config.text_dim), opt_latent)
                 entry = dataclasses.replace(entry, macs=macs)
             components[name] = entry
@@ -196,9 +196,14 @@ def _networks(source: ModelSource, step_cache: int | None) -> tuple[Any, dict[st
     unet, vae, text_encoder = load_networks(source)
     modules = wrap_components(unet, vae, text_encoder)
     modules |= {name: tile_module(modules, name) for name in specs.TILE_COMPONENTS}
-    component_specs = list(specs.COMPONENTS.values()) + list(specs.TILE_COMPONENTS.values())
+    unet_spec = specs.UNET_GUIDED if specs.UNET_GUIDED.name in modules else specs.UNET  # a student's takes the scales
+    component_specs = [specs.TEXT_ENCODER, specs.VAE_ENCODER, unet_spec, specs.VAE_DECODER,
+                       *specs.TILE_COMPONENTS.values()]
     feature = None
     if step_cache is not None:
+        if unet_spec is specs.UNET_GUIDED:
+            raise InputError("--step-cache: a distilled student runs few steps of one row; step caching is for its "
+                             "teacher")
         check_splittable(unet, step_cache)
         component_specs += specs.unet_split(step_cache)
         modules |= {spec.name: split_modules(unet, spec.name) for spec in specs.unet_split(step_cache)}

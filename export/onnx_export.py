@@ -32,6 +32,8 @@ def sample_inputs(spec: ComponentSpec, dims: dict[str, Range]) -> tuple[torch.Te
             tensors.append(torch.randint(0, 100, shape, dtype=torch.int64))
         elif tensor.name == "timestep":
             tensors.append(torch.full(shape, 500.0))
+        elif tensor.name == "guidance":
+            tensors.append(torch.full(shape, 2.0))
         else:
             tensors.append(torch.randn(shape))
     return tuple(tensors)

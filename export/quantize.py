@@ -94,7 +94,7 @@ def record_unet_inputs(bundle: Bundle, calibration: Calibration, progress: bool)
     from engine.tokenizer import ClipTokenizer
 
     edits = read_edits(calibration.data, calibration.edits)
-    recorder = RecordingBackend(openvino_backend.load(bundle, dtype="float32"), specs.UNET.name)
+    recorder = RecordingBackend(openvino_backend.load(bundle, dtype="float32"), bundle.model.unet_component)
     pipe = EditPipeline(recorder, bundle.model, ClipTokenizer(bundle.tokenizer_dir),
                         null_embedding=np.load(bundle.null_embedding_file), profile=bundle.profile, progress=False)
     for seed, (image, instruction) in enumerate(tqdm(edits, desc="calibrating", unit="edit", disable=not progress)):
@@ -160,7 +160,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     calls = record_unet_inputs(bundle, calibration, progress)
     log.info("recorded %d UNet calls of %d edits", len(calls), calibration.edits)
     try:
-        quantized, error = quantize_unet(bundle.component_file(specs.UNET.name), calls, calibration.samples, progress)
+        quantized, error = quantize_unet(bundle.component_file(bundle.model.unet_component), calls, calibration.samples,
+                                         progress)
     except InputError:
         raise
     except Exception as err:
@@ -191,7 +192,7 @@ def _ir_components(bundle: Bundle, staging: Path) -> dict[str, Component]:
     """The bundle's components with their files copied into the staging folder, the UNet's the int8 IR there."""
     components = {}
     for name, component in bundle.manifest.components.items():
-        if name == specs.UNET.name:
+        if name == bundle.model.unet_component:
             files = (file_entry(staging, staging / "unet.xml"), file_entry(staging, staging / "unet.bin"))
             components[name] = replace(component, precision="int8", files=files)
         else:

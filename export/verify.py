@@ -44,6 +44,8 @@ def random_inputs(spec: ComponentSpec, sizes: dict[str, int], vocab_size: int, s
             out[tensor.name] = rng.integers(0, vocab_size, shape, dtype=np.int64)
         elif tensor.name == "timestep":
             out[tensor.name] = rng.uniform(0, 999, shape).astype(np.float32)
+        elif tensor.name == "guidance":  # a student's (s_T, s_I)
+            out[tensor.name] = rng.uniform(1.0, 8.0, shape).astype(np.float32)
         elif tensor.name in ("owned", "given_stats"):  # 0/1 flags
             out[tensor.name] = rng.integers(0, 2, shape).astype(np.float32)
         elif tensor.name == "norm_stats":  # means, and variances that are positive

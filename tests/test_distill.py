@@ -123,3 +123,20 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         config(tiny_model, pairs, tmp_path / "z", text_range=(5.0, 2.0))
     with pytest.raises(InputError, match="preset_steps"):
         config(tiny_model, pairs, tmp_path / "z", preset_steps=(4, 4, 20))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_students_bundle_verifies_and_edits_as_torch_does(student, tmp_path, rgb_image, backend):
+    from engine.specs import Profile
+    from export.bundle import ExportOptions, export_bundle
+
+    profile = Profile(batch=(1, 1, 2), height=(32, 64, 64), width=(32, 64, 64))
+    bundle = export_bundle(str(student), tmp_path / "bundle", ExportOptions(profile=profile, verify=True))[0]
+    runtime = EditPipeline.from_pretrained(str(bundle), backend=backend, progress=False)
+    assert runtime.model.student is not None and runtime.backend.has("unet_guided")
+    kwargs = dict(seed=3, output_type="np", text_guidance=6.0, image_guidance=2.0)
+    got = runtime.edit(rgb_image, "make it blue", **kwargs)
+    expected = EditPipeline.from_pretrained(str(student), progress=False).edit(rgb_image, "make it blue", **kwargs)
+    assert got.unet_evaluations == expected.unet_evaluations == [4]
+    mse = float(np.mean((got.images - expected.images) ** 2))
+    assert 10 * np.log10(1 / max(mse, 1e-20)) >= 40.0  # dB, as every float32 runtime against torch

@@ -237,6 +237,8 @@ def run_eval(args: argparse.Namespace) -> None:
         scorer = ClipScorer(args.clip, device=args.device)
     pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                         variant=args.variant, progress=False, backend_options=torch_options(args))
+    if pipe.model.student is not None:  # its presets are its own step counts
+        config = edit_config(args, pipe.model.student)
     if args.clip:
         report = clip_evaluate(pipe, scorer, examples, sweep_configs(config, args.sweep),
                                seed=args.seed or 0, batch_size=args.batch_size, save_dir=args.save_dir,

@@ -204,7 +204,8 @@ class OnnxRuntimeBackend(HostArrays):
         if self.on_gpu if io_binding is None else io_binding:
             device = "cuda" if self.on_gpu else "cpu"
             self.bound = {name: BoundSession(s, device, device_id, cuda_graph) for name, s in self._sessions.items()}
-        log.debug("onnxruntime providers: %s, io binding: %s", self._sessions["unet"].get_providers(), bool(self.bound))
+        log.debug("onnxruntime providers: %s, io binding: %s", next(iter(self._sessions.values())).get_providers(),
+                  bool(self.bound))
 
     def has(self, component: str) -> bool:
         return component in self._sessions

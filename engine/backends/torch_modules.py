@@ -236,7 +236,7 @@ def scale_embedding(scales: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=scales.device) * (-math.log(10000.0) / max(half - 1, 1)))
     angles = scales.float()[..., None] * SCALE_EMBEDDING_FACTOR * freqs  # (N, 2, half)
-    return torch.cat([angles.sin(), angles.cos()], -1).reshape(len(scales), 2 * dim)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)  # flatten: an export keeps N symbolic
 
 
 class GuidedUNet(UNet):

@@ -12,7 +12,7 @@ from typing import Hashable, Iterator
 
 from PIL import Image
 
-from engine.config import EditConfig
+from engine.config import EditConfig, Student
 from engine.errors import Cancelled, InputError
 from engine.guidance import needed_branches
 from engine.presets import preset_config
@@ -39,9 +39,11 @@ class Job:
     (``keep_encoded``). ``held_bytes`` is what it holds in images, for the service's byte budget."""
 
     def __init__(self, image: Image.Image, params: EditParameters, config: EditConfig, key: Hashable,
-                 timeout: float | None):
+                 timeout: float | None, distilled: bool = False):
+        """``distilled``: the model is a student (one UNet row a step, whatever the scales)."""
         self.id = uuid.uuid4().hex
         self.image, self.params, self.config, self.key = image, params, config, key
+        self.distilled = distilled
         self.seed = params.seed if params.seed is not None else draw_seed()
         self.created = time.monotonic()
         self.deadline = None if timeout is None else self.created + timeout
@@ -67,8 +69,8 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """UNet rows a step of this edit takes at most: one per branch its scales weigh (eq. 3)."""
-        return len(needed_branches(*self.scales))
+        """UNet rows a step of this edit takes at most: one per branch its scales weigh (eq. 3); a student's one."""
+        return 1 if self.distilled else len(needed_branches(*self.scales))
 
     def start(self) -> bool:
         """Mark a queued job running; False if it was cancelled meanwhile (the worker leaves it out)."""
@@ -127,10 +129,11 @@ class Job:
         return held + sum(image.width * image.height * len(image.getbands()) for image in images if image is not None)
 
 
-def job_config(params: EditParameters) -> EditConfig:
-    """The EditConfig a request asks for (InputError naming a bad setting)."""
+def job_config(params: EditParameters, student: Student | None = None) -> EditConfig:
+    """The EditConfig a request asks for (InputError naming a bad setting); a distilled ``student``'s presets are
+    its own step counts."""
     resolution = {"auto": "auto", "none": None}.get(params.resolution, params.resolution)  # type: ignore[arg-type]
-    return preset_config(params.preset, dict(resolution=resolution, keep_detail=params.keep_detail),
+    return preset_config(params.preset, dict(resolution=resolution, keep_detail=params.keep_detail), student,
                          steps=params.steps, sampler=params.sampler,
                          text_guidance=params.text_guidance, image_guidance=params.image_guidance)
 

@@ -54,11 +54,11 @@ class EditWorker(EditService):
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         """Queue an edit; InputError for settings the service refuses, QueueFull when there is no room."""
         settings = self.settings
-        config = job_config(params)
+        config = job_config(params, self.pipe.model.student)
         check_limits(config, settings)
         size = self.pipe.edit_size(image.size, config.resolution)
         check_size(config, size, settings)
-        job = Job(image, params, config, batch_key(config, size), settings.timeout)
+        job = Job(image, params, config, batch_key(config, size), settings.timeout, self.pipe.model.student is not None)
         with self._lock:
             if self._stopping or not self._thread.is_alive():
                 raise Unavailable("the server is shutting down")
