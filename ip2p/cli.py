@@ -27,6 +27,7 @@ COMMANDS = {
     "export": ("export.cli", "export a model to an ONNX or TensorRT bundle"),
     "quantize": ("export.cli", "an ONNX bundle with an int8 UNet for OpenVINO (approximate)"),
     "train": ("training.cli", "fine-tune an InstructPix2Pix UNet (see training/)"),
+    "distill": ("training.cli", "distil an InstructPix2Pix model into one UNet row a step, in few steps"),
     "synth": ("training.cli", "write procedural paired shape-edit data (training format)"),
     "eval": ("training.cli", "score edits: held-out synthetic shapes edits, or CLIP metrics on a captioned set"),
     "generate-prompts": ("training.cli", "edit instructions and edited captions for input captions, from a language model"),
