@@ -20,6 +20,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     savings.add_argument("--model", help="model folder or bundle (default: the shipped shapes model)")
     savings.add_argument("--backend", help="default: the model's own")
     savings.add_argument("--settings", nargs="+", help="names from benchmarks/savings.py (default: all)")
+    savings.add_argument("--student", help="also a model of `ip2p distill` (of --model) at 1, 2, 4 and 8 steps, and "
+                         "both over image guidance 1.0-2.5 (image_guidance.json, sweep.md)")
     pairs = bench_sub.add_parser("pairs", help="time per generate-pairs candidate at SD 1.5 / CLIP ViT-L/14 shapes")
     pairs.add_argument("--resolution", type=int, default=512)
     pairs.add_argument("--samples", type=int, default=4, help="candidates per prompt")
@@ -62,7 +64,8 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def run_savings(args: argparse.Namespace) -> None:
-    from benchmarks.savings import all_settings, run_sweep, savings_plot, savings_table
+    from benchmarks.savings import (all_settings, image_guidance_sweep, run_sweep, savings_plot, savings_table,
+                                    student_settings, sweep_table)
     from engine.errors import InputError
     from engine.pipeline import EditPipeline
 
@@ -72,6 +75,15 @@ def run_savings(args: argparse.Namespace) -> None:
     pipe = EditPipeline.from_pretrained(args.model, backend=args.backend, progress=False)
     out = Path(args.out_dir)
     summaries = run_sweep(pipe, out, args.settings, progress=not args.quiet)
+    if args.student:
+        student = EditPipeline.from_pretrained(args.student, backend=args.backend, progress=False)
+        if student.model.student is None:
+            raise InputError(f"{args.student}: not a distilled model (no distillation.json); see ip2p distill")
+        summaries |= run_sweep(student, out, progress=not args.quiet, settings=student_settings())
+        sweep = image_guidance_sweep({"teacher, exact": (pipe, all_settings()["preset exact"]),
+                                      "distilled, 4 steps": (student, student_settings()["distilled, 4 steps"])},
+                                     out, progress=not args.quiet)
+        (out / "sweep.md").write_text(sweep_table(sweep) + "\n", encoding="utf-8")
     if "preset exact" in summaries:
         (out / "savings.md").write_text(savings_table(summaries) + "\n", encoding="utf-8")
     savings_plot(summaries, out / "savings.png")

@@ -72,17 +72,62 @@ SETTINGS: dict[str, EditConfig] = {  # every option on its own, then combination
 }
 
 
+STUDENT_STEPS = (1, 2, 4, 8)  # a distilled student's lcm steps, one UNet row each
+IMAGE_GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 2.5)
+
+
 def all_settings() -> dict[str, EditConfig]:
     return {**{f"preset {name}": preset_config(name) for name in PRESETS}, **SETTINGS}
 
 
-def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 300,
-              progress: bool = True) -> dict[str, dict]:
-    """Evaluate each setting on the three held-out sets of ``count`` edits; one JSON per setting in ``out_dir``
-    (a rerun skips those already there). Returns {name: summary}."""
+def student_settings() -> dict[str, EditConfig]:
+    """A distilled student (``ip2p distill``) at each of ``STUDENT_STEPS``, its lcm sampler, the default scales."""
+    return {f"distilled, {steps} step{'s' if steps > 1 else ''}": EditConfig(steps=steps, sampler="lcm")
+            for steps in STUDENT_STEPS}
+
+
+def image_guidance_sweep(pipes: dict[str, tuple], out_dir: Path, count: int = 300, progress: bool = True) -> dict:
+    """Each of ``pipes`` ({name: (pipeline, config)}) at every s_I of ``IMAGE_GUIDANCE_SWEEP`` on the first held-out
+    set: success, colour right and the median untouched PSNR per edit type, so that a student's response to the
+    scale can be set beside its teacher's. Kept in ``out_dir``/image_guidance.json (a rerun reads it)."""
+    import dataclasses
+
     from training.evaluation import evaluate
 
-    settings = all_settings()
+    path = out_dir / "image_guidance.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    sweep: dict = {}
+    for name, (pipe, config) in pipes.items():
+        for scale in tqdm(IMAGE_GUIDANCE_SWEEP, desc=f"image guidance: {name}", disable=not progress):
+            report = evaluate(pipe, dataclasses.replace(config, image_guidance=scale), count, HELD_OUT_SEEDS[0],
+                              progress=False)
+            sweep.setdefault(name, {})[str(scale)] = {
+                e: {k: r[k] for k in ("success", "colour_correct", "median_untouched_psnr_db")}
+                for e, r in report["edits"].items()}
+    write_json_atomic(path, sweep)
+    return sweep
+
+
+def sweep_table(sweep: dict) -> str:
+    """Markdown: per model and s_I, success / median untouched PSNR per edit type."""
+    edits = list(next(iter(next(iter(sweep.values())).values())))
+    lines = ["| model | s_I | " + " | ".join(f"{e}: success, untouched PSNR" for e in edits) + " |",
+             "|---|---:|" + "---:|" * len(edits)]
+    for name, scales in sweep.items():
+        for scale, by_edit in scales.items():
+            cells = [f"{by_edit[e]['success']:.1f}%, {by_edit[e]['median_untouched_psnr_db']:.1f} dB" for e in edits]
+            lines.append(f"| {name} | {scale} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 300,
+              progress: bool = True, settings: dict[str, EditConfig] | None = None) -> dict[str, dict]:
+    """Evaluate each setting (of ``settings``, default ``all_settings()``) on the three held-out sets of ``count``
+    edits; one JSON per setting in ``out_dir`` (a rerun skips those already there). Returns {name: summary}."""
+    from training.evaluation import evaluate
+
+    settings = settings or all_settings()
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for name in tqdm(names or list(settings), desc="settings", unit="setting", disable=not progress):
@@ -137,13 +182,16 @@ def savings_plot(summaries: dict[str, dict], path: Path) -> None:
     floor = 70.0  # settings below it are drawn on the floor (their values are in the table)
     for ax, edit in zip(axes, edits):
         for name, s in summaries.items():
-            preset = name.startswith("preset")
+            preset, student = name.startswith("preset"), name.startswith("distilled")
             work, success = work_of(s), s["success"][edit]
-            ax.scatter(work, max(success, floor), marker="*" if preset else ("o" if success >= floor else "v"),
-                       s=160 if preset else 25, color="C3" if preset else "C0", zorder=3 if preset else 2)
-            if preset:
-                ax.annotate(name.removeprefix("preset "), (work, success), fontsize=8, xytext=(4, -10),
-                            textcoords="offset points", color="C3")
+            marker = "*" if preset else "D" if student else ("o" if success >= floor else "v")
+            color = "C3" if preset else "C2" if student else "C0"
+            ax.scatter(work, max(success, floor), marker=marker, s=160 if preset else 40 if student else 25,
+                       color=color, zorder=3 if preset or student else 2)
+            if preset or student:
+                label = name.removeprefix("preset ").replace("distilled, ", "")
+                ax.annotate(label, (work, max(success, floor)), fontsize=8, xytext=(4, -10),
+                            textcoords="offset points", color=color)
         ax.set_ylim(floor - 2, 101)
         ax.set_title(edit)
         ax.set_xlabel("UNet work per edit (whole-UNet rows, MAC-weighted)")

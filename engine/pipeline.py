@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 MODEL_ENV = "IP2P_MODEL"  # the model used when none is named
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"  # shipped: trained by training/configs/shapes.yaml
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "shapes-onnx"  # the same model exported (fp16 ONNX)
+# Shipped models loadable by name: the diffusers folder, and its bundle beside it (<name>-onnx).
+SHIPPED = ("shapes", "shapes-distilled")  # shapes-distilled: training/configs/shapes-distilled.yaml
 TORCH_STACK = ("torch", "diffusers", "transformers")  # what the torch backend imports
 TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 VAE_MEMORY = 1 << 30  # bytes of VAE activations past which vae_tile="auto" tiles (the EditPipeline's vae_memory)
@@ -123,6 +125,8 @@ class EditPipeline:
         With no ``model``: $IP2P_MODEL, else the shipped shapes model (its ONNX bundle where torch is
         not installed or a bundle backend is asked for)."""
         model = model or os.environ.get(MODEL_ENV) or default_model(backend)
+        if str(model) in SHIPPED and not Path(model).exists():
+            model = default_model(backend, str(model))
         bundle = read_bundle(model) if is_bundle(model) else None
         if backend is None and bundle is not None:
             backend, why = bundle_runtime(bundle.format, device)
@@ -574,12 +578,12 @@ def _members_callback(on_step: Callable[[int], Collection[int] | None],
     return batch_step
 
 
-def default_model(backend: str | None = None) -> Path:
-    """The shipped model, trained by the project on synthetic shapes edits: its diffusers folder for the
-    torch backend, its fp16 ONNX bundle for the bundle backends; with no backend named, the folder where
+def default_model(backend: str | None = None, name: str = "shapes") -> Path:
+    """A shipped model (``SHIPPED``), trained by the project on synthetic shapes edits: its diffusers folder for
+    the torch backend, its fp16 ONNX bundle for the bundle backends; with no backend named, the folder where
     torch is installed, else the bundle."""
     wants_bundle = backend in BUNDLE_BACKENDS or (backend is None and not available(*TORCH_STACK))
-    path = DEFAULT_BUNDLE if wants_bundle else DEFAULT_MODEL
+    path = DEFAULT_MODEL.parent / (f"{name}-onnx" if wants_bundle else name)
     if not (path / ("manifest.json" if wants_bundle else "model_index.json")).is_file():
         raise InputError(f"no model given and the shipped model is missing from {path}: "
                          f"pass a model, or set {MODEL_ENV}")
