@@ -59,6 +59,9 @@ def test_the_student_folder_loads_in_diffusers_and_runs_one_row_a_step_in_the_en
     for preset, steps in (("exact", 4), ("balanced", 2), ("fast", 1)):
         result = engine.edit(rgb_image, "make it blue", preset=preset, seed=1, output_type="np")
         assert result.unet_evaluations == [steps]  # one row a step
+    guided = EditPipeline.from_pretrained(str(student / "guidance" / "model"), progress=False)  # stage 1 alone
+    assert guided.model.student.sampler == "euler_ancestral"
+    assert guided.edit(rgb_image, "make it blue", seed=1, preset="fast").unet_evaluations == [8]
 
 
 def test_the_students_scales_act_as_the_unets_input_says(student, rgb_image):
@@ -125,14 +128,20 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         config(tiny_model, pairs, tmp_path / "z", preset_steps=(4, 4, 20))
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_a_students_bundle_verifies_and_edits_as_torch_does(student, tmp_path, rgb_image, backend):
+@pytest.fixture(scope="module")
+def student_bundle(student, tmp_path_factory):
+    """The student exported (verified against torch at export)."""
     from engine.specs import Profile
     from export.bundle import ExportOptions, export_bundle
 
     profile = Profile(batch=(1, 1, 2), height=(32, 64, 64), width=(32, 64, 64))
-    bundle = export_bundle(str(student), tmp_path / "bundle", ExportOptions(profile=profile, verify=True))[0]
-    runtime = EditPipeline.from_pretrained(str(bundle), backend=backend, progress=False)
+    return export_bundle(str(student), tmp_path_factory.mktemp("student") / "bundle",
+                         ExportOptions(profile=profile, verify=True))[0]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_students_bundle_verifies_and_edits_as_torch_does(student, student_bundle, rgb_image, backend):
+    runtime = EditPipeline.from_pretrained(str(student_bundle), backend=backend, progress=False)
     assert runtime.model.student is not None and runtime.backend.has("unet_guided")
     kwargs = dict(seed=3, output_type="np", text_guidance=6.0, image_guidance=2.0)
     got = runtime.edit(rgb_image, "make it blue", **kwargs)
@@ -140,3 +149,27 @@ def test_a_students_bundle_verifies_and_edits_as_torch_does(student, tmp_path, r
     assert got.unet_evaluations == expected.unet_evaluations == [4]
     mse = float(np.mean((got.images - expected.images) ** 2))
     assert 10 * np.log10(1 / max(mse, 1e-20)) >= 40.0  # dB, as every float32 runtime against torch
+
+
+def test_the_server_runs_a_students_edits_one_row_each_and_answers_the_library_pixels(student_bundle):
+    """Two edits at different scales and presets share the loop's calls; each answers its solo pixels, a call
+    holds one row per edit, and a scale outside the student's range is a 422 naming it."""
+    import httpx
+
+    from engine.serving.jobs import Settings
+    from tests.serving_server import local_server
+    from tests.test_serving import pixels, png_bytes, solo
+
+    load = dict(model=str(student_bundle), backend="onnxruntime")
+    library = EditPipeline.from_pretrained(**load, progress=False)
+    asks = [dict(seed=1, preset="exact", text_guidance=6.0), dict(seed=2, preset="fast", image_guidance=2.0)]
+    with local_server(Settings(max_batch=4, max_queue=8), load) as (url, worker), httpx.Client(timeout=60) as client:
+        answers = [client.post(f"{url}/v1/edits", files={"image": ("a.png", png_bytes(), "image/png")},
+                               data={"instruction": "make it blue", **{k: str(v) for k, v in ask.items()}})
+                   for ask in asks]
+        refused = client.post(f"{url}/v1/edits", files={"image": ("a.png", png_bytes(), "image/png")},
+                              data={"instruction": "x", "text_guidance": "20"})
+    for ask, answer in zip(asks, answers):
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_array_equal(pixels(answer.content), solo(library, instruction="make it blue", **ask))
+    assert refused.status_code == 422 and "outside 1-8" in refused.text

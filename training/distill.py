@@ -15,7 +15,8 @@ Two stages, each run by ``_Stage`` (accelerate, mixed precision, EMA, checkpoint
 
 Every step's randomness is derived from (seed, stage, step), the data order from (seed, epoch): a checkpoint holds
 the weights, optimiser, schedule, EMA, target network and data cursor, and resumes exactly. A finished stage leaves
-its weights in ``<output>/<stage>/unet`` and is skipped when the command runs again.
+its weights in ``<output>/<stage>/unet`` and is skipped when the command runs again; ``<output>/guidance/model`` is
+stage 1's student as a model of its own (one row a step, any sampler: the teacher's 20 Euler-ancestral steps).
 """
 from __future__ import annotations
 
@@ -351,6 +352,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
         student = make_student(teacher, config.embedding_dim).to(device).train()
         guided = _run_stage(_Stage("guidance", config.guidance_steps, guidance_loss(frozen, teacher, config)),
                             student, config, accelerator, frozen, output, resume, progress)
+        save_student(frozen, guided, output / "guidance" / "model", config, consistency=False)
     else:
         log.info("%s: finished, skipped", output / "guidance")
         guided = UNet2DConditionModel.from_pretrained(output / "guidance" / "unet").to(device)
@@ -369,32 +371,39 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
         final = _run_stage(stage, guided.train(), config, accelerator, frozen, output, resume, progress)
     else:
         final = UNet2DConditionModel.from_pretrained(output / "consistency" / "unet")
-    _save_student(frozen, final, output, config)
+    save_student(frozen, final, output, config)
     return output
 
 
-def _save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig) -> None:
-    """The diffusers folder: the teacher's frozen parts, the student's UNet, an LCMScheduler over the teacher's
-    noise schedule, and distillation.json (written last) that tells the engine what the UNet takes."""
+GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8))  # stage 1's student: the teacher's sampler and step counts
+
+
+def save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig, consistency: bool = True) -> None:
+    """The diffusers folder: the teacher's frozen parts, the student's UNet, its scheduler (an LCMScheduler over the
+    teacher's noise schedule; stage 1's alone keeps the teacher's sampler) and distillation.json (written last)
+    that tells the engine what the UNet takes."""
     copy_frozen_parts(frozen.source, output)
     unet.save_pretrained(output / "unet")
-    scheduler = {**frozen.scheduler, "_class_name": "LCMScheduler",
-                 "original_inference_steps": config.original_inference_steps, "timestep_scaling": TIMESTEP_SCALING}
+    kind = "LCMScheduler" if consistency else "EulerAncestralDiscreteScheduler"
+    scheduler = {**frozen.scheduler, "_class_name": kind}
+    if consistency:
+        scheduler |= {"original_inference_steps": config.original_inference_steps, "timestep_scaling": TIMESTEP_SCALING}
     (output / "scheduler").mkdir(exist_ok=True)
     write_json_atomic(output / "scheduler" / "scheduler_config.json", scheduler)
     index_path = frozen.source.folder / "model_index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index.update({"_class_name": "StableDiffusionInstructPix2PixPipeline",
-                  "scheduler": ["diffusers", "LCMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+                  "scheduler": ["diffusers", kind], "unet": ["diffusers", "UNet2DConditionModel"],
                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                   "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
                   "feature_extractor": [None, None], "requires_safety_checker": False})
     write_json_atomic(output / "model_index.json", index)
     if config.save_dtype == "float16":
         save_half_precision(output)
-    stages = {name: _stage_report(output / name) for name in STAGES}
+    stages = {name: _stage_report(Path(config.output) / name) for name in STAGES}
     write_json_atomic(output / "training_config.json", {"config": dataclasses.asdict(config), "stages": stages})
+    sampler, steps = ("lcm", config.preset_steps) if consistency else GUIDANCE_ONLY
     write_json_atomic(output / "distillation.json", {
         "embedding_dim": config.embedding_dim, "text_range": list(config.text_range),
-        "image_range": list(config.image_range), "sampler": "lcm", "steps": list(config.preset_steps),
+        "image_range": list(config.image_range), "sampler": sampler, "steps": list(steps),
         "teacher": str(config.teacher), "stages": stages})

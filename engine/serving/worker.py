@@ -54,8 +54,11 @@ class EditWorker(EditService):
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         """Queue an edit; InputError for settings the service refuses, QueueFull when there is no room."""
         settings = self.settings
-        config = job_config(params, self.pipe.model.student)
+        student = self.pipe.model.student
+        config = job_config(params, student)
         check_limits(config, settings)
+        if student is not None:  # a scale it was never trained on is refused with the request, not mid-run
+            student.check_scales(config.text_guidance, config.image_guidance)
         size = self.pipe.edit_size(image.size, config.resolution)
         check_size(config, size, settings)
         job = Job(image, params, config, batch_key(config, size), settings.timeout, self.pipe.model.student is not None)
