@@ -352,10 +352,11 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
         student = make_student(teacher, config.embedding_dim).to(device).train()
         guided = _run_stage(_Stage("guidance", config.guidance_steps, guidance_loss(frozen, teacher, config)),
                             student, config, accelerator, frozen, output, resume, progress)
-        save_student(frozen, guided, output / "guidance" / "model", config, consistency=False)
     else:
         log.info("%s: finished, skipped", output / "guidance")
         guided = UNet2DConditionModel.from_pretrained(output / "guidance" / "unet").to(device)
+    if not (output / "guidance" / "model" / "distillation.json").is_file():
+        save_student(frozen, guided, output / "guidance" / "model", config, consistency=False)
     del teacher
     guided_teacher = copy.deepcopy(guided).requires_grad_(False).eval()
     target = copy.deepcopy(guided).requires_grad_(False).eval()
