@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from engine import specs
 from engine.errors import ExportError, InputError
 from engine.files import write_json_atomic
 from engine.manifest import (MANIFEST_NAME, Bundle, CalibrationRecord, Component, FileEntry, Quantization, file_entry,

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random InstructPix2Pix model written once per session, and small images."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -170,3 +172,22 @@ def tiny_lm(tmp_path_factory) -> str:
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """16 pairs: a red square on grey becomes a blue square, same place."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        x, y = rng.integers(0, 20, 2)
+        before = np.full((32, 32, 3), 128, np.uint8)
+        after = before.copy()
+        before[y:y + 12, x:x + 12] = (220, 30, 30)
+        after[y:y + 12, x:x + 12] = (30, 30, 220)
+        Image.fromarray(before).save(root / f"in{i}.png")
+        Image.fromarray(after).save(root / f"out{i}.png")
+        rows.append({"input_image": f"in{i}.png", "edit_prompt": "make the square blue", "edited_image": f"out{i}.png"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(root)

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 from engine import EditPipeline, InputError
-from tests.test_training_train import pairs  # noqa: F401  (the fixture)
 from training.distill import DistillConfig, distill, make_student
 
 TINY = dict(resolution=32, batch_size=4, lr=1e-3, guidance_steps=3, consistency_steps=3, checkpoint_every=0,
@@ -20,7 +19,7 @@ def config(teacher, data, out, **changes) -> DistillConfig:
 
 
 @pytest.fixture(scope="module")
-def student(tiny_model, pairs, tmp_path_factory):  # noqa: F811
+def student(tiny_model, pairs, tmp_path_factory):
     return distill(config(tiny_model, pairs, tmp_path_factory.mktemp("distill") / "student"), progress=False)
 
 
@@ -101,7 +100,7 @@ def test_a_student_refuses_scales_it_never_learnt_and_the_savings_it_has_no_use_
         engine.edit(rgb_image, "x", steps=20)
 
 
-def test_resume_equals_an_uninterrupted_distillation(tiny_model, pairs, tmp_path):  # noqa: F811
+def test_resume_equals_an_uninterrupted_distillation(tiny_model, pairs, tmp_path):
     straight = distill(config(tiny_model, pairs, tmp_path / "a", checkpoint_every=2), progress=False)
     checkpoint = tmp_path / "a" / "consistency" / "checkpoints" / "step-2"
     assert checkpoint.is_dir() and (tmp_path / "a" / "guidance" / "checkpoints" / "step-2").is_dir()
@@ -117,7 +116,7 @@ def test_resume_equals_an_uninterrupted_distillation(tiny_model, pairs, tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):  # noqa: F811
+def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):
     with pytest.raises(InputError, match="a distilled student"):
         distill(config(student, pairs, tmp_path / "x"), progress=False)
     with pytest.raises(InputError, match="4-channel text-to-image UNet"):

@@ -11,25 +11,6 @@ from training.config import TrainConfig, load_config
 from training.train import PairEncoder, train
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """16 pairs: a red square on grey becomes a blue square, same place."""
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(16):
-        x, y = rng.integers(0, 20, 2)
-        before = np.full((32, 32, 3), 128, np.uint8)
-        after = before.copy()
-        before[y:y + 12, x:x + 12] = (220, 30, 30)
-        after[y:y + 12, x:x + 12] = (30, 30, 220)
-        Image.fromarray(before).save(root / f"in{i}.png")
-        Image.fromarray(after).save(root / f"out{i}.png")
-        rows.append({"input_image": f"in{i}.png", "edit_prompt": "make the square blue", "edited_image": f"out{i}.png"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return str(root)
-
-
 def config(tiny_model, pairs, out, **changes):
     base = dict(base=tiny_model, data=pairs, output=str(out), resolution=32, batch_size=4, lr=1e-3, ema_decay=0.0,
                 max_steps=4, checkpoint_every=0, seed=3)
