@@ -278,6 +278,24 @@ class EditPipeline:
                           unet_evaluations=edit.rows.evaluations, unet_work=edit.rows.work,
                           tiles=dict(context.clock.tiles))
 
+    def warmup(self, sizes: Sequence[tuple[int, int]] = ()) -> dict[str, float]:
+        """One-step edits at each edit size (width, height; none given: the model's own), one for every UNet row
+        count a step can ask of an image (1, 2 and 3; a student's 1) and the VAE's, so that compilation, graph
+        capture and lazy set-up happen now, not in the first requests. Seconds per size ("WxH")."""
+        student = self.model.student
+        scales = [(student.text_range[0], student.image_range[0])] if student else [(1.0, 1.0), (7.5, 1.0), (7.5, 1.5)]
+        config = EditConfig(steps=1, resolution=None, output_type="np")
+        side = self.model.default_resolution
+        seconds = {}
+        for width, height in sizes or [(side, side)]:
+            start = time.perf_counter()
+            for scale in scales:
+                self.run([Image.new("RGB", (width, height), (127, 127, 127))], "warm up", config, seed=0,
+                         guidance_scales=[scale])
+            seconds[f"{width}x{height}"] = time.perf_counter() - start
+            log.info("warm at %dx%d: %.2f s", width, height, seconds[f"{width}x{height}"])
+        return seconds
+
     def denoising_loop(self, on_call: Callable[[int, int], None] | None = None) -> DenoisingLoop:
         """An empty loop for this pipeline's edits, its calls within the UNet rows a bundle's profile takes."""
         limits = (1, None) if self.profile is None else (self.profile.batch[0], 3 * self.profile.batch[2])

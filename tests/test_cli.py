@@ -175,6 +175,7 @@ REQUIRED_ARGUMENTS = {
     "export": ["MODEL", "OUT"],
     "quantize": ["BUNDLE", "OUT", "--data", "DATA"],
     "train": [],
+    "distill": [],
     "synth": ["OUT"],
     "eval": [],
     "generate-prompts": ["captions.txt", "--lm", "LM", "-o", "OUT"],
@@ -209,6 +210,14 @@ def test_quiet_after_the_command_hides_progress_and_unknown_options_are_still_re
     with pytest.raises(SystemExit) as refused:
         main(["synth", str(tmp_path / "other"), "-q", "--nope"])
     assert refused.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_serve_warmup_sizes_parse_and_a_bad_one_is_one_line(capsys):
+    assert parsed(["serve", "--warmup", "512x512, 768X512"]).warmup == ((512, 512), (768, 512))
+    with pytest.raises(SystemExit) as refused:
+        parsed(["serve", "--warmup", "512x"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "sizes are WIDTHxHEIGHT pixels such as 512x512, got '512x'" in err
 
 
 def run_console(*args: str) -> subprocess.CompletedProcess:

@@ -16,15 +16,15 @@ ATTRIBUTES = sorted(EditService.__annotations__)
 
 
 class RecordingPipeline:
-    """Stands in for an EditPipeline: records the edits asked of it."""
+    """Stands in for an EditPipeline: records the warm-ups asked of it."""
 
-    model = SimpleNamespace(default_resolution=24)
+    model = SimpleNamespace(default_resolution=24, student=None)
 
     def __init__(self):
-        self.edits: list[tuple] = []
+        self.warmups: list[tuple] = []
 
-    def edit(self, image, instruction, **options):
-        self.edits.append((image.size, image.getpixel((0, 0)), instruction, options))
+    def warmup(self, sizes):
+        self.warmups.append(tuple(sizes))
 
 
 def implements(service: EditService) -> bool:
@@ -33,10 +33,33 @@ def implements(service: EditService) -> bool:
     return all(hasattr(service, name) for name in ATTRIBUTES) and all(name in own for name in METHODS)
 
 
-def test_warm_up_is_one_small_grey_edit():
+def test_warm_up_warms_the_sizes_asked_for():
     pipe = RecordingPipeline()
     warm_up(pipe)
-    assert pipe.edits == [((24, 24), (127, 127, 127), "warm up", dict(steps=1, seed=0))]
+    warm_up(pipe, ((64, 48),))
+    assert pipe.warmups == [(), ((64, 48),)]
+
+
+def test_warmup_runs_every_unet_row_count_at_each_size(tiny_model):
+    """1, 2 and 3 rows at each size (the latent's), through the pipeline's own loop; the default: the model's size."""
+    from engine import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(tiny_model, progress=False)
+    calls, run = [], pipe.backend.run
+
+    def recording(name, inputs):
+        if name == "unet":
+            calls.append((name, tuple(inputs["sample"].shape)))
+        return run(name, inputs)
+
+    pipe.backend.run = recording
+    seconds = pipe.warmup([(64, 48), (32, 32)])
+    assert list(seconds) == ["64x48", "32x32"] and all(v > 0 for v in seconds.values())
+    factor = pipe.model.vae_factor
+    assert calls == [("unet", (rows, 8, h // factor, w // factor)) for w, h in ((64, 48), (32, 32)) for rows in (1, 2, 3)]
+    calls.clear()
+    side = pipe.model.default_resolution
+    assert list(pipe.warmup()) == [f"{side}x{side}"] and len(calls) == 3
 
 
 def test_the_worker_implements_the_service_and_is_ready_after_its_warm_up():
@@ -46,7 +69,7 @@ def test_the_worker_implements_the_service_and_is_ready_after_its_warm_up():
         deadline = time.monotonic() + 10
         while not worker.ready and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert worker.ready and len(pipe.edits) == 1 and pipe.edits[0][2] == "warm up"
+        assert worker.ready and pipe.warmups == [()]
         assert METHODS == ["forget", "get", "position", "queue_depth", "stop", "submit"] and implements(worker)
     finally:
         worker.stop(1)

@@ -44,6 +44,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=int, default=256,
                         help="requests in progress at once (health checks exempt); 503 past it")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds queued work may finish on SIGTERM")
+    parser.add_argument("--warmup", type=warmup_sizes, default=(), metavar="WxH[,WxH...]",
+                        help="edit sizes to warm up before /readyz (every UNet row count at each: compilation and "
+                        "graph capture happen then; default: the model's own size)")
     parser.add_argument("--api-key", help=f"require this key (or set ${API_KEY_ENV}); health endpoints stay open")
     parser.add_argument("--ray", action="store_true", help="run on Ray Serve (a local Ray cluster unless one is running)")
     parser.add_argument("--replicas", type=int, default=1, help="--ray: model replicas")
@@ -69,8 +72,19 @@ def settings_from(args: argparse.Namespace):
                     max_steps=args.max_steps, max_resolution=args.max_resolution, result_ttl=args.result_ttl,
                     max_results=args.max_results, max_held_bytes=int(args.max_held_mb * 2**20),
                     read_timeout=args.read_timeout, max_connections=args.max_connections,
-                    drain_timeout=args.drain_timeout,
+                    drain_timeout=args.drain_timeout, warmup=args.warmup,
                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+
+
+def warmup_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """"512x512,768x512" -> ((512, 512), (768, 512))."""
+    sizes = []
+    for part in text.split(","):
+        width, sep, height = part.strip().lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            raise argparse.ArgumentTypeError(f"sizes are WIDTHxHEIGHT pixels such as 512x512, got {part!r}")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -71,9 +71,9 @@ def serving_pipeline(load: dict, settings: Settings) -> EditPipeline:
     return pipe
 
 
-def warm_up(pipe: EditPipeline) -> None:
-    """One small edit before a service says ready, so that its first request does not pay for lazy set-up."""
+def warm_up(pipe: EditPipeline, sizes: tuple[tuple[int, int], ...] = ()) -> None:
+    """``pipe.warmup(sizes)`` before a service says ready (``--warmup``; none: the model's own size), so that its
+    first requests do not pay for compilation, graph capture or lazy set-up."""
     start = time.perf_counter()
-    side = pipe.model.default_resolution
-    pipe.edit(Image.new("RGB", (side, side), (127, 127, 127)), "warm up", steps=1, seed=0)
-    log.info("model warm: one edit in %.2f s; serving", time.perf_counter() - start)
+    pipe.warmup(sizes)
+    log.info("model warm in %.2f s; serving", time.perf_counter() - start)

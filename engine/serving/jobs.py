@@ -264,7 +264,10 @@ class Settings:
     max_connections: int = 256  # requests in progress (each holds a connection), health checks exempt; 503 past it
     drain_timeout: float = 30.0  # seconds queued work may take to finish on shutdown
     api_key: str | None = field(default=None, repr=False)
+    warmup: tuple[tuple[int, int], ...] = ()  # edit sizes (width, height) warmed up before ready; (): the model's
 
     def __post_init__(self) -> None:
         if self.batching not in ("step", "request"):
             raise InputError(f"batching: 'step' or 'request', got {self.batching!r}")
+        if any(not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0) for w, h in self.warmup):
+            raise InputError(f"warmup: sizes are positive WIDTHxHEIGHT pixels, got {self.warmup!r}")

@@ -129,7 +129,7 @@ class EditWorker(EditService):
             loaded.set_exception(err)
             return
         loaded.set_result(self.pipe)
-        warm_up(self.pipe)
+        warm_up(self.pipe, self.settings.warmup)
         self.ready = True
         loop = self.pipe.denoising_loop(on_call=self._count_call)
         running: dict[Edit, Job] = {}
