@@ -123,6 +123,8 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         distill(config(saved_models["sd"], pairs, tmp_path / "y"), progress=False)
     with pytest.raises(InputError, match="text_range"):
         config(tiny_model, pairs, tmp_path / "z", text_range=(5.0, 2.0))
+    with pytest.raises(InputError, match="not a checkpoint of"):
+        distill(config(tiny_model, pairs, tmp_path / "w"), resume=str(tmp_path), progress=False)
     with pytest.raises(InputError, match="preset_steps"):
         config(tiny_model, pairs, tmp_path / "z", preset_steps=(4, 4, 20))
 

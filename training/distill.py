@@ -43,8 +43,8 @@ from engine.guidance import combine_guidance
 from engine.schedules import alphas_cumprod
 from engine.tokenizer import ClipTokenizer
 from training.data import PairedData
-from training.train import (DataCursor, PairEncoder, _checkpoint_paths, _load_checkpoint, _log_row, _resume_path,
-                            _save_checkpoint, copy_frozen_parts, next_batch, save_half_precision)
+from training.train import (CHECKPOINTS, DataCursor, PairEncoder, _checkpoint_paths, _load_checkpoint, _log_row,
+                            _resume_path, _save_checkpoint, copy_frozen_parts, next_batch, save_half_precision)
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _run_stage(stage: _Stage, student, config: DistillConfig, accelerator, froze
                                 num_training_steps=max(stage.steps, 1))
     ema = EMAModel(student.parameters(), decay=config.ema_decay, use_ema_warmup=True) if config.ema_decay > 0 else None
     cursor, step = DataCursor(len(frozen.data), config.seed), 0
-    if resume and _checkpoint_paths(folder):
+    if _resumes(folder, resume):
         step = _load_checkpoint(_resume_path(folder, resume), student, optimizer, lr_schedule, ema, cursor, stage.extra)
     student, optimizer, lr_schedule = accelerator.prepare(student, optimizer, lr_schedule)
     if ema is not None:
@@ -327,6 +327,14 @@ def _run_stage(stage: _Stage, student, config: DistillConfig, accelerator, froze
     return final
 
 
+def _resumes(folder: Path, resume: str | None) -> bool:
+    """Whether ``resume`` ("latest" or a checkpoint folder) applies to the stage in ``folder``: "latest" where the
+    stage has a checkpoint, a folder where it is one of this stage's."""
+    if resume == "latest":
+        return bool(_checkpoint_paths(folder))
+    return resume is not None and Path(resume).resolve().parent == (folder / CHECKPOINTS).resolve()
+
+
 def _save_stage(unet, folder: Path, report: dict) -> None:
     """<folder>/unet and stage.json (written last: a stage counts as finished only with it)."""
     unet.save_pretrained(folder / "unet")
@@ -344,8 +352,12 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
+    output = Path(config.output)
+    if resume not in (None, "latest") and not any(_resumes(output / stage, resume) for stage in STAGES):
+        raise InputError(f"--resume {resume}: not a checkpoint of {output} (expected {output}/<stage>/{CHECKPOINTS}/"
+                         "step-N) nor 'latest'")
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    output, device = Path(config.output), accelerator.device
+    device = accelerator.device
     frozen = _Frozen(config, device)
     teacher = load_component(frozen.source, "unet").requires_grad_(False).eval().to(device)
     if _stage_report(output / "guidance") is None:
