@@ -102,3 +102,18 @@ def test_the_bundle_is_the_shipped_model_exported_reproducibly(tmp_path):
     for name, entry in bundle.manifest.components.items():
         assert [f.sha256 for f in fresh[name].files] == [f.sha256 for f in entry.files], name
     assert torch.__version__ == made_with["torch"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_shipped_student_loads_by_name_and_makes_the_circle_blue_in_four_rows(backend):
+    """shapes-distilled (docs/distillation.md): by name, from its folder and its bundle; the quickstart edit at its
+    default preset is 4 lcm steps of one UNet row, and it succeeds."""
+    pipe = EditPipeline.from_pretrained("shapes-distilled", backend=backend, progress=False)
+    assert pipe.model.student is not None and pipe.model.student.sampler == "lcm"
+    background, shapes = SCENE
+    target = draw(64, background, [Shape(s.kind, "blue", s.box) if s.kind == "circle" else s for s in shapes])
+    case = Case("recolour", draw(64, background, shapes), "make the circle blue", np.asarray(target),
+                shape_mask(64, shapes[0]), "blue", len(shapes))
+    result = pipe.edit(EXAMPLE, case.instruction, seed=0)
+    assert result.unet_evaluations == [4]
+    assert score(case, np.asarray(result.images[0])).success
