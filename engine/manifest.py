@@ -276,8 +276,10 @@ def _components(data: Any) -> dict[str, Component]:
     if missing:
         raise ManifestError(f"missing key {missing[0]!r} in components")
     unets = [name for name in specs.UNETS if name in data]
-    if len(unets) != 1:
-        raise ManifestError(f"components must hold one of {', '.join(specs.UNETS)}, got {len(unets)}")
+    if not unets:
+        raise ManifestError(f"missing key {specs.UNET.name!r} in components")
+    if len(unets) > 1:
+        raise ManifestError(f"components hold both {' and '.join(unets)}: one UNet a bundle")
     return {name: Component.from_dict(entry, f"components.{name}") for name, entry in data.items()}
 
 
@@ -308,7 +310,8 @@ class Manifest:
         data = {
             "format_version": self.format_version, "format": self.format, "precision": self.precision,
             "source": self.source.to_dict(), "model": {key: list(value) if isinstance(value, tuple) else value
-                                                         for key, value in dataclasses.asdict(self.model).items()},
+                                                         for key, value in dataclasses.asdict(self.model).items()
+                                                         if not (key == "student" and value is None)},
             "profile": self.profile.to_dict(), "guidance": self.guidance,
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "null_embedding": self.null_embedding.to_dict(), "tokenizer": self.tokenizer.to_dict(),
