@@ -52,8 +52,9 @@ class TrainConfig:
             raise InputError("conditioning_dropout must be in [0, 1/3]: three disjoint cases of probability p")
 
 
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Defaults, then the YAML file, then non-None ``overrides`` (CLI flags)."""
+def read_options(path: str | Path | None, config_class: type) -> dict:
+    """The options of YAML file ``path`` (none: {}), each a field of dataclass ``config_class``; one line naming the
+    file for a missing file, bad YAML or an unknown option."""
     import yaml
 
     values: dict = {}
@@ -64,10 +65,15 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
             raise InputError(f"{path}: no such config file") from None
         except yaml.YAMLError as err:
             raise InputError(f"{path}: invalid YAML ({err})") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - names
+    unknown = set(values) - {f.name for f in dataclasses.fields(config_class)}
     if unknown:
         raise InputError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+    return values
+
+
+def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Defaults, then the YAML file, then non-None ``overrides`` (CLI flags)."""
+    values = read_options(path, TrainConfig)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("recipe") is not None:
         values["recipe"] = Recipe.from_dict(values["recipe"], str(path))

@@ -42,6 +42,7 @@ from engine.files import write_json_atomic
 from engine.guidance import combine_guidance
 from engine.schedules import alphas_cumprod
 from engine.tokenizer import ClipTokenizer
+from training.config import read_options
 from training.data import PairedData
 from training.train import (CHECKPOINTS, DataCursor, PairEncoder, _checkpoint_paths, _load_checkpoint, _log_row,
                             _resume_path, _save_checkpoint, copy_frozen_parts, next_batch, save_half_precision)
@@ -100,19 +101,7 @@ class DistillConfig:
 
 def load_distill_config(path: str | Path | None, overrides: dict) -> DistillConfig:
     """Defaults, then the YAML file, then non-None ``overrides`` (CLI flags)."""
-    import yaml
-
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such config file") from None
-        except yaml.YAMLError as err:
-            raise InputError(f"{path}: invalid YAML ({err})") from None
-    unknown = set(values) - {f.name for f in dataclasses.fields(DistillConfig)}
-    if unknown:
-        raise InputError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+    values = read_options(path, DistillConfig)
     values.update({k: v for k, v in overrides.items() if v is not None})
     for name in ("text_range", "image_range", "preset_steps"):
         if name in values:
