@@ -444,7 +444,7 @@ class EditPipeline:
         if isinstance(tile, int) and tile % multiple:
             raise InputError(f"vae_tile: {tile} px is not a multiple of {multiple} (this model's downsampling)")
         if tile == "auto":
-            if count * self._vae_bytes(size[0] * size[1]) <= self.vae_memory:
+            if count * self._vae_bytes(size[0] * size[1], self.backend.value_bytes) <= self.vae_memory:
                 return None
             largest = math.isqrt(self.vae_memory // self._vae_bytes(1)) // multiple * multiple
             tile = max(self.model.default_resolution, largest)
@@ -457,9 +457,10 @@ class EditPipeline:
         overlap = max(1, tile // factor // 4)  # a quarter of the tile, as diffusers' tiled VAE
         return tiling.Tiling(tile // factor, overlap)
 
-    def _vae_bytes(self, pixels: int) -> int:
-        """Estimated bytes of VAE activations for a picture of ``pixels``: its full-resolution level, float32."""
-        return pixels * self.model.vae_width * VAE_LIVE_VALUES * 4
+    def _vae_bytes(self, pixels: int, value_bytes: int = 4) -> int:
+        """Estimated bytes of VAE activations for a picture of ``pixels``: its full-resolution level, ``value_bytes``
+        a value (the whole networks compute in the backend's dtype; the tile networks normalise in float32)."""
+        return pixels * self.model.vae_width * VAE_LIVE_VALUES * value_bytes
 
     def encode_image(self, pixels: np.ndarray, tiles: tiling.Tiling | None = None,
                      clock: StageClock | None = None) -> Any:

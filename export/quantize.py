@@ -82,7 +82,7 @@ class RecordingBackend:
             self.calls.append({name: np.array(value, dtype=np.float32) for name, value in inputs.items()})
         return self.backend.run(component, inputs)
 
-    def __getattr__(self, name: str) -> Any:  # has, asarray, to_numpy, concat, constant, macs: the backend's
+    def __getattr__(self, name: str) -> Any:  # has, asarray, to_numpy, concat, constant, macs, value_bytes
         return getattr(self.backend, name)
 
 

@@ -29,6 +29,7 @@ def test_same_pictures_as_torch(tiny_pipe, ort_pipes, image_file, precision, flo
     kwargs = dict(steps=8, seed=11, sampler=sampler, output_type="np", resolution=None)
     ref = tiny_pipe.edit(image_file, "make it blue", **kwargs).images
     out = ort_pipes[precision].edit(image_file, "make it blue", **kwargs).images
+    assert ort_pipes[precision].backend.value_bytes == {"fp32": 4, "fp16": 2}[precision]
     assert out.shape == ref.shape and psnr(out, ref) >= floor
 
 

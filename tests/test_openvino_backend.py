@@ -97,6 +97,7 @@ def test_threads_follow_omp_num_threads_and_the_compiled_networks_are_cached(onn
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     backend = load(read_bundle(onnx_bundles["fp32"]), dtype="float32", cache_dir=tmp_path / "cache")
     assert backend.threads == 1 and backend.compiled["unet"].get_property("INFERENCE_NUM_THREADS") == 1
+    assert backend.value_bytes == 4
     assert backend.compiled["unet"].get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(cached) >= 4  # one blob per component (the split UNet's included)
@@ -108,7 +109,7 @@ def test_bfloat16_keeps_a_float32_decoder_for_the_overflow_fallback(onnx_bundles
     if not NATIVE_BF16:
         pytest.skip("this CPU has no native bfloat16")
     backend = load(read_bundle(onnx_bundles["fp32"]), cache_dir=tmp_path)
-    assert backend.precision == "bfloat16" and backend.has("vae_decoder_fp32")
+    assert backend.precision == "bfloat16" and backend.has("vae_decoder_fp32") and backend.value_bytes == 2
     assert backend.compiled["vae_decoder_fp32"].get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
 
 

@@ -46,6 +46,17 @@ def test_a_picture_that_fits_one_tile_is_not_tiled_and_auto_tiles_past_the_budge
     assert tiles is not None and tiles.tile * pipe.model.vae_factor == 64
 
 
+def test_auto_counts_the_whole_vae_in_the_dtype_it_computes_in(tiny_model):
+    """bfloat16 activations take half the bytes: a picture twice as large runs whole in the same budget; tiles
+    keep their float32 size (the tile networks normalise in float32)."""
+    pipe = EditPipeline.from_pretrained(tiny_model, dtype="bfloat16", progress=False)
+    assert pipe.backend.value_bytes == 2
+    pipe.vae_memory = 64 * 64 * pipe.model.vae_width * 16
+    assert pipe.vae_tiling("auto", (128, 64), 1) is None
+    tiles = pipe.vae_tiling("auto", (128, 128), 1)
+    assert tiles is not None and tiles.tile * pipe.model.vae_factor == 64
+
+
 def test_tiles_are_counted_and_a_tile_larger_than_the_picture_changes_nothing(tiny_pipe):
     image = random_images(1, 48, 96)[0]
     kwargs = dict(steps=2, seed=1, resolution=None, output_type="np")

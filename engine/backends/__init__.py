@@ -3,8 +3,9 @@
 A backend answers ``run(component, inputs) -> outputs`` keyed by the spec's tensor names, plus the
 array helpers the denoising loop needs: ``asarray`` (numpy -> backend array), ``to_numpy``, ``concat``
 and ``constant`` (an input that every step passes again unchanged, which a GPU backend keeps on the
-device), and ``macs`` (the multiply-accumulates of one UNet row of a component at the model's own size, which weigh
-the work of step caching's shallow calls: their share changes little with size). Each backend lives in its own module so its heavy imports stay there.
+device), ``macs`` (the multiply-accumulates of one UNet row of a component at the model's own size, which weigh
+the work of step caching's shallow calls: their share changes little with size), and ``value_bytes`` (the bytes of one activation value in the dtype its networks
+compute in, which sizes the VAE's memory budget). Each backend lives in its own module so its heavy imports stay there.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ BUNDLE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 class Backend(Protocol):
+    value_bytes: int
+
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]: ...
 
     def has(self, component: str) -> bool: ...

@@ -180,6 +180,7 @@ class OnnxRuntimeBackend(HostArrays):
         import onnxruntime as ort
 
         self.bundle = bundle
+        self.value_bytes = 2 if bundle.manifest.precision == "fp16" else 4
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or default_threads()

@@ -65,6 +65,7 @@ class OpenVinoBackend(HostArrays):
         import openvino as ov
 
         self.bundle, self.precision, self.threads = bundle, precision, threads
+        self.value_bytes = 4 if precision == "float32" else 2
         core = ov.Core()
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)

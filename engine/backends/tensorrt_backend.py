@@ -184,6 +184,7 @@ class TensorRTBackend(HostArrays):
         from cuda.bindings import runtime as cudart
 
         self.bundle = bundle
+        self.value_bytes = 2 if bundle.manifest.precision == "fp16" else 4
         self.stream = _check(cudart.cudaStreamCreate())
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {

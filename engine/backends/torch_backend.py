@@ -41,6 +41,7 @@ class TorchBackend:
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, dtype: torch.dtype,
                  compile_unet: bool = False):
         self.device, self.dtype, self.compile_unet = device, dtype, compile_unet
+        self.value_bytes = dtype.itemsize
         self._unet_name = next(name for name in specs.UNETS if name in modules)
         wrapper = modules[self._unet_name]
         self._unet, self._kv_downsample = wrapper.unet, wrapper.kv_downsample  # the diffusers UNet, for splits
