@@ -31,8 +31,11 @@ def add_torch_options(parser: argparse.ArgumentParser) -> None:
                         help="torch backend: the finest level's self-attention reads keys and values pooled NxN "
                         "(token downsampling: faster on CPUs, approximate; 1 = exact, the default)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch backend: run the UNet through torch.compile (compiled at the first call of each "
-                        "new size, about a minute on 2 CPU cores for SD 1.5)")
+                        help="torch backend: run the UNet and the VAE decoder through torch.compile (compiled at the "
+                        "first call of each new size, about a minute on 2 CPU cores for SD 1.5; kept on disk for the "
+                        "next process), on CUDA replayed as CUDA graphs")
+    parser.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", default=None,
+                        help="torch backend with --compile on CUDA: compiled, without CUDA graphs")
 
 
 def torch_options(args: argparse.Namespace) -> dict | None:
@@ -44,9 +47,11 @@ def torch_options(args: argparse.Namespace) -> dict | None:
         options["kv_downsample"] = args.kv_downsample
     if args.compile:
         options["compile"] = True
+    if args.graphs is not None:
+        options["graphs"] = args.graphs
     if options and args.backend in BUNDLE_BACKENDS:
-        flag = "--kv-downsample" if "kv_downsample" in options else "--compile"
-        raise InputError(f"{flag} applies to the torch UNet: use it with --backend torch")
+        flag = {"kv_downsample": "--kv-downsample", "compile": "--compile"}.get(next(iter(options)), "--no-cuda-graphs")
+        raise InputError(f"{flag} applies to the torch backend: use it with --backend torch")
     return options or None
 
 
@@ -57,7 +62,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS),
                         help="default: the bundle's own runtime for an exported bundle, else torch")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32, or a bundle's own")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: a bundle's own; torch: float16 on CUDA, "
+                        "float32 elsewhere")
     parser.add_argument("--variant", help="weight files of this variant, e.g. fp16 for *.fp16.safetensors "
                         "(default: the plain files, else the only variant there is)")
 

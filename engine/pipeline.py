@@ -121,7 +121,7 @@ class EditPipeline:
         (``config`` names the diffusers folder or hub id that supplies a single file's configs and
         tokenizer; ``variant`` picks variant weight files such as fp16), or an exported bundle with
         ``backend="onnxruntime"``/``"openvino"``/``"tensorrt"``. ``backend=None`` is the fastest exact runtime
-        installed for a bundle (``engine.backends.bundle_runtime``: OpenVINO for ONNX on a CPU), else torch. ``dtype`` defaults to float32 for torch and to the bundle's precision for bundles.
+        installed for a bundle (``engine.backends.bundle_runtime``: OpenVINO for ONNX on a CPU), else torch. ``dtype`` defaults to the bundle's precision for bundles, for torch to float16 on CUDA and float32 elsewhere.
         With no ``model``: $IP2P_MODEL, else the shipped shapes model (its ONNX bundle where torch is
         not installed or a bundle backend is asked for)."""
         model = model or os.environ.get(MODEL_ENV) or default_model(backend)
@@ -147,7 +147,7 @@ class EditPipeline:
         source = resolve_model(model, config, variant)
         model_config = read_model_config(source.folder)
         tokenizer = ClipTokenizer(source.folder / "tokenizer")
-        runner = module.load(source, device=device, dtype=dtype or "float32", **options)
+        runner = module.load(source, device=device, dtype=dtype, **options)
         return cls(runner, model_config, tokenizer, max_image_pixels=max_image_pixels, progress=progress)
 
     def edit(

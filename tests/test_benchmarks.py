@@ -122,3 +122,34 @@ def test_report_takes_ratios_to_diffusers_best_cpu_setting_where_it_ran():
     table = markdown(rows, {})
     assert "6.00 s (0.43x, 0.75x best)" in table and "14.00 s (1.00x, 1.75x best)" in table
     assert "best" not in markdown([r for r in rows if r["backend"] != "diffusers-cl-bf16"], {}).split("\n", 2)[2]
+
+
+def test_the_gpu_side_by_side_dry_runs_on_the_cpu(tmp_path, tiny_model):
+    """benchmarks/gpu_compare.py's logic, on the tiny model on the CPU in float32 (eager systems: compiling is
+    tested in test_torch_backend.py): every figure present, float32 against float32 the same pictures, a report."""
+    from benchmarks import gpu_compare
+
+    out = tmp_path / "compare.json"
+    gpu_compare.main(["--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--size", "32", "--steps", "2",
+                      "--rounds", "1", "--matmul-size", "256", "--systems", "diffusers-eager", "engine-eager",
+                      "--presets", "fast",
+                      "--json", str(out), "--report", str(tmp_path / "compare.md")])
+    data = json.loads(out.read_text())
+    diffusers, engine = data["systems"]
+    assert (diffusers["system"], engine["system"]) == ("diffusers-eager", "engine-eager")
+    assert set(engine) >= {"unet_step", "exact", "fast", "warmup_s"} and "fast" not in diffusers
+    assert engine["unet_rows"]["exact"] == 6 and engine["unet_rows"]["fast"] < 3 * 8
+    assert engine["exact"]["psnr_vs_float32"] == engine["fast"]["psnr_vs_float32"] == float("inf")
+    assert 0 < engine["unet_step"]["peak_share"] and data["targets"] == {}
+    assert "| engine-eager |" in (tmp_path / "compare.md").read_text()
+
+
+def test_the_gpu_side_by_side_checks_the_issue_targets():
+    from benchmarks.gpu_compare import check_targets
+
+    def system(name, exact, fast=None, share=0.4):
+        return {"system": name, "exact": {"ms": exact}, "fast": {"ms": fast}, "unet_step": {"peak_share": share}}
+
+    targets = check_targets([system("diffusers-compiled", 400.0), system("engine-compiled", 250.0, 90.0, 0.3)])
+    assert targets == {"exact_ms": [250.0, True], "exact_vs_diffusers_compiled": [0.625, True],
+                       "fast_ms": [90.0, False], "unet_step_peak_share": [0.3, False]}

@@ -59,7 +59,7 @@ def test_cuda_float32_matches_diffusers_on_cuda(tiny_model, no_tf32):
         tiny_model, safety_checker=None, requires_safety_checker=False).to(DEVICE)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    gpu = EditPipeline.from_pretrained(tiny_model, device=DEVICE, progress=False)
+    gpu = EditPipeline.from_pretrained(tiny_model, device=DEVICE, dtype="float32", progress=False)
     f = gpu.model.vae_factor
     latents = np.random.default_rng(1).standard_normal((1, 4, 48 // f, 64 // f)).astype(np.float32)
     ours = edit(gpu, sampler="euler", latents=latents)
@@ -67,6 +67,42 @@ def test_cuda_float32_matches_diffusers_on_cuda(tiny_model, no_tf32):
                  output_type="np").images
     assert ours.shape == theirs.shape == (1, 48, 64, 3)
     assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_cuda_defaults_to_float16_channels_last():
+    from engine.backends import torch_backend
+
+    backend = EditPipeline.from_pretrained(device=DEVICE, progress=False).backend
+    unet = backend._modules["unet"][0]
+    assert backend.dtype == torch.float16 and backend.value_bytes == 2
+    assert next(p for p in unet.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    assert set(torch_backend.CHANNELS_LAST_ON_CUDA) >= {"unet", "vae_decoder"}
+
+
+def test_compiled_cuda_graphs_give_the_eager_pictures_and_warmup_captures_every_shape(tiny_model):
+    """compile on CUDA: UNet and decoder compiled, each shape a CUDA graph (on by default); after warm-up at a size
+    the edits there (exact and the presets' adaptive row counts) compile and capture nothing new; the pictures
+    are the eager float16 ones up to rounding."""
+    from torch._dynamo.utils import counters
+
+    eager = EditPipeline.from_pretrained(tiny_model, device=DEVICE, progress=False)
+    graphed = EditPipeline.from_pretrained(tiny_model, device=DEVICE, progress=False,
+                                           backend_options={"compile": True})
+    assert graphed.backend.graphs and graphed.backend.dtype == torch.float16
+    graphed.warmup([(64, 48)])
+    graphs = counters["stats"]["unique_graphs"]
+    for preset in ("exact", "balanced", "fast"):
+        for seed in (0, 1):  # the second replays the first's graphs with new inputs
+            a, b = edit(graphed, preset=preset, seed=seed), edit(eager, preset=preset, seed=seed)
+            assert np.isfinite(a).all() and psnr(a, b, peak=1.0) >= 35.0
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(graphed.backend.shapes["unet"]) == 3
+
+
+def test_compiled_without_graphs_on_cuda(tiny_model):
+    pipe = EditPipeline.from_pretrained(tiny_model, device=DEVICE, progress=False,
+                                        backend_options={"compile": True, "graphs": False})
+    assert not pipe.backend.graphs and np.isfinite(edit(pipe)).all()
 
 
 def test_cuda_memory_stays_flat_across_edits_of_varying_sizes(tiny_model):

@@ -16,17 +16,73 @@ def test_bad_kv_downsample_is_refused(tiny_model, factor):
         EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"kv_downsample": factor})
 
 
-def test_compiled_unet_gives_the_eager_pictures(tiny_model):
-    """torch.compile (inductor, weights frozen) runs the UNet; same edit up to float32 rounding."""
+def test_compiled_networks_give_the_eager_pictures_and_warmup_compiles_every_shape(tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """torch.compile (inductor, weights frozen) runs the UNet and the VAE decoder; same edit up to float32
+    rounding. Warm-up at a size compiles every shape an edit there asks for (1, 2 and 3 UNet rows): the edits
+    after it compile nothing. The kernels land in the compile cache."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     image = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)
-    compiled = EditPipeline.from_pretrained(tiny_model, progress=False, backend_options={"compile": True})
-    assert type(compiled.backend._modules["unet"][0]).__name__ == "OptimizedModule"
+    options = {"compile": True, "compile_cache": str(tmp_path / "cache")}
+    compiled = EditPipeline.from_pretrained(tiny_model, progress=False, backend_options=options)
+    modules = compiled.backend._modules
+    assert {type(modules[name][0]).__name__ for name in ("unet", "vae_decoder")} == {"OptimizedModule"}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    compiled.warmup([(48, 32)])
+    shapes = {name: set(seen) for name, seen in compiled.backend.shapes.items()}
+    assert {len(next(iter(s))[0][1]) for s in shapes.values()} and len(shapes["unet"]) == 3  # 1, 2, 3 rows
+    graphs = counters["stats"]["unique_graphs"]
     eager = EditPipeline.from_pretrained(tiny_model, progress=False)
     kwargs = dict(steps=3, seed=0, resolution=None, output_type="np")
-    a = compiled.edit(image, "make it blue", **kwargs).images
-    np.testing.assert_allclose(a, eager.edit(image, "make it blue", **kwargs).images, atol=1e-4)
-    np.testing.assert_allclose(compiled.edit(image, "make it red", **{**kwargs, "seed": 1}).images,
-                               eager.edit(image, "make it red", **{**kwargs, "seed": 1}).images, atol=1e-4)
+    np.testing.assert_allclose(compiled.edit(image, "make it blue", **kwargs).images,
+                               eager.edit(image, "make it blue", **kwargs).images, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs and compiled.backend.shapes == shapes
+    assert any((tmp_path / "cache").rglob("*.py"))  # inductor's generated kernels
+
+
+@pytest.mark.slow
+def test_a_new_compile_reads_the_kernels_back_from_the_compile_cache(tiny_model, tmp_path, monkeypatch):
+    """What a restarted process does: compiling the same networks again hits inductor's on-disk graph cache."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    options = {"compile": True, "compile_cache": str(tmp_path / "cache")}
+    kwargs = dict(steps=1, seed=0, resolution=None, output_type="np", text_guidance=1.0, image_guidance=1.0)
+    image = Image.new("RGB", (32, 32), (90, 40, 200))
+    first = EditPipeline.from_pretrained(tiny_model, progress=False, backend_options=options).edit(image, "x", **kwargs)
+    torch._dynamo.reset()  # forget the compiled code in memory, as a new process has none
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    again = EditPipeline.from_pretrained(tiny_model, progress=False, backend_options=options).edit(image, "x", **kwargs)
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits
+    np.testing.assert_array_equal(again.images, first.images)
+
+
+def test_a_compiled_network_refuses_more_shapes_than_it_keeps(tiny_pipe, monkeypatch):
+    """The bookkeeping around each compiled call (no compile needed to check it)."""
+    from engine.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "COMPILED_SHAPES", 2)
+    backend = torch_backend.TorchBackend.__new__(torch_backend.TorchBackend)
+    backend.shapes, backend.graphs = {}, False
+    for rows in (1, 3, 1):
+        with backend._compiled_call("unet", {"sample": torch.zeros(rows, 8, 4, 4)}):
+            pass
+    assert backend.shapes == {"unet": {(("sample", (1, 8, 4, 4)),), (("sample", (3, 8, 4, 4)),)}}
+    with pytest.raises(InputError, match="unet: compiled for 2 input shapes already .* run without compile"):
+        with backend._compiled_call("unet", {"sample": torch.zeros(2, 8, 4, 4)}):
+            pass
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"graphs": True}, "graphs: CUDA graphs need a CUDA device, not 'cpu': turn graphs off"),
+    ({"compile": True, "graphs": True}, "graphs: CUDA graphs need a CUDA device"),
+    ({"graphs": "yes"}, "graphs must be true or false"),
+])
+def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_model, options, message):
+    with pytest.raises(InputError, match=message):
+        EditPipeline.from_pretrained(tiny_model, progress=False, backend_options=options)
 
 
 def test_compile_is_refused_without_a_cpp_compiler_or_with_a_bad_value(tiny_model, monkeypatch):

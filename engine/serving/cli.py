@@ -13,11 +13,12 @@ log = logging.getLogger("engine.serving")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine.cli import add_model_options
+    from engine.cli import add_model_options, add_torch_options
 
     parser.add_argument("model", nargs="?", help="model folder, bundle or hub id (default: $IP2P_MODEL, else the "
                         "shipped shapes model: its ONNX bundle where torch is not installed)")
     add_model_options(parser)
+    add_torch_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=12,
@@ -89,7 +90,10 @@ def warmup_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def run_serve(args: argparse.Namespace) -> None:
     settings = settings_from(args)
-    load = dict(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, variant=args.variant)
+    from engine.cli import torch_options
+
+    load = dict(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, variant=args.variant,
+                backend_options=torch_options(args))
     if args.ray:
         from engine.extras import import_extra
 
