@@ -128,14 +128,15 @@ def onnx_files(path: Path) -> list[Path]:
     return [path, data] if data.exists() else [path]
 
 
-def _timestep_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes between the timestep input and the first matrix product: the sinusoidal embedding, which
-    float16 would quantise (t = 946.37 is 946.5 in float16)."""
+def _embedding_nodes(model: onnx.ModelProto, inputs: tuple[str, ...]) -> list[str]:
+    """Nodes between ``inputs`` (the timestep; a student's guidance scales) and the first matrix product: the
+    sinusoidal embeddings, which float16 would quantise (t = 946.37 is 946.5 in float16; a scale times 1000
+    likewise)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    names, frontier = [], ["timestep"]
+    names, frontier = [], list(inputs)
     while frontier:
         for node in consumers.get(frontier.pop(), []):
             if node.op_type in ("MatMul", "Gemm") or node.name in names:
@@ -146,17 +147,17 @@ def _timestep_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def convert_to_fp16(src: Path, dst: Path, external_over: int = EXTERNAL_DATA_BYTES) -> list[Path]:
-    """Float16 weights and compute, float32 inputs/outputs; normalisations, softmax and the timestep
-    embedding stay float32. Returns the files written."""
+    """Float16 weights and compute, float32 inputs/outputs; normalisations, softmax and the timestep (and
+    guidance) embeddings stay float32. Returns the files written."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(src, load_external_data=True)
-    has_timestep = any(i.name == "timestep" for i in model.graph.input)
+    embedded = tuple(i.name for i in model.graph.input if i.name in ("timestep", "guidance"))
     converted = convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=FP32_OPS,
-        node_block_list=_timestep_nodes(model) if has_timestep else None,
+        node_block_list=_embedding_nodes(model, embedded) or None,
         disable_shape_infer=True,
     )
     drop_repeated_nodes(converted.graph)

@@ -33,9 +33,15 @@ class Check:
         return f"{self.component:13s} {self.shapes:36s} max abs {self.max_abs:.2e}  rel {self.max_rel:.2e}  {verdict}"
 
 
-def random_inputs(spec: ComponentSpec, sizes: dict[str, int], vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Inputs for ``spec`` with symbolic dims set by ``sizes``: token ids, timesteps in [0, 1000), 0/1 flags, positive
-    variances, else N(0, 1)."""
+Ranges = tuple[tuple[float, float], tuple[float, float]]  # a student's trained (s_T, s_I) ranges
+UNTRAINED_RANGES: Ranges = ((1.0, 8.0), (1.0, 8.0))
+
+
+def random_inputs(spec: ComponentSpec, sizes: dict[str, int], vocab_size: int, seed: int,
+                  guidance: Ranges = UNTRAINED_RANGES) -> dict[str, np.ndarray]:
+    """Inputs for ``spec`` with symbolic dims set by ``sizes``: token ids, timesteps in [0, 1000), a student's
+    guidance scales within the ranges it was trained over (``guidance``: outside them its activations, and float16's
+    error, grow), 0/1 flags, positive variances, else N(0, 1)."""
     rng = np.random.default_rng(seed)
     out = {}
     for tensor in spec.inputs:
@@ -45,7 +51,7 @@ def random_inputs(spec: ComponentSpec, sizes: dict[str, int], vocab_size: int, s
         elif tensor.name == "timestep":
             out[tensor.name] = rng.uniform(0, 999, shape).astype(np.float32)
         elif tensor.name == "guidance":  # a student's (s_T, s_I)
-            out[tensor.name] = rng.uniform(1.0, 8.0, shape).astype(np.float32)
+            out[tensor.name] = np.stack([rng.uniform(lo, hi, shape[:-1]) for lo, hi in guidance], -1).astype(np.float32)
         elif tensor.name in ("owned", "given_stats"):  # 0/1 flags
             out[tensor.name] = rng.integers(0, 2, shape).astype(np.float32)
         elif tensor.name == "norm_stats":  # means, and variances that are positive
@@ -79,14 +85,16 @@ def verify_component(
     size_sets: list[dict[str, int]],
     precision: str,
     vocab_size: int,
+    guidance: Ranges = UNTRAINED_RANGES,
 ) -> list[Check]:
-    """Run ``onnx_path`` and ``module`` (float32) on random inputs at each set of sizes."""
+    """Run ``onnx_path`` and ``module`` (float32) on random inputs at each set of sizes (a student's scales within
+    ``guidance``, its trained ranges)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     checks = []
     for i, sizes in enumerate(size_sets):
-        inputs = random_inputs(spec, sizes, vocab_size, seed=1000 + i)
+        inputs = random_inputs(spec, sizes, vocab_size, seed=1000 + i, guidance=guidance)
         max_abs, max_rel = compare(module, session, inputs)
         shapes = " ".join(f"{t.name}{list(v.shape)}" for t, v in zip(spec.inputs, inputs.values()) if v.ndim > 2)
         checks.append(Check(name, shapes, max_abs, max_rel, TOLERANCE[precision]))

@@ -184,3 +184,14 @@ def test_a_model_saved_by_the_libraries_exports_verified_and_runs_in_onnxruntime
     ref = torch_edit.edit(image_file, "make it blue", **kwargs).images
     out_images = EditPipeline.from_pretrained(out, progress=False).edit(image_file, "make it blue", **kwargs).images
     assert 10 * np.log10(1 / np.mean((ref - out_images) ** 2)) >= 40
+
+
+def test_a_students_scales_are_verified_within_the_ranges_it_was_trained_over():
+    from engine.specs import UNET_GUIDED
+    from export.verify import random_inputs
+
+    sizes = {"N": 300, "H": 2, "W": 2, "D": 4}
+    scales = random_inputs(UNET_GUIDED, sizes, 10, seed=0, guidance=((2.0, 12.0), (1.0, 3.0)))["guidance"]
+    assert scales.shape == (300, 2) and scales.dtype == np.float32
+    assert 2.0 <= scales[:, 0].min() and scales[:, 0].max() <= 12.0 and scales[:, 0].max() > 9.0
+    assert 1.0 <= scales[:, 1].min() and scales[:, 1].max() <= 3.0
