@@ -146,8 +146,6 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
     sizes = verification_sizes(profile, model_config.vae_factor, model_config.text_dim, names, feature,
                                model_config.vae_norms)
     opt_latent = (profile.height[1] // model_config.vae_factor, profile.width[1] // model_config.vae_factor)
-    student = model_config.student
-    guidance = UNTRAINED_RANGES if student is None else (student.text_range, student.image_range)
 
     staging = staging_folder(out)
     checks: list[Check] = []
@@ -158,7 +156,8 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             try:
                 entry, component_checks = _export_component(
                     name, modules[name], spec, dims, sizes[name], model_config.vae_factor, profile, staging,
-                    "fp32" if name in specs.TILE_COMPONENTS else graph_precision, options.verify, vocab_size, guidance)
+                    "fp32" if name in specs.TILE_COMPONENTS else graph_precision, options.verify, vocab_size,
+                    model_config.student)
             except InputError:
                 raise
             except Exception as err:
@@ -239,7 +238,7 @@ def _save_text_files(staging: Path, source: ModelSource, text_encoder: Any) -> t
 
 
 def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, staging, precision, verify,
-                      vocab_size, guidance):
+                      vocab_size, student):
     """Export (and convert, and verify) one component; returns its manifest entry and checks."""
     fp32_path = staging / (f"{name}.fp32.onnx" if precision == "fp16" else f"{name}.onnx")
     files = onnx_export.export_onnx(module, spec, dims, vae_factor, fp32_path)
@@ -260,6 +259,7 @@ def _export_component(name, module, spec, dims, size_sets, vae_factor, profile, 
             f.unlink(missing_ok=True)
         files = fp16_files
     if verify:
+        guidance = UNTRAINED_RANGES if student is None else (student.text_range, student.image_range)
         checks += verify_component(name, module, spec, files[0], size_sets, precision, vocab_size, guidance)
     shapes = specs.shape_ranges(spec, dims)
     entry = Component(

@@ -36,8 +36,9 @@ def test_compiled_networks_give_the_eager_pictures_and_warmup_compiles_every_sha
     graphs = counters["stats"]["unique_graphs"]
     eager = EditPipeline.from_pretrained(tiny_model, progress=False)
     kwargs = dict(steps=3, seed=0, resolution=None, output_type="np")
-    np.testing.assert_allclose(compiled.edit(image, "make it blue", **kwargs).images,
-                               eager.edit(image, "make it blue", **kwargs).images, atol=1e-4)
+    for tile in (None, 32):  # tiled: the tile networks are made from the eager modules
+        np.testing.assert_allclose(compiled.edit(image, "make it blue", vae_tile=tile, **kwargs).images,
+                                   eager.edit(image, "make it blue", vae_tile=tile, **kwargs).images, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs and compiled.backend.shapes == shapes
     assert any((tmp_path / "cache").rglob("*.py"))  # inductor's generated kernels
 

@@ -66,6 +66,7 @@ class TorchBackend:
             self._modules[name][0].to(memory_format=torch.channels_last)
         self._macs: dict[str, float] = {}  # per component
         self.shapes: dict[str, set[tuple]] = {}  # compiled component -> the input shapes it has taken
+        self._eager = {name: module for name, (module, _) in self._modules.items()}  # tile networks, fp32 decoder
         if compile:
             for name in set(COMPILED) & set(self._modules):
                 self._modules[name] = (self._compiled(self._modules[name][0]), dtype)
@@ -86,11 +87,10 @@ class TorchBackend:
 
     def _module(self, component: str) -> tuple[nn.Module, torch.dtype]:
         if component not in self._modules:
-            if component == FP32_DECODER:
-                module, dtype = copy.deepcopy(self._modules[specs.VAE_DECODER.name][0]).float(), torch.float32
+            if component == FP32_DECODER:  # the overflow fallback: rare, eager
+                module, dtype = copy.deepcopy(self._eager[specs.VAE_DECODER.name]).float(), torch.float32
             elif component in specs.TILE_COMPONENTS:
-                modules = {name: module for name, (module, _) in self._modules.items()}
-                module, dtype = tile_module(modules, component), self.dtype
+                module, dtype = tile_module(self._eager, component), self.dtype
             else:
                 module, dtype = split_modules(self._unet, component, self._kv_downsample), self.dtype
                 if module is None:
