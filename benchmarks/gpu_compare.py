@@ -26,6 +26,7 @@ import torch
 
 from benchmarks import hardware
 from benchmarks.runners import DiffusersRunner, EngineRunner
+from training.evaluation import psnr
 
 log = logging.getLogger(__name__)
 SYSTEMS = ("diffusers-eager", "diffusers-compiled", "engine-eager", "engine-compiled")
@@ -43,11 +44,6 @@ def timed(call: Callable[[], Any], device: str, rounds: int) -> tuple[float, Any
         hardware.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def engine_runners(model: Path, device: str, dtype: str, steps: int, compiled: bool, size: int,
@@ -148,7 +144,8 @@ def compare(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
         family = system.split("-")[0]
         for preset in PRESETS:
             if preset in figures:
-                figures[preset]["psnr_vs_float32"] = psnr(figures[preset].pop("pictures"), references[family][preset])
+                figures[preset]["psnr_vs_float32"] = psnr(figures[preset].pop("pictures"), references[family][preset],
+                                                                  peak=1.0)
         log.info("%s: %s", system, figures)
         results.append(figures)
         save(data | {"targets": check_targets(results)})

@@ -139,7 +139,7 @@ def test_the_gpu_side_by_side_dry_runs_on_the_cpu(tmp_path, tiny_model):
     assert (diffusers["system"], engine["system"]) == ("diffusers-eager", "engine-eager")
     assert set(engine) >= {"unet_step", "exact", "fast", "warmup_s"} and "fast" not in diffusers
     assert engine["unet_rows"]["exact"] == 6 and engine["unet_rows"]["fast"] < 3 * 8
-    assert engine["exact"]["psnr_vs_float32"] == engine["fast"]["psnr_vs_float32"] == float("inf")
+    assert engine["exact"]["psnr_vs_float32"] >= 199 and engine["fast"]["psnr_vs_float32"] >= 199  # identical: 200
     assert 0 < engine["unet_step"]["peak_share"] and data["targets"] == {}
     assert "| engine-eager |" in (tmp_path / "compare.md").read_text()
 
