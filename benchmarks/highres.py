@@ -31,6 +31,10 @@ PROMPT = "make it snowy"
 EDIT_SIZES = ((1024, 1024), (1920, 1080), (2048, 2048))
 VAE_SIZE = (4096, 4096)
 SCALE = 8  # keep_detail: the scenes blown up this much
+# the engine's systems: the torch backend in bfloat16 on a diffusers folder; onnxruntime on an fp32 bundle, with its
+# attention fused (the default) and the graphs as exported (the score matrix whole)
+RUNTIMES = {"engine": dict(backend="torch", dtype="bfloat16"), "onnxruntime": dict(backend="onnxruntime"),
+            "onnxruntime-unfused": dict(backend="onnxruntime", backend_options={"fused_attention": False})}
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -50,11 +54,11 @@ def run_one(system: str, width: int, height: int, rows: int, what: str, model: s
     torch.manual_seed(0)
     image = photo(width, height)
     scales = dict(text_guidance=7.5, image_guidance=1.5) if rows == 3 else dict(text_guidance=1.0, image_guidance=1.0)
-    if system == "engine":
+    if system in RUNTIMES:
         from engine import EditPipeline
         from engine import images as imaging
 
-        pipe = EditPipeline.from_pretrained(model, backend="torch", dtype="bfloat16", progress=False)
+        pipe = EditPipeline.from_pretrained(model, progress=False, **RUNTIMES[system])
         start = time.perf_counter()
         if what == "edit":
             result = pipe.edit(image, PROMPT, steps=1, sampler="euler", resolution=None, seed=0, output_type="np",
@@ -120,18 +124,22 @@ def _resident_bytes(pid: int) -> int:
     return 0
 
 
-def memory(model: str, cap_gib: float, timeout: float, only: list[str] | None) -> list[dict]:
+def memory(model: str, bundle: str | None, cap_gib: float, timeout: float, only: list[str] | None) -> list[dict]:
+    """The runs above, each watched in a process of its own; with ``bundle`` (the sd15 model exported for
+    sides up to 1024), also onnxruntime's 1024x1024 3-row edit with its attention fused and as exported."""
     plan = [("engine", *VAE_SIZE, 0, "vae"), ("engine", 2048, 2048, 1, "edit"), ("diffusers-tiled", *VAE_SIZE, 0, "vae")]
     plan += [("engine", w, h, rows, "edit") for w, h in EDIT_SIZES for rows in (1, 3) if (w, rows) != (2048, 1)]
     plan += [(system, w, h, 1, "edit") for w, h in EDIT_SIZES for system in ("diffusers", "diffusers-tiled")]
     plan += [(system, 1024, 1024, 3, "edit") for system in ("diffusers", "diffusers-tiled")]
+    plan += [(system, 1024, 1024, 3, "edit") for system in ("onnxruntime", "onnxruntime-unfused") if bundle]
     results = []
     for system, width, height, rows, what in plan:
         name = f"{system} {what} {width}x{height}" + (f" {rows} rows" if what == "edit" else "")
         if only and not any(key in name for key in only):
             continue
         log.info("%s ...", name)
-        answer = watched([system, str(width), str(height), str(rows), what, model], cap_gib, timeout)
+        source = bundle if system.startswith("onnxruntime") else model
+        answer = watched([system, str(width), str(height), str(rows), what, source], cap_gib, timeout)
         log.info("%s: %s", name, answer)
         results.append({"system": system, "what": what, "size": [width, height], "rows": rows} | answer)
     return results
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         one.add_argument(name)
     mem = sub.add_parser("memory")
     mem.add_argument("--model", default=str(Path.home() / ".cache/ip2p/bench/sd15"))
+    mem.add_argument("--bundle", help="an fp32 ONNX bundle of sd15 taking 1024x1024: onnxruntime's runs too")
     mem.add_argument("--cap-gib", type=float, default=20.0)
     mem.add_argument("--timeout", type=float, default=1800.0)
     mem.add_argument("--only", nargs="*")
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.hardware import cpu_capability, device_name
 
     if args.part == "memory":
-        figures = memory(args.model, args.cap_gib, args.timeout, args.only)
+        figures = memory(args.model, args.bundle, args.cap_gib, args.timeout, args.only)
     elif args.part == "tiles":
         figures = tiles_quality()
     else:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine.backends import HostArrays
+from engine.backends.attention_fusion import fuse_attention
 from engine.cpu import default_threads
 from engine.errors import InputError
 from engine.manifest import Bundle
@@ -176,30 +177,20 @@ class OnnxRuntimeBackend(HostArrays):
     a GPU (or wherever ``io_binding`` asks for it)."""
 
     def __init__(self, bundle: Bundle, providers: list, threads: int | None = None, io_binding: bool | None = None,
-                 cuda_graph: bool = False, spin: bool | None = None, spin_after_run: bool | None = None):
+                 cuda_graph: bool = False, spin: bool | None = None, spin_after_run: bool | None = None,
+                 fused_attention: bool = True):
         import onnxruntime as ort
 
         self.bundle = bundle
         self.value_bytes = 2 if bundle.manifest.precision == "fp16" else 4
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or default_threads()
-        options.enable_mem_pattern = False  # shapes vary between edits; patterns would be re-planned each time
-        options.log_severity_level = 3
-        if spin is not None:  # ORT's CPU threads busy-wait for work between calls unless told not to
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        if spin_after_run is not None:  # off: threads spin within a run, and stop as soon as it returns
-            options.add_session_config_entry("session.force_spinning_stop", "0" if spin_after_run else "1")
+        self._ort, self._threads, self._spin, self._spin_after_run = ort, threads, spin, spin_after_run
         gpu = [p for p in providers if _provider_name(p) != "CPUExecutionProvider"]
         self.on_gpu = bool(gpu)
         device_id = gpu[0][1].get("device_id", 0) if gpu and isinstance(gpu[0], tuple) else 0
-        self._sessions = {}
-        for name in bundle.manifest.components:
-            path = bundle.component_file(name)
-            try:
-                self._sessions[name] = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-            except Exception as err:  # ORT raises its own exception types for unreadable graphs
-                raise InputError(f"{path}: onnxruntime cannot load this graph ({str(err).splitlines()[0]})") from None
+        # TensorRT's provider takes no com.microsoft op: the graphs stay as exported there
+        fuse = fused_attention and not any(_provider_name(p) == "TensorrtExecutionProvider" for p in providers)
+        self.fused: dict[str, int] = {}  # attention chains run by the fused kernel, per component
+        self._sessions = {name: self._session(name, providers, fuse) for name in bundle.manifest.components}
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self._sessions.items()}
         self.bound: dict[str, BoundSession] = {}
         if self.on_gpu if io_binding is None else io_binding:
@@ -207,6 +198,38 @@ class OnnxRuntimeBackend(HostArrays):
             self.bound = {name: BoundSession(s, device, device_id, cuda_graph) for name, s in self._sessions.items()}
         log.debug("onnxruntime providers: %s, io binding: %s", next(iter(self._sessions.values())).get_providers(),
                   bool(self.bound))
+
+    def _options(self):
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self._threads or default_threads()
+        options.enable_mem_pattern = False  # shapes vary between edits; patterns would be re-planned each time
+        options.log_severity_level = 3
+        if self._spin is not None:  # ORT's CPU threads busy-wait for work between calls unless told not to
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
+        if self._spin_after_run is not None:  # off: threads spin within a run, and stop as soon as it returns
+            options.add_session_config_entry("session.force_spinning_stop", "0" if self._spin_after_run else "1")
+        return options
+
+    def _session(self, name: str, providers: list, fuse: bool):
+        """The session of component ``name``; with ``fuse``, its attention chains swapped for onnxruntime's
+        blocked kernel first (``attention_fusion``), the graph handed over in memory and its weights read
+        from their side file beside it."""
+        path, options = self.bundle.component_file(name), self._options()
+        model: str | bytes = str(path)
+        try:
+            if fuse:
+                graph = onnx_graph(path)
+                self.fused[name] = fuse_attention(graph, upcast=not self.on_gpu)
+                if self.fused[name]:
+                    model = graph.SerializeToString()
+                    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                     str(path.parent))
+                    log.debug("%s: %d attention chains fused", name, self.fused[name])
+            return self._ort.InferenceSession(model, sess_options=options, providers=providers)
+        except Exception as err:  # ORT raises its own exception types for unreadable graphs
+            raise InputError(f"{path}: onnxruntime cannot load this graph ({str(err).splitlines()[0]})") from None
 
     def has(self, component: str) -> bool:
         return component in self._sessions
@@ -224,11 +247,13 @@ class OnnxRuntimeBackend(HostArrays):
 
 def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, providers: Sequence[str] | None = None,
          threads: int | None = None, io_binding: bool | None = None, cuda_graph: bool = False,
-         spin: bool | None = None, spin_after_run: bool | None = None) -> OnnxRuntimeBackend:
+         spin: bool | None = None, spin_after_run: bool | None = None, fused_attention: bool = True) -> OnnxRuntimeBackend:
     """An OnnxRuntimeBackend for an ONNX bundle. ``dtype``, if given, must match the bundle's precision.
     ``io_binding`` defaults to on for GPUs; ``cuda_graph`` needs a GPU and a static-shape bundle. ``spin``:
     whether idle CPU threads busy-wait (ORT's default, on); off leaves the cores to a server's other threads.
-    ``spin_after_run`` off keeps the busy-waiting inside each run and stops it when the run returns."""
+    ``spin_after_run`` off keeps the busy-waiting inside each run and stops it when the run returns.
+    ``fused_attention`` (on): attention runs in onnxruntime's blocked kernel, never holding the whole score
+    matrix; off runs the graphs as exported (the matrix held: gigabytes at full-size pictures)."""
     import onnxruntime as ort
 
     if bundle.format != "onnx":
@@ -244,7 +269,14 @@ def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, provider
     chosen = choose_providers(device, available if providers else usable_providers(available), providers, cuda_graph)
     if device.startswith("cuda") and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN from pip's nvidia-* packages, where no system CUDA is installed
-    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph, spin, spin_after_run)
+    return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph, spin, spin_after_run, fused_attention)
+
+
+def onnx_graph(path) -> "onnx.ModelProto":
+    """The graph of ``path`` without its weights' side file (left on disk for onnxruntime to read)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
 
 
 def _check_dtype(bundle: Bundle, dtype: str | None) -> None:
