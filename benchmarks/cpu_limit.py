@@ -32,7 +32,8 @@ UNET_RUNTIMES = {
     "diffusers-bf16": "diffusers' UNet, bfloat16",
     "diffusers-bf16-cl": "diffusers' UNet, bfloat16, channels-last",
     "engine-torch-bf16": "engine, torch backend, bfloat16",
-    "engine-onnxruntime": "engine, onnxruntime, the fp32 bundle",
+    "engine-onnxruntime": "engine, onnxruntime, the fp32 bundle (attention fused)",
+    "engine-onnxruntime-unfused": "engine, onnxruntime, the fp32 bundle's graphs as exported",
     "engine-default": "engine, the default backend for the fp32 bundle",
     "engine-int8": "engine, the bundle from ip2p quantize (int8 UNet, OpenVINO)",
     "openvino-raw-f32": "raw OpenVINO on the bundle's unet.onnx, f32",
@@ -98,8 +99,10 @@ def unet_call(name: str, model: Path, bundle: Path, int8: Path) -> Callable[[], 
         pipe = EditPipeline.from_pretrained(model, backend="torch", dtype="bfloat16", progress=False)
     else:
         chosen = int8 if name == "engine-int8" else bundle
-        pipe = EditPipeline.from_pretrained(chosen, backend="onnxruntime" if name == "engine-onnxruntime" else None,
-                                            progress=False)
+        runtime = dict(backend="onnxruntime") if name.startswith("engine-onnxruntime") else {}
+        if name == "engine-onnxruntime-unfused":
+            runtime["backend_options"] = {"fused_attention": False}
+        pipe = EditPipeline.from_pretrained(chosen, progress=False, **runtime)
     backend = pipe.backend
     args = {k: backend.asarray(v) for k, v in inputs.items()}
     return lambda: backend.to_numpy(backend.run("unet", args)["noise_pred"])

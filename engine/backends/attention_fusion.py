@@ -152,13 +152,18 @@ def fuse_attention(model: onnx.ModelProto, upcast: bool = True) -> int:
     added: dict[int, list[onnx.NodeProto]] = {}  # at the chain's last node: its inputs are all made by then
     for n, chain in enumerate(chains):
         added[max(chain.nodes)] = _fused_nodes(chain, f"attention_fusion_{n}", upcast and chain.half)
-    nodes = []
-    for i, node in enumerate(graph.node):
+    nodes, original = [], list(graph.node)
+    for i, node in enumerate(original):
         nodes += added.get(i, [])
         if i not in drop:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    dropped_inputs = {name for i, node in enumerate(original) if i in drop for name in node.input}
+    used = {name for node in nodes for name in node.input}  # the chains' scale factors went with them
+    kept = [t for t in graph.initializer if t.name in used or t.name not in dropped_inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(chains)
