@@ -80,6 +80,7 @@ class ModelConfig:
     text_dim: int  # width of the text embeddings, 768 for CLIP ViT-L/14
     vae_width: int = 128  # channels of the VAE's full-resolution level (its activations' size per pixel)
     vae_norms: tuple[int, int, int] = (0, 0, 32)  # GroupNorm layers of the VAE encoder, of its decoder; groups
+    unet_width: int = 320  # channels of the UNet's full-resolution level (its activations' size per latent pixel)
     student: Student | None = None  # a distilled UNet that takes the guidance scales (one row a step)
 
     @property
@@ -136,6 +137,7 @@ def model_config_from(unet: dict, vae: dict, text: dict, scheduler: dict, studen
         text_dim=int(text.get("hidden_size", text.get("text_config", {}).get("hidden_size", 768))),
         vae_width=int(vae["block_out_channels"][0]),
         vae_norms=vae_norm_layers(vae),
+        unet_width=int(unet["block_out_channels"][0]),
     )
 
 

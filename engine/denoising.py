@@ -70,11 +70,13 @@ class Edit:
 class DenoisingLoop:
     """Advances a changing set of edits one step at a time. Each step makes one UNet call per network in use
     (the whole UNet, or a step cache's shallow part) over the rows of every edit, split and padded to the
-    ``limits`` of rows a call takes; ``on_call(rows, padded)`` is told each call's real and padding rows."""
+    ``limits`` of rows a call takes, and split to the rows ``rows_within(h * w)`` allows at the latents' size (a
+    memory bound: full-size pictures); ``on_call(rows, padded)`` is told each call's real and padding rows."""
 
     def __init__(self, backend: Backend, limits: RowLimits = (1, None),
-                 on_call: Callable[[int, int], None] | None = None):
-        self.backend, self.limits, self.on_call = backend, limits, on_call
+                 on_call: Callable[[int, int], None] | None = None,
+                 rows_within: Callable[[int], int] | None = None):
+        self.backend, self.limits, self.on_call, self.rows_within = backend, limits, on_call, rows_within
         self.edits: list[Edit] = []
 
     def __len__(self) -> int:
@@ -114,6 +116,9 @@ class DenoisingLoop:
         counts = [len(call.rows) for call in calls]
         total = sum(counts)
         lo, hi = self.limits
+        if self.rows_within is not None:
+            height, width = calls[0].inputs["sample"].shape[-2:]
+            hi = max(lo, min(hi or total, self.rows_within(height * width)))
         if len(calls) == 1 and lo <= total and (hi is None or total <= hi):
             self._told(total, 0)
             return [be.run(component, calls[0].inputs)]  # the common case: as it is, nothing copied

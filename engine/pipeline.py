@@ -44,6 +44,10 @@ TORCH_STACK = ("torch", "diffusers", "transformers")  # what the torch backend i
 TEXT_CACHE_SIZE = 32  # instructions whose embeddings are kept
 VAE_MEMORY = 1 << 30  # bytes of VAE activations past which vae_tile="auto" tiles (the EditPipeline's vae_memory)
 VAE_LIVE_VALUES = 4  # activations of the full-resolution level alive at once in a VAE call, per channel and pixel
+UNET_MEMORY = 3 << 30  # bytes of UNet activations a call may hold: more rows are split into calls (unet_memory)
+# activations alive at once in a UNet row, per channel of its full-resolution level and latent pixel: SD 1.5 in
+# bfloat16 on a CPU grew 0.41 GiB a row at 1024x1024 (its transformer's feed-forward is 8 widths wide there)
+UNET_LIVE_VALUES = 42
 
 
 @dataclass
@@ -93,11 +97,13 @@ class EditPipeline:
         max_image_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         progress: bool = True,
         vae_memory: int = VAE_MEMORY,
+        unet_memory: int = UNET_MEMORY,
     ):
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.profile = profile  # shapes an exported bundle accepts; None: any
         self.max_image_pixels, self.progress = max_image_pixels, progress
         self.vae_memory = vae_memory  # bytes of VAE activations past which vae_tile="auto" tiles
+        self.unet_memory = unet_memory  # bytes of UNet activations past which a call's rows are split
         self._null_embedding: Any = None if null_embedding is None else backend.asarray(null_embedding)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # instruction -> (1, 77, D), most recent last
         self._tiled_encoder: vae_tiles.TiledVae | None = None  # made at the first tiled call
@@ -297,9 +303,15 @@ class EditPipeline:
         return seconds
 
     def denoising_loop(self, on_call: Callable[[int, int], None] | None = None) -> DenoisingLoop:
-        """An empty loop for this pipeline's edits, its calls within the UNet rows a bundle's profile takes."""
+        """An empty loop for this pipeline's edits, its calls within the UNet rows a bundle's profile takes and
+        the rows whose activations ``unet_memory`` holds."""
         limits = (1, None) if self.profile is None else (self.profile.batch[0], 3 * self.profile.batch[2])
-        return DenoisingLoop(self.backend, limits, on_call)
+        return DenoisingLoop(self.backend, limits, on_call, self.unet_rows_within)
+
+    def unet_rows_within(self, latent_pixels: int) -> int:
+        """UNet rows one call of ``latent_pixels`` (h * w) may take within ``unet_memory`` (at least one)."""
+        row = latent_pixels * self.model.unet_width * UNET_LIVE_VALUES * self.backend.value_bytes
+        return max(1, self.unet_memory // row)
 
     @staticmethod
     def _restore_size(edited: np.ndarray, reconstructed: np.ndarray | None, original: Image.Image,

@@ -114,3 +114,29 @@ def test_calls_are_split_and_padded_to_a_profiles_rows(bundle_pipe):
     for edit, (settings, seed, scales) in zip(started, edits):
         np.testing.assert_array_equal(bundle_pipe.finish(edit).images[0],
                                       solo(bundle_pipe, "exact", settings, seed, scales)[0])
+
+
+def test_calls_past_the_unet_memory_budget_are_split_and_keep_the_pictures(tiny_model):
+    """Full-size pictures: where ``unet_memory`` holds one row of the latents' size, a guided step's three rows
+    run one a call, with the pictures of the three-row calls."""
+    from engine.pipeline import UNET_LIVE_VALUES
+
+    pipe = EditPipeline.from_pretrained(tiny_model, progress=False)
+    assert pipe.model.unet_width == 32  # read from the UNet's config
+    latent = (48 // pipe.model.vae_factor) * (40 // pipe.model.vae_factor)  # picture()'s 48x40
+    calls: list[int] = []
+    loop = pipe.denoising_loop(on_call=lambda rows, padded: calls.append(rows))
+    loop.add(edit := pipe.begin(picture(1), "edit 1", config_of("exact", dict(steps=2)), 1, (7.5, 1.5)))
+    while loop:
+        loop.step()
+    whole = pipe.finish(edit).images[0]
+    assert calls == [3, 3]  # within the default budget
+    pipe.unet_memory = latent * pipe.model.unet_width * UNET_LIVE_VALUES * pipe.backend.value_bytes
+    assert pipe.unet_rows_within(latent) == 1 and pipe.unet_rows_within(latent // 3) == 3
+    calls.clear()
+    loop = pipe.denoising_loop(on_call=lambda rows, padded: calls.append(rows))
+    loop.add(edit := pipe.begin(picture(1), "edit 1", config_of("exact", dict(steps=2)), 1, (7.5, 1.5)))
+    while loop:
+        loop.step()
+    assert calls == [1] * 6  # 2 steps x 3 rows
+    np.testing.assert_allclose(pipe.finish(edit).images[0], whole, atol=1e-5)  # float32 kernels, other batch sizes
