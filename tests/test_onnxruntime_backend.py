@@ -312,3 +312,10 @@ def test_a_static_bundle_of_an_older_export_taking_only_3b_rows_is_refused(stati
         read_bundle(old)
     assert main(["info", str(old)]) == 2
     assert "manifest.json: a static bundle of an older export" in cli_error(capsys)
+
+
+def test_the_vae_sessions_allocate_outside_onnxruntimes_arena(ort_pipes):
+    """The arena keeps what a session's largest call held: the VAE's full-size pictures would stay resident."""
+    sessions = ort_pipes["fp32"].backend._sessions
+    arenas = {name: session.get_session_options().enable_cpu_mem_arena for name, session in sessions.items()}
+    assert arenas == {name: not name.startswith("vae_") for name in sessions} and arenas["unet"]
