@@ -125,3 +125,22 @@ def test_fused_attention_never_holds_the_score_matrix(attention_graph):
     fused, growth, shape = run.stdout.split(maxsplit=2)
     assert int(fused) == 1 and shape.strip() == f"(1, 2, {tokens}, 8)"
     assert int(growth) < scores / 32, f"grew {int(growth) / 2**20:.0f} MiB"
+
+
+def test_a_softmax_that_is_no_attention_is_left_as_it_is():
+    """Scores that multiply from the right, or over 3-d tensors, are not the exporter's attention."""
+    from onnx import TensorProto, helper
+
+    def graph(second: list[str], dims: list) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["q", "k"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+                 helper.make_node("MatMul", second, ["o"])]
+        tensors = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in "qkv"]
+        out = helper.make_tensor_value_info("o", TensorProto.FLOAT, dims)
+        return helper.make_model(helper.make_graph(nodes, "g", tensors, [out]),
+                                 opset_imports=[helper.make_opsetid("", 18)])
+
+    assert len(find_chains(graph(["p", "v"], [1, 2, 4, 4]))) == 1
+    assert find_chains(graph(["v", "p"], [1, 2, 4, 4])) == []
+    assert find_chains(graph(["p", "v"], [2, 4, 4])) == []
+    model = graph(["v", "p"], [1, 2, 4, 4])
+    assert fuse_attention(model) == 0 and [n.op_type for n in model.graph.node] == ["MatMul", "Softmax", "MatMul"]

@@ -70,6 +70,10 @@ class _Graph:
             value = numpy_helper.to_array(node.attribute[0].t)
         return float(value.reshape(-1)[0]) if value.size == 1 else None
 
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape.dim)
+
     def static_dim(self, name: str, axis: int) -> int | None:
         shape = self.shapes.get(name)
         if shape is None or len(shape.dim) <= axis or not shape.dim[axis].HasField("dim_value"):
@@ -116,7 +120,8 @@ def find_chains(model: onnx.ModelProto) -> list[Chain]:
         if before is None or before.op_type != "MatMul" or after is None:
             continue
         product = model.graph.node[after]
-        if product.op_type != "MatMul" or product.input[0] == product.input[1]:
+        probabilities = graph.producer.get(product.input[0])  # the Softmax, or the Cast after it
+        if product.op_type != "MatMul" or probabilities not in (index, graph.only_consumer(softmax.output[0])):
             continue
         nodes = [graph.producer[before.output[0]], index, after]
         nodes += [graph.producer[n] for n in (softmax.input[0], model.graph.node[after].input[0])
@@ -126,7 +131,7 @@ def find_chains(model: onnx.ModelProto) -> list[Chain]:
         query, query_factor = _unscaled(graph, before.input[0], nodes)
         key_t, key_factor = _unscaled(graph, before.input[1], nodes)
         heads = graph.static_dim(query, 1)
-        if heads is None or graph.static_dim(query, 3) is None:
+        if heads is None or any(graph.rank(name) != 4 for name in (query, key_t, product.input[1])):
             log.debug("attention at %s: head count unknown, left as it is", softmax.name)
             continue
         chains.append(Chain(query, key_t, product.input[1], query_factor * key_factor, heads, product.output[0],
