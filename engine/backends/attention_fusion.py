@@ -104,6 +104,11 @@ def _past_cast(graph: _Graph, index: int) -> int | None:
     return follower
 
 
+def read_graph(path) -> onnx.ModelProto:
+    """The graph of ``path`` without its weights' side file (left on disk for onnxruntime to read)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
 def find_chains(model: onnx.ModelProto) -> list[Chain]:
     """Every MatMul -> [Cast] -> Softmax(last axis) -> [Cast] -> MatMul chain over 4-d tensors whose head count
     the graph's shapes state."""

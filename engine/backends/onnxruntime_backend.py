@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine.backends import HostArrays
-from engine.backends.attention_fusion import fuse_attention
+from engine.backends.attention_fusion import fuse_attention, read_graph
 from engine.cpu import default_threads
 from engine.errors import InputError
 from engine.manifest import Bundle
@@ -225,7 +225,7 @@ class OnnxRuntimeBackend(HostArrays):
         model: str | bytes = str(path)
         try:
             if fuse:
-                graph = onnx_graph(path)
+                graph = read_graph(path)
                 self.fused[name] = fuse_attention(graph, upcast=not self.on_gpu)
                 if self.fused[name]:
                     model = graph.SerializeToString()
@@ -275,13 +275,6 @@ def load(bundle: Bundle, device: str = "cpu", dtype: str | None = None, provider
     if device.startswith("cuda") and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN from pip's nvidia-* packages, where no system CUDA is installed
     return OnnxRuntimeBackend(bundle, chosen, threads, io_binding, cuda_graph, spin, spin_after_run, fused_attention)
-
-
-def onnx_graph(path) -> "onnx.ModelProto":
-    """The graph of ``path`` without its weights' side file (left on disk for onnxruntime to read)."""
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False)
 
 
 def _check_dtype(bundle: Bundle, dtype: str | None) -> None:
