@@ -116,6 +116,23 @@ def test_resume_equals_an_uninterrupted_distillation(tiny_model, pairs, tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_the_consistency_stage_learns_from_either_guided_teacher_on_either_schedule(student, tiny_model, pairs,
+                                                                                    tmp_path):
+    """Stage 2 from stage 1's student (one row) differs from stage 2 from the teacher's three rows (the fixture's);
+    a cosine schedule brings the rate to zero at the stage's end."""
+    import csv
+    import shutil
+
+    shutil.copytree(student / "guidance", tmp_path / "s" / "guidance")  # stage 1 done: only stage 2 runs
+    other = distill(config(tiny_model, pairs, tmp_path / "s", consistency_teacher="guidance", lr_schedule="cosine",
+                           log_every=1), progress=False)
+    rates = [float(row["lr"]) for row in csv.DictReader(open(other / "consistency" / "log.csv"))]
+    assert len(rates) == 3 and rates[0] > rates[1] > rates[2] == 0.0
+    assert json.loads((other / "training_config.json").read_text())["config"]["consistency_teacher"] == "guidance"
+    a, b = unet_weights(student), unet_weights(other)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) > 1e-4
+
+
 def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):
     with pytest.raises(InputError, match="a distilled student"):
         distill(config(student, pairs, tmp_path / "x"), progress=False)
@@ -127,6 +144,10 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         distill(config(tiny_model, pairs, tmp_path / "w"), resume=str(tmp_path), progress=False)
     with pytest.raises(InputError, match="preset_steps"):
         config(tiny_model, pairs, tmp_path / "z", preset_steps=(4, 4, 20))
+    with pytest.raises(InputError, match="lr_schedule must be one of"):
+        config(tiny_model, pairs, tmp_path / "z", lr_schedule="exponential")
+    with pytest.raises(InputError, match="consistency_teacher teacher or guidance"):
+        config(tiny_model, pairs, tmp_path / "z", consistency_teacher="student")
 
 
 @pytest.fixture(scope="module")

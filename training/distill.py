@@ -11,7 +11,8 @@ Two stages, each run by ``_Stage`` (accelerate, mixed precision, EMA, checkpoint
 2. ``consistency`` (Luo et al. 2023, Latent Consistency Models): from stage 1's weights, consistency distillation
    over the ``original_inference_steps`` timesteps an ``lcm`` sampler takes its steps from, one DDIM step of the
    guided teacher between neighbours, a slowly moving target network, the pseudo-Huber loss. The guided teacher
-   of this stage is stage 1's student: one row where the teacher costs three, at the price of its error.
+   is ``consistency_teacher``: the teacher's own eq. 3 over its three rows (the default), or stage 1's student
+   (one row where the teacher costs three, at the price of stage 1's error).
 
 Every step's randomness is derived from (seed, stage, step), the data order from (seed, epoch): a checkpoint holds
 the weights, optimiser, schedule, EMA, target network and data cursor, and resumes exactly. A finished stage leaves
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 STAGES = ("guidance", "consistency")
 TIMESTEP_SCALING = 10.0  # LCM's boundary condition is taken at timestep * 10 (engine.samplers.lcm, diffusers)
 SIGMA_DATA = 0.5
+LR_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class DistillConfig:
     consistency_steps: int = 1000  # of stage 2
     lr: float = 1e-4
     lr_warmup_steps: int = 0
+    lr_schedule: str = "constant_with_warmup"  # or cosine, linear (to zero at each stage's end): diffusers' names
     adam_weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -75,6 +78,7 @@ class DistillConfig:
     image_range: tuple[float, float] = (1.0, 3.0)  # s_I
     original_inference_steps: int = 50  # stage 2's timestep grid; an lcm sampler takes its steps from it
     huber_c: float = 0.001
+    consistency_teacher: str = "teacher"  # stage 2's guided teacher: teacher (three rows) | guidance (stage 1's)
     preset_steps: tuple[int, int, int] = (4, 4, 2)  # lcm steps of the student's presets exact, balanced, fast
     latent_cache_mb: int = 0  # as ``ip2p train``
     log_every: int = 10  # rows of <output>/<stage>/log.csv
@@ -94,6 +98,9 @@ class DistillConfig:
             raise InputError(f"embedding_dim must be even and at least 2, got {self.embedding_dim}")
         if self.mixed_precision not in ("no", "fp16", "bf16") or self.save_dtype not in ("float32", "float16"):
             raise InputError("mixed_precision must be no, fp16 or bf16; save_dtype float32 or float16")
+        if self.lr_schedule not in LR_SCHEDULES or self.consistency_teacher not in ("teacher", "guidance"):
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; consistency_teacher teacher "
+                             "or guidance")
         if len(self.preset_steps) != len(PRESET_NAMES) or not all(0 < s <= self.original_inference_steps
                                                                    for s in self.preset_steps):
             raise InputError(f"preset_steps: three step counts within 1-{self.original_inference_steps}")
@@ -188,6 +195,15 @@ def _student_out(unet, x, image_latents, t, text, scales, dim) -> torch.Tensor:
     return unet(torch.cat([x, image_latents], 1), t, text, timestep_cond=cond).sample
 
 
+def _teacher_out(teacher, frozen: _Frozen, x, image_latents, t, text, scales) -> torch.Tensor:
+    """The teacher's guided prediction at x_t (eq. 3 over its (instruction, image), ("", image), ("", zero) rows)."""
+    null = frozen.null.expand(len(x), -1, -1)
+    rows = torch.cat([torch.cat([x, image_latents], 1), torch.cat([x, image_latents], 1),
+                      torch.cat([x, torch.zeros_like(image_latents)], 1)])
+    cond, image, uncond = teacher(rows, t.repeat(3), torch.cat([text, null, null])).sample.chunk(3)
+    return combine_guidance(cond, image, uncond, scales[:, 0, None, None, None], scales[:, 1, None, None, None])
+
+
 def guidance_loss(frozen: _Frozen, teacher, config: DistillConfig) -> Callable:
     """Stage 1: the student's one row against the teacher's eq. 3 over its three rows, at random t and scales."""
 
@@ -200,11 +216,7 @@ def guidance_loss(frozen: _Frozen, teacher, config: DistillConfig) -> Callable:
         noisy = a * latents + s * noise
         scales = _scales(config, b, gen, device)
         with torch.no_grad():
-            null = frozen.null.expand(b, -1, -1)
-            rows = torch.cat([torch.cat([noisy, image_latents], 1), torch.cat([noisy, image_latents], 1),
-                              torch.cat([noisy, torch.zeros_like(image_latents)], 1)])
-            cond, image, uncond = teacher(rows, t.repeat(3), torch.cat([text, null, null])).sample.chunk(3)
-            target = combine_guidance(cond, image, uncond, scales[:, 0, None, None, None], scales[:, 1, None, None, None])
+            target = _teacher_out(teacher, frozen, noisy, image_latents, t, text, scales)
         pred = _student_out(student, noisy, image_latents, t, text, scales, config.embedding_dim)
         return F.mse_loss(pred.float(), target.float())
 
@@ -217,9 +229,10 @@ def _boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
 
 
-def consistency_loss(frozen: _Frozen, teacher, target_net, config: DistillConfig) -> Callable:
+def consistency_loss(frozen: _Frozen, teacher, target_net, config: DistillConfig, student_teacher: bool) -> Callable:
     """Stage 2: the consistency function at t_{n+1} against the target network's at t_n, t_n reached by one DDIM
-    step of the guided teacher, on the grid of ``original_inference_steps`` timesteps."""
+    step of the guided teacher (``teacher``: a student taking the scales where ``student_teacher``, else the
+    three-row teacher), on the grid of ``original_inference_steps`` timesteps."""
     total = frozen.acp.shape[0]
     skip = total // config.original_inference_steps
     grid = torch.arange(1, config.original_inference_steps + 1) * skip - 1  # 19, 39, ..., 999 for 50 of 1000
@@ -236,7 +249,9 @@ def consistency_loss(frozen: _Frozen, teacher, target_net, config: DistillConfig
         x0 = frozen.x0(_student_out(student, x, image_latents, start, text, scales, dim), x, start)[0]
         pred = skip_now * x + out_now * x0
         with torch.no_grad():
-            x0_t, eps_t = frozen.x0(_student_out(teacher, x, image_latents, start, text, scales, dim), x, start)
+            guided = (_student_out(teacher, x, image_latents, start, text, scales, dim) if student_teacher
+                      else _teacher_out(teacher, frozen, x, image_latents, start, text, scales))
+            x0_t, eps_t = frozen.x0(guided, x, start)
             a_prev, s_prev = _coefficients(frozen.acp, prev)
             x_prev = a_prev * x0_t + s_prev * eps_t  # DDIM (eta 0) from start to prev
             x0_prev = frozen.x0(_student_out(target_net, x_prev, image_latents, prev, text, scales, dim), x_prev, prev)[0]
@@ -268,7 +283,7 @@ def _run_stage(stage: _Stage, student, config: DistillConfig, accelerator, froze
 
     folder = output / stage.name
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.adam_weight_decay)
-    lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps,
+    lr_schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=max(stage.steps, 1))
     ema = EMAModel(student.parameters(), decay=config.ema_decay, use_ema_warmup=True) if config.ema_decay > 0 else None
     cursor, step = DataCursor(len(frozen.data), config.seed), 0
@@ -358,8 +373,8 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
         guided = UNet2DConditionModel.from_pretrained(output / "guidance" / "unet").to(device)
     if not (output / "guidance" / "model" / "distillation.json").is_file():
         save_student(frozen, guided, output / "guidance" / "model", config, consistency=False)
-    del teacher
-    guided_teacher = copy.deepcopy(guided).requires_grad_(False).eval()
+    student_teacher = config.consistency_teacher == "guidance"
+    guided_teacher = copy.deepcopy(guided).requires_grad_(False).eval() if student_teacher else teacher
     target = copy.deepcopy(guided).requires_grad_(False).eval()
 
     def follow(student) -> None:  # the target network: a slow EMA of the student
@@ -369,7 +384,8 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
 
     if _stage_report(output / "consistency") is None:
         stage = _Stage("consistency", config.consistency_steps,
-                       consistency_loss(frozen, guided_teacher, target, config), follow, {"target": target})
+                       consistency_loss(frozen, guided_teacher, target, config, student_teacher), follow,
+                       {"target": target})
         final = _run_stage(stage, guided.train(), config, accelerator, frozen, output, resume, progress)
     else:
         final = UNet2DConditionModel.from_pretrained(output / "consistency" / "unet")
