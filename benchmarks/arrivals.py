@@ -125,11 +125,15 @@ def differing(pipe: EditPipeline, png: bytes, answers: dict[int, bytes]) -> int:
     return wrong
 
 
-def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LOADS) -> dict:
+def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LOADS,
+        request_max_batch: int | None = None) -> dict:
+    """Both modes at ``max_batch`` rows a call, or request batching at ``request_max_batch`` where given (each
+    policy at its own best setting)."""
     load_args = {"model": model, "backend": backend}
     png = example_png(64)
-    settings = {mode: Settings(max_batch=max_batch, batching=mode, max_queue=10_000, max_steps=LONG_STEPS, timeout=3600,
-                               max_connections=20_000) for mode in MODES}
+    rows = {"step": max_batch, "request": request_max_batch or max_batch}
+    settings = {mode: Settings(max_batch=rows[mode], batching=mode, max_queue=10_000, max_steps=LONG_STEPS,
+                               timeout=3600, max_connections=20_000) for mode in MODES}
     capacity = {}
     for mode in MODES:
         with serve_process(load_args, settings[mode]) as url:
@@ -150,7 +154,7 @@ def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LO
             long_job[mode] = asyncio.run(behind_long_job(url, png))
             log.info("%s batching, behind a %d-step job: %s", mode, LONG_STEPS, long_job[mode])
     return dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=model,
-                backend=backend or "its own", max_batch=max_batch, capacity_per_s=capacity,
+                backend=backend or "its own", max_batch=rows, capacity_per_s=capacity,
                 mix=dict(steps=STEPS, presets=PRESETS, size=64), runs=runs, long_job=long_job)
 
 
@@ -170,13 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend")
     parser.add_argument("--requests", type=int, default=200, help="edits per open-loop run")
     parser.add_argument("--max-batch", type=int, default=12, help="UNet rows per call, both servers")
+    parser.add_argument("--request-max-batch", type=int, help="the request-batching server's rows per call, where "
+                        "it should differ from --max-batch")
     parser.add_argument("--loads", type=float, nargs="+", default=LOADS, help="fractions of the capacity")
     parser.add_argument("--json", required=True, help="write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("engine.serving").setLevel(logging.WARNING)  # not one line per request
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    results = run(args.model, args.backend, args.requests, args.max_batch, tuple(args.loads))
+    results = run(args.model, args.backend, args.requests, args.max_batch, tuple(args.loads),
+                  args.request_max_batch)
     write_json_atomic(args.json, results, indent=1)
     print(table(results))
 
