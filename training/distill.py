@@ -229,10 +229,10 @@ def _boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
 
 
-def consistency_loss(frozen: _Frozen, teacher, target_net, config: DistillConfig, student_teacher: bool) -> Callable:
+def consistency_loss(frozen: _Frozen, guided_teacher: Callable, target_net, config: DistillConfig) -> Callable:
     """Stage 2: the consistency function at t_{n+1} against the target network's at t_n, t_n reached by one DDIM
-    step of the guided teacher (``teacher``: a student taking the scales where ``student_teacher``, else the
-    three-row teacher), on the grid of ``original_inference_steps`` timesteps."""
+    step of ``guided_teacher(x, image_latents, t, text, scales)``, on the grid of ``original_inference_steps``
+    timesteps."""
     total = frozen.acp.shape[0]
     skip = total // config.original_inference_steps
     grid = torch.arange(1, config.original_inference_steps + 1) * skip - 1  # 19, 39, ..., 999 for 50 of 1000
@@ -249,9 +249,7 @@ def consistency_loss(frozen: _Frozen, teacher, target_net, config: DistillConfig
         x0 = frozen.x0(_student_out(student, x, image_latents, start, text, scales, dim), x, start)[0]
         pred = skip_now * x + out_now * x0
         with torch.no_grad():
-            guided = (_student_out(teacher, x, image_latents, start, text, scales, dim) if student_teacher
-                      else _teacher_out(teacher, frozen, x, image_latents, start, text, scales))
-            x0_t, eps_t = frozen.x0(guided, x, start)
+            x0_t, eps_t = frozen.x0(guided_teacher(x, image_latents, start, text, scales), x, start)
             a_prev, s_prev = _coefficients(frozen.acp, prev)
             x_prev = a_prev * x0_t + s_prev * eps_t  # DDIM (eta 0) from start to prev
             x0_prev = frozen.x0(_student_out(target_net, x_prev, image_latents, prev, text, scales, dim), x_prev, prev)[0]
@@ -350,6 +348,17 @@ def _stage_report(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() and (folder / "unet").is_dir() else None
 
 
+def _guided_teacher(config: DistillConfig, frozen: _Frozen, teacher, guided) -> Callable:
+    """Stage 2's guided teacher ``(x, image_latents, t, text, scales) -> prediction``: the teacher's eq. 3 over its
+    three rows, or (``consistency_teacher: guidance``) a frozen copy of stage 1's student, one row."""
+    if config.consistency_teacher == "teacher":
+        return lambda x, image_latents, t, text, scales: _teacher_out(teacher, frozen, x, image_latents, t, text,
+                                                                      scales)
+    student = copy.deepcopy(guided).requires_grad_(False).eval()
+    return lambda x, image_latents, t, text, scales: _student_out(student, x, image_latents, t, text, scales,
+                                                                  config.embedding_dim)
+
+
 def distill(config: DistillConfig, resume: str | None = None, progress: bool = True) -> Path:
     """Distil ``config.teacher`` into a student (module docstring); write it to ``config.output`` as a diffusers
     folder that diffusers loads and the engine runs at one UNet row a step."""
@@ -373,8 +382,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
         guided = UNet2DConditionModel.from_pretrained(output / "guidance" / "unet").to(device)
     if not (output / "guidance" / "model" / "distillation.json").is_file():
         save_student(frozen, guided, output / "guidance" / "model", config, consistency=False)
-    student_teacher = config.consistency_teacher == "guidance"
-    guided_teacher = copy.deepcopy(guided).requires_grad_(False).eval() if student_teacher else teacher
+    guided_teacher = _guided_teacher(config, frozen, teacher, guided)
     target = copy.deepcopy(guided).requires_grad_(False).eval()
 
     def follow(student) -> None:  # the target network: a slow EMA of the student
@@ -384,8 +392,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
 
     if _stage_report(output / "consistency") is None:
         stage = _Stage("consistency", config.consistency_steps,
-                       consistency_loss(frozen, guided_teacher, target, config, student_teacher), follow,
-                       {"target": target})
+                       consistency_loss(frozen, guided_teacher, target, config), follow, {"target": target})
         final = _run_stage(stage, guided.train(), config, accelerator, frozen, output, resume, progress)
     else:
         final = UNet2DConditionModel.from_pretrained(output / "consistency" / "unet")
