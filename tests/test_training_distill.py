@@ -146,7 +146,7 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         config(tiny_model, pairs, tmp_path / "z", preset_steps=(4, 4, 20))
     with pytest.raises(InputError, match="lr_schedule must be one of"):
         config(tiny_model, pairs, tmp_path / "z", lr_schedule="exponential")
-    with pytest.raises(InputError, match="consistency_teacher teacher or guidance"):
+    with pytest.raises(InputError, match="consistency_teacher must be teacher or guidance"):
         config(tiny_model, pairs, tmp_path / "z", consistency_teacher="student")
 
 

@@ -98,9 +98,10 @@ class DistillConfig:
             raise InputError(f"embedding_dim must be even and at least 2, got {self.embedding_dim}")
         if self.mixed_precision not in ("no", "fp16", "bf16") or self.save_dtype not in ("float32", "float16"):
             raise InputError("mixed_precision must be no, fp16 or bf16; save_dtype float32 or float16")
-        if self.lr_schedule not in LR_SCHEDULES or self.consistency_teacher not in ("teacher", "guidance"):
-            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; consistency_teacher teacher "
-                             "or guidance")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule}")
+        if self.consistency_teacher not in ("teacher", "guidance"):
+            raise InputError(f"consistency_teacher must be teacher or guidance, got {self.consistency_teacher}")
         if len(self.preset_steps) != len(PRESET_NAMES) or not all(0 < s <= self.original_inference_steps
                                                                    for s in self.preset_steps):
             raise InputError(f"preset_steps: three step counts within 1-{self.original_inference_steps}")
@@ -383,6 +384,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
     if not (output / "guidance" / "model" / "distillation.json").is_file():
         save_student(frozen, guided, output / "guidance" / "model", config, consistency=False)
     guided_teacher = _guided_teacher(config, frozen, teacher, guided)
+    del teacher  # held on by guided_teacher only where stage 2 learns from it
     target = copy.deepcopy(guided).requires_grad_(False).eval()
 
     def follow(student) -> None:  # the target network: a slow EMA of the student
