@@ -46,17 +46,32 @@ def image_file(tmp_path, rgb_image) -> str:
 def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
     """fp32 and fp16 ONNX bundles of the tiny model (profile: 1-2 images, sides 32-128 px), verified; the fp32
     one with the UNet split for step caching at depth 1."""
+    from filelock import FileLock
+
     from engine.specs import Profile
     from export.bundle import ExportOptions, export_bundle
 
-    root = tmp_path_factory.mktemp("bundles")
+    root = shared_folder(tmp_path_factory, "bundles")
     profile = Profile(batch=(1, 1, 2), height=(32, 64, 128), width=(32, 64, 128))
-    return {
-        precision: str(export_bundle(tiny_model, root / precision,
-                                     ExportOptions(precision=precision, profile=profile, verify=True,
-                                                   step_cache=1 if precision == "fp32" else None))[0])
-        for precision in ("fp32", "fp16")
-    }
+    with FileLock(root / "lock"):  # one export for the whole run; the tiny model is the same in every worker
+        if not (root / "done").exists():
+            for precision in ("fp32", "fp16"):
+                export_bundle(tiny_model, root / precision,
+                              ExportOptions(precision=precision, profile=profile, verify=True,
+                                            step_cache=1 if precision == "fp32" else None))
+            (root / "done").touch()
+    return {precision: str(root / precision) for precision in ("fp32", "fp16")}
+
+
+def shared_folder(tmp_path_factory, name: str):
+    """A folder of this test run that every pytest-xdist worker sees (their base temp's parent), else one of
+    this session's own; whoever fills it holds its lock."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def model_copy(model: str, dest, unet_config: dict | None = None):

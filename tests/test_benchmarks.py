@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_pytest(args, tmp_path):
-    env = {**os.environ, "IP2P_BENCH_CACHE": str(tmp_path / "cache")}
+    """A separate pytest run of the benchmarks, as a user starts one (not a pytest-xdist worker: under one,
+    pytest-benchmark would see the worker's variables and turn itself off)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["IP2P_BENCH_CACHE"] = str(tmp_path / "cache")
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True)
 

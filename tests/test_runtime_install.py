@@ -54,6 +54,22 @@ def test_the_runtime_alone_edits_with_the_shipped_bundle(runtime_env, tmp_path):
     assert edited.shape == ref.shape and 10 * np.log10(1 / max(np.mean((edited - ref) ** 2), 1e-20)) >= 40
 
 
+def test_the_distilled_model_ships_in_the_wheel_and_edits_by_name(runtime_env, tmp_path):
+    """``--model shapes-distilled`` in the runtime-only environment: its bundle is in the wheel and gives the
+    repository's bundle's picture."""
+    from engine.pipeline import EditPipeline, default_model
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "IP2P_MODEL")}
+    out = tmp_path / "edited.png"
+    done = run([str(runtime_env / "bin" / "ip2p"), "-q", "edit", str(EXAMPLE), "-p", "make the circle blue",
+                "--model", "shapes-distilled", "-o", str(out), "--seed", "0"], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    bundle = EditPipeline.from_pretrained(default_model("onnxruntime", "shapes-distilled"), progress=False)
+    ref = np.asarray(bundle.edit(EXAMPLE, "make the circle blue", seed=0).images[0], dtype=np.float64) / 255
+    edited = np.asarray(Image.open(out), dtype=np.float64) / 255
+    assert edited.shape == ref.shape and 10 * np.log10(1 / max(np.mean((edited - ref) ** 2), 1e-20)) >= 40
+
+
 def test_commands_that_need_torch_name_the_extra(runtime_env, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     ip2p = str(runtime_env / "bin" / "ip2p")
