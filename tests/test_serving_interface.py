@@ -26,6 +26,9 @@ class RecordingPipeline:
     def warmup(self, sizes):
         self.warmups.append(tuple(sizes))
 
+    def denoising_loop(self, on_call):
+        return []  # no edit ever runs: the worker waits for jobs, then for its stop
+
 
 def implements(service: EditService) -> bool:
     """Every attribute of the protocol, and every method its own (not the protocol's empty body)."""
@@ -71,8 +74,10 @@ def test_the_worker_implements_the_service_and_is_ready_after_its_warm_up():
             time.sleep(0.01)
         assert worker.ready and pipe.warmups == [()]
         assert METHODS == ["forget", "get", "position", "queue_depth", "stop", "submit"] and implements(worker)
+        assert worker.alive  # serving after its warm-up
     finally:
         worker.stop(1)
+    assert not worker.alive
 
 
 def test_the_ray_service_implements_the_service():
