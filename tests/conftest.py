@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -66,8 +67,6 @@ def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
 def shared_folder(tmp_path_factory, name: str):
     """A folder of this test run that every pytest-xdist worker sees (their base temp's parent), else one of
     this session's own; whoever fills it holds its lock."""
-    import os
-
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     folder.mkdir(exist_ok=True)

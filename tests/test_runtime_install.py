@@ -35,8 +35,11 @@ def runtime_env(tmp_path_factory) -> Path:
     return root / "venv"
 
 
-def test_the_runtime_alone_edits_with_the_shipped_bundle(runtime_env, tmp_path):
-    from engine.pipeline import DEFAULT_BUNDLE, EditPipeline
+@pytest.mark.parametrize("model", [None, "shapes-distilled"])
+def test_the_runtime_alone_edits_with_the_shipped_bundle(runtime_env, tmp_path, model):
+    """The default model, and the distilled one by name: both bundles are in the wheel and give the repository's
+    bundles' pictures through this environment's onnxruntime."""
+    from engine.pipeline import EditPipeline, default_model
 
     python = runtime_env / "bin" / "python"
     missing = run([str(python), "-c", "import importlib.util as u, sys; "
@@ -45,27 +48,10 @@ def test_the_runtime_alone_edits_with_the_shipped_bundle(runtime_env, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "IP2P_MODEL")}
     out = tmp_path / "edited.png"
     done = run([str(runtime_env / "bin" / "ip2p"), "-q", "edit", str(EXAMPLE), "-p", "make the circle blue",
-                "-o", str(out), "--seed", "0"], cwd=tmp_path, env=env)
+                *(["--model", model] if model else []), "-o", str(out), "--seed", "0"], cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
-    # the same picture the bundle gives here, through this environment's onnxruntime
-    here = EditPipeline.from_pretrained(DEFAULT_BUNDLE, progress=False)
+    here = EditPipeline.from_pretrained(default_model("onnxruntime", model or "shapes"), progress=False)
     ref = np.asarray(here.edit(EXAMPLE, "make the circle blue", seed=0).images[0], dtype=np.float64) / 255
-    edited = np.asarray(Image.open(out), dtype=np.float64) / 255
-    assert edited.shape == ref.shape and 10 * np.log10(1 / max(np.mean((edited - ref) ** 2), 1e-20)) >= 40
-
-
-def test_the_distilled_model_ships_in_the_wheel_and_edits_by_name(runtime_env, tmp_path):
-    """``--model shapes-distilled`` in the runtime-only environment: its bundle is in the wheel and gives the
-    repository's bundle's picture."""
-    from engine.pipeline import EditPipeline, default_model
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "IP2P_MODEL")}
-    out = tmp_path / "edited.png"
-    done = run([str(runtime_env / "bin" / "ip2p"), "-q", "edit", str(EXAMPLE), "-p", "make the circle blue",
-                "--model", "shapes-distilled", "-o", str(out), "--seed", "0"], cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr
-    bundle = EditPipeline.from_pretrained(default_model("onnxruntime", "shapes-distilled"), progress=False)
-    ref = np.asarray(bundle.edit(EXAMPLE, "make the circle blue", seed=0).images[0], dtype=np.float64) / 255
     edited = np.asarray(Image.open(out), dtype=np.float64) / 255
     assert edited.shape == ref.shape and 10 * np.log10(1 / max(np.mean((edited - ref) ** 2), 1e-20)) >= 40
 
