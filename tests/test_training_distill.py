@@ -133,6 +133,40 @@ def test_the_consistency_stage_learns_from_either_guided_teacher_on_either_sched
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) > 1e-4
 
 
+def test_the_image_term_loss_and_the_scale_embeddings_own_rate(tiny_model, pairs, tmp_path):
+    """``image_term_weight``: stage 1 adds the error of the image term alone, which a scale-blind student (a new
+    one) gets wholly wrong; ``scale_lr_scale``: the scale embedding learns at its own rate."""
+    from diffusers import UNet2DConditionModel
+
+    from training.distill import _Frozen, _parameter_groups, guidance_loss, scale_response
+
+    cfg = config(tiny_model, pairs, tmp_path / "l", image_term_weight=1.0, scale_lr_scale=10.0)
+    frozen = _Frozen(cfg, torch.device("cpu"))
+    teacher = UNet2DConditionModel.from_pretrained(f"{tiny_model}/unet").eval()
+    student = make_student(teacher, cfg.embedding_dim)
+    examples = [frozen.data.load(i, np.random.default_rng(i)) for i in range(4)]
+
+    def loss(weight):
+        changed = DistillConfig(**{**cfg.__dict__, "image_term_weight": weight})
+        with torch.no_grad():
+            return float(guidance_loss(frozen, teacher, changed)(student, examples, torch.Generator().manual_seed(0)))
+
+    blind = scale_response(frozen, teacher, student, cfg, batches=1)
+    assert blind["image"]["norm_ratio"] == blind["text"]["norm_ratio"] == 0.0
+    term = (loss(3.0) - loss(1.0)) / 2
+    assert term > 1e-4 and loss(1.0) - term == pytest.approx(loss(2.0) - 2 * term, rel=1e-5)
+    groups = _parameter_groups(student, cfg)
+    assert list(groups[1]["params"]) == [student.time_embedding.cond_proj.weight]
+    assert groups[1]["lr"] == pytest.approx(10 * cfg.lr) and "lr" not in groups[0]
+    trained = distill(config(tiny_model, pairs, tmp_path / "t", image_term_weight=1.0, scale_lr_scale=10.0,
+                             consistency_steps=0), progress=False)
+    saved = json.loads((trained / "training_config.json").read_text())["config"]
+    assert saved["image_term_weight"] == 1.0 and saved["scale_lr_scale"] == 10.0
+    learnt = UNet2DConditionModel.from_pretrained(f"{trained}/guidance/unet").eval()
+    response = scale_response(frozen, teacher, learnt, cfg, batches=1)
+    assert all(response[term]["norm_ratio"] > 0 and -1 <= response[term]["cosine"] <= 1 for term in response)
+
+
 def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):
     with pytest.raises(InputError, match="a distilled student"):
         distill(config(student, pairs, tmp_path / "x"), progress=False)
@@ -148,6 +182,8 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         config(tiny_model, pairs, tmp_path / "z", lr_schedule="exponential")
     with pytest.raises(InputError, match="consistency_teacher must be teacher or guidance"):
         config(tiny_model, pairs, tmp_path / "z", consistency_teacher="student")
+    with pytest.raises(InputError, match="image_term_weight must be >= 0 and scale_lr_scale > 0"):
+        config(tiny_model, pairs, tmp_path / "z", scale_lr_scale=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,8 @@ class DistillConfig:
     embedding_dim: int = 128  # Fourier features per scale; time_cond_proj_dim is twice this
     text_range: tuple[float, float] = (1.0, 12.0)  # s_T drawn uniformly from it; the student refuses others
     image_range: tuple[float, float] = (1.0, 3.0)  # s_I
+    image_term_weight: float = 0.0  # stage 1: weight of the image term's own loss (0: off; guidance_loss says how)
+    scale_lr_scale: float = 1.0  # the scale embedding's learning rate, a multiple of lr (it starts at zero)
     original_inference_steps: int = 50  # stage 2's timestep grid; an lcm sampler takes its steps from it
     huber_c: float = 0.001
     consistency_teacher: str = "teacher"  # stage 2's guided teacher: teacher (three rows) | guidance (stage 1's)
@@ -94,6 +96,8 @@ class DistillConfig:
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise InputError(f"{name} must be LO:HI with 0 <= LO <= HI, got {lo}:{hi}")
+        if self.image_term_weight < 0 or self.scale_lr_scale <= 0:
+            raise InputError("image_term_weight must be >= 0 and scale_lr_scale > 0")
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise InputError(f"embedding_dim must be even and at least 2, got {self.embedding_dim}")
         if self.mixed_precision not in ("no", "fp16", "bf16") or self.save_dtype not in ("float32", "float16"):
@@ -196,17 +200,31 @@ def _student_out(unet, x, image_latents, t, text, scales, dim) -> torch.Tensor:
     return unet(torch.cat([x, image_latents], 1), t, text, timestep_cond=cond).sample
 
 
-def _teacher_out(teacher, frozen: _Frozen, x, image_latents, t, text, scales) -> torch.Tensor:
-    """The teacher's guided prediction at x_t (eq. 3 over its (instruction, image), ("", image), ("", zero) rows)."""
+def _teacher_rows(teacher, frozen: _Frozen, x, image_latents, t, text) -> tuple[torch.Tensor, ...]:
+    """The teacher's (instruction, image), ("", image), ("", zero) rows at x_t."""
     null = frozen.null.expand(len(x), -1, -1)
     rows = torch.cat([torch.cat([x, image_latents], 1), torch.cat([x, image_latents], 1),
                       torch.cat([x, torch.zeros_like(image_latents)], 1)])
-    cond, image, uncond = teacher(rows, t.repeat(3), torch.cat([text, null, null])).sample.chunk(3)
-    return combine_guidance(cond, image, uncond, scales[:, 0, None, None, None], scales[:, 1, None, None, None])
+    return teacher(rows, t.repeat(3), torch.cat([text, null, null])).sample.chunk(3)
+
+
+def _guided(rows: tuple[torch.Tensor, ...], scales: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 over the teacher's three rows at each example's (s_T, s_I)."""
+    return combine_guidance(*rows, scales[:, 0, None, None, None], scales[:, 1, None, None, None])
+
+
+def _teacher_out(teacher, frozen: _Frozen, x, image_latents, t, text, scales) -> torch.Tensor:
+    """The teacher's guided prediction at x_t (eq. 3 over its three rows)."""
+    return _guided(_teacher_rows(teacher, frozen, x, image_latents, t, text), scales)
 
 
 def guidance_loss(frozen: _Frozen, teacher, config: DistillConfig) -> Callable:
-    """Stage 1: the student's one row against the teacher's eq. 3 over its three rows, at random t and scales."""
+    """Stage 1: the student's one row against the teacher's eq. 3 over its three rows, at random t and scales.
+
+    With ``image_term_weight`` w > 0 each example is also run at a second image scale s_I' (same s_T), and the loss
+    adds w times the error of the difference of the two predictions against the teacher's, (s_I - s_I') times
+    (image branch - unconditional branch): the image term alone, which eq. 3's error otherwise drowns under the
+    text term's (the first students reproduced about a third of it). One more student row per example."""
 
     def loss(student, examples: list[dict], gen: torch.Generator) -> torch.Tensor:
         latents, image_latents, text = frozen.batch(examples, gen)
@@ -217,11 +235,54 @@ def guidance_loss(frozen: _Frozen, teacher, config: DistillConfig) -> Callable:
         noisy = a * latents + s * noise
         scales = _scales(config, b, gen, device)
         with torch.no_grad():
-            target = _teacher_out(teacher, frozen, noisy, image_latents, t, text, scales)
-        pred = _student_out(student, noisy, image_latents, t, text, scales, config.embedding_dim)
-        return F.mse_loss(pred.float(), target.float())
+            rows = _teacher_rows(teacher, frozen, noisy, image_latents, t, text)
+        target = _guided(rows, scales)
+        if config.image_term_weight <= 0:
+            pred = _student_out(student, noisy, image_latents, t, text, scales, config.embedding_dim)
+            return F.mse_loss(pred.float(), target.float())
+        other = torch.stack([scales[:, 0], _scales(config, b, gen, device)[:, 1]], 1)
+        target_other = _guided(rows, other)
+        both = _student_out(student, noisy.repeat(2, 1, 1, 1), image_latents.repeat(2, 1, 1, 1), t.repeat(2),
+                            text.repeat(2, 1, 1), torch.cat([scales, other]), config.embedding_dim).float()
+        pred, pred_other = both.chunk(2)
+        term = F.mse_loss(pred - pred_other, (target - target_other).float())
+        return F.mse_loss(both, torch.cat([target, target_other]).float()) + config.image_term_weight * term
 
     return loss
+
+
+@torch.no_grad()
+def scale_response(frozen: _Frozen, teacher, student, config: DistillConfig, batches: int = 4,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """How much of eq. 3's two terms a student's one row reproduces, at random t on ``batches`` batches of the data:
+    for each scale, the change of the student's prediction from its range's low end to its high end (the other
+    scale in the middle of its range) against the teacher's term over the same change, s_T's (instruction branch -
+    image branch) or s_I's (image branch - unconditional branch). Per term: the mean cosine similarity and the
+    median ratio of norms (1 and 1 for a perfect student, 0 and 0 for one blind to the scale)."""
+    ranges = {"text": config.text_range, "image": config.image_range}
+    found: dict[str, dict[str, list]] = {term: {"cosine": [], "norm_ratio": []} for term in ranges}
+    cursor, dim = DataCursor(len(frozen.data), seed), config.embedding_dim
+    for index in range(batches):
+        rng = np.random.default_rng([seed, index])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        latents, image_latents, text = frozen.batch(next_batch(frozen.data, cursor, config.batch_size, rng), gen)
+        b = len(latents)
+        t = torch.randint(0, frozen.acp.shape[0], (b,), generator=gen).to(frozen.device)
+        a, s = _coefficients(frozen.acp, t)
+        noisy = a * latents + s * torch.randn(latents.shape, generator=gen).to(frozen.device)
+        cond, image, uncond = _teacher_rows(teacher, frozen, noisy, image_latents, t, text)
+        middle = [sum(config.text_range) / 2, sum(config.image_range) / 2]
+        for column, (term, (lo, hi)) in enumerate(ranges.items()):
+            ends = []
+            for value in (lo, hi):
+                scales = torch.tensor([middle[:column] + [value] + middle[column + 1:]] * b, device=frozen.device)
+                ends.append(_student_out(student, noisy, image_latents, t, text, scales, dim).float())
+            got = (ends[1] - ends[0]).flatten(1)  # (b, C*H*W)
+            want = ((hi - lo) * ((cond - image) if term == "text" else (image - uncond))).float().flatten(1)
+            found[term]["cosine"] += F.cosine_similarity(got, want).tolist()
+            found[term]["norm_ratio"] += (got.norm(dim=1) / want.norm(dim=1).clamp(min=1e-12)).tolist()
+    return {term: {"cosine": float(np.mean(v["cosine"])), "norm_ratio": float(np.median(v["norm_ratio"]))}
+            for term, v in found.items()}
 
 
 def _boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +342,8 @@ def _run_stage(stage: _Stage, student, config: DistillConfig, accelerator, froze
     from diffusers.training_utils import EMAModel
 
     folder = output / stage.name
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.adam_weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(student, config), lr=config.lr,
+                                  weight_decay=config.adam_weight_decay)
     lr_schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=max(stage.steps, 1))
     ema = EMAModel(student.parameters(), decay=config.ema_decay, use_ema_warmup=True) if config.ema_decay > 0 else None
@@ -328,6 +390,16 @@ def _run_stage(stage: _Stage, student, config: DistillConfig, accelerator, froze
                                 "images_per_second": round(rate, 2) if step > first else None,
                                 "final_loss": float(np.mean(losses[-20:])) if losses else None})
     return final
+
+
+def _parameter_groups(student, config: DistillConfig) -> list[dict]:
+    """The student's parameters, the scale embedding's (``time_embedding.cond_proj``) at ``scale_lr_scale`` x lr
+    (one group where that is 1, as before the option: checkpoints of earlier runs resume)."""
+    if config.scale_lr_scale == 1:
+        return [{"params": list(student.parameters())}]
+    scale = [p for name, p in student.named_parameters() if name.startswith("time_embedding.cond_proj.")]
+    rest = [p for name, p in student.named_parameters() if not name.startswith("time_embedding.cond_proj.")]
+    return [{"params": rest}, {"params": scale, "lr": config.lr * config.scale_lr_scale}]
 
 
 def _resumes(folder: Path, resume: str | None) -> bool:
