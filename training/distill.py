@@ -7,7 +7,9 @@ Two stages, each run by ``_Stage`` (accelerate, mixed precision, EMA, checkpoint
 
 1. ``guidance`` (Meng et al. 2023, "On distillation of guided diffusion models", stage 1): at random timesteps and
    scales drawn from the configured ranges, the student's one row learns the teacher's three-row prediction of
-   eq. 3 (mean squared error, in the teacher's own parametrisation).
+   eq. 3 (mean squared error, in the teacher's own parametrisation); ``image_term_weight`` adds the error of the
+   image term alone (a second row per example at another s_I), and ``scale_lr_scale`` trains the scale embedding
+   at its own rate (both stages). ``scale_response`` measures how much of the two terms a student reproduces.
 2. ``consistency`` (Luo et al. 2023, Latent Consistency Models): from stage 1's weights, consistency distillation
    over the ``original_inference_steps`` timesteps an ``lcm`` sampler takes its steps from, one DDIM step of the
    guided teacher between neighbours, a slowly moving target network, the pseudo-Huber loss. The guided teacher
