@@ -167,6 +167,18 @@ def test_the_image_term_loss_and_the_scale_embeddings_own_rate(tiny_model, pairs
     assert all(response[term]["norm_ratio"] > 0 and -1 <= response[term]["cosine"] <= 1 for term in response)
 
 
+def test_the_scale_response_benchmark_reads_a_distillation_config(student, tiny_model, pairs, tmp_path, capsys):
+    from benchmarks.scale_response import main
+
+    (tmp_path / "d.yaml").write_text(f"teacher: {tiny_model}\ndata: {pairs}\noutput: {tmp_path / 'o'}\n"
+                                     "resolution: 32\nbatch_size: 4\nembedding_dim: 8\n")
+    main([str(student / "guidance" / "model"), "--config", str(tmp_path / "d.yaml"), "--batches", "1",
+          "--json", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())[str(student / "guidance" / "model")]
+    assert set(saved) == {"text", "image"} and saved["image"]["norm_ratio"] > 0
+    assert f"{saved['image']['cosine']:.2f}, {saved['image']['norm_ratio']:.2f} |" in capsys.readouterr().out
+
+
 def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):
     with pytest.raises(InputError, match="a distilled student"):
         distill(config(student, pairs, tmp_path / "x"), progress=False)
