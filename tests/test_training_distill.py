@@ -146,15 +146,16 @@ def test_the_image_term_loss_and_the_scale_embeddings_own_rate(tiny_model, pairs
     student = make_student(teacher, cfg.embedding_dim)
     examples = [frozen.data.load(i, np.random.default_rng(i)) for i in range(4)]
 
-    def loss(weight):
-        changed = DistillConfig(**{**cfg.__dict__, "image_term_weight": weight})
+    def loss(weight, image_range=cfg.image_range):
+        changed = DistillConfig(**{**cfg.__dict__, "image_term_weight": weight, "image_range": image_range})
         with torch.no_grad():
             return float(guidance_loss(frozen, teacher, changed)(student, examples, torch.Generator().manual_seed(0)))
 
     blind = scale_response(frozen, teacher, student, cfg, batches=1)
     assert blind["image"]["norm_ratio"] == blind["text"]["norm_ratio"] == 0.0
-    term = (loss(3.0) - loss(1.0)) / 2
-    assert term > 1e-4 and loss(1.0) - term == pytest.approx(loss(2.0) - 2 * term, rel=1e-5)
+    assert loss(3.0) - loss(1.0) > 1e-4  # the image term: the blind student misses all of it
+    # one image scale: the second row is the first (s_T kept), and there is no image term to miss
+    assert loss(3.0, (1.5, 1.5)) == pytest.approx(loss(1.0, (1.5, 1.5)), rel=1e-6)
     groups = _parameter_groups(student, cfg)
     assert list(groups[1]["params"]) == [student.time_embedding.cond_proj.weight]
     assert groups[1]["lr"] == pytest.approx(10 * cfg.lr) and "lr" not in groups[0]

@@ -264,6 +264,7 @@ def scale_response(frozen: _Frozen, teacher, student, config: DistillConfig, bat
     ranges = {"text": config.text_range, "image": config.image_range}
     found: dict[str, dict[str, list]] = {term: {"cosine": [], "norm_ratio": []} for term in ranges}
     cursor, dim = DataCursor(len(frozen.data), seed), config.embedding_dim
+    middle = [sum(config.text_range) / 2, sum(config.image_range) / 2]
     for index in range(batches):
         rng = np.random.default_rng([seed, index])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -273,7 +274,6 @@ def scale_response(frozen: _Frozen, teacher, student, config: DistillConfig, bat
         a, s = _coefficients(frozen.acp, t)
         noisy = a * latents + s * torch.randn(latents.shape, generator=gen).to(frozen.device)
         cond, image, uncond = _teacher_rows(teacher, frozen, noisy, image_latents, t, text)
-        middle = [sum(config.text_range) / 2, sum(config.image_range) / 2]
         for column, (term, (lo, hi)) in enumerate(ranges.items()):
             ends = []
             for value in (lo, hi):
