@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     savings.add_argument("--settings", nargs="+", help="names from benchmarks/savings.py (default: all)")
     savings.add_argument("--student", help="also a model of `ip2p distill` (of --model) at 1, 2, 4 and 8 steps, and "
                          "both over image guidance 1.0-2.5 (image_guidance.json, sweep.md)")
+    scales = bench_sub.add_parser("scales", help="a distilled student's success over a grid of guidance scales on "
+                                  "validation sets, beside its teacher: the default scales to give it")
+    scales.add_argument("student", help="a model folder of ip2p distill (its distillation.json names the teacher)")
+    scales.add_argument("--teacher", help="default: the one the student's distillation.json names")
+    scales.add_argument("-o", "--output", required=True, help="folder: one JSON per setting (kept: a rerun does only "
+                        "what is missing), student_scales.json and .md")
+    scales.add_argument("--text", type=float, nargs="+", default=[2, 3, 4, 5, 6, 7.5], help="s_T values")
+    scales.add_argument("--image", type=float, nargs="+", default=[1.0, 1.5, 2.0], help="s_I values")
+    scales.add_argument("--steps", type=int, default=1, help="the student's steps (default 1)")
+    scales.add_argument("--count", type=int, default=300, help="edits per validation set (three sets)")
     pairs = bench_sub.add_parser("pairs", help="time per generate-pairs candidate at SD 1.5 / CLIP ViT-L/14 shapes")
     pairs.add_argument("--resolution", type=int, default=512)
     pairs.add_argument("--samples", type=int, default=4, help="candidates per prompt")
@@ -53,6 +64,9 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.bench_command == "serve":
         run_serving(args)
         return
+    if args.bench_command == "scales":
+        run_student_scales(args)
+        return
     if args.bench_command == "pairs":
         run_pairs_timing(args)
         return
@@ -79,15 +93,27 @@ def run_savings(args: argparse.Namespace) -> None:
         student = EditPipeline.from_pretrained(args.student, backend=args.backend, progress=False)
         if student.model.student is None:
             raise InputError(f"{args.student}: not a distilled model (no distillation.json); see ip2p distill")
-        summaries |= run_sweep(student, out, progress=not args.quiet, settings=student_settings())
-        sweep = image_guidance_sweep({"teacher, exact": (pipe, all_settings()["preset exact"]),
-                                      "distilled, 4 steps": (student, student_settings()["distilled, 4 steps"])},
+        settings = student_settings(student.model.student)
+        summaries |= run_sweep(student, out, progress=not args.quiet, settings=settings)
+        teacher = all_settings()["preset exact"]  # the sweep varies s_I at the teacher's s_T
+        sweep = image_guidance_sweep({"teacher, exact": (pipe, teacher), "distilled, 4 steps": (
+            student, dataclasses.replace(settings["distilled, 4 steps"], text_guidance=teacher.text_guidance))},
                                      out, progress=not args.quiet)
         (out / "sweep.md").write_text(sweep_table(sweep) + "\n", encoding="utf-8")
     if "preset exact" in summaries:
         (out / "savings.md").write_text(savings_table(summaries) + "\n", encoding="utf-8")
     savings_plot(summaries, out / "savings.png")
     log.info("wrote %s", out)
+
+
+def run_student_scales(args: argparse.Namespace) -> None:
+    from benchmarks.student_scales import measure, scales_table
+
+    result = measure(args.student, Path(args.output), args.text, args.image, args.steps, args.count,
+                     teacher=args.teacher, progress=not args.quiet)
+    log.info("%s\nchosen: %s: set \"scales\": %s in %s's distillation.json (default_scales of ip2p distill)",
+             scales_table(result["grid"], result["exact"], result["chosen"]), result["chosen"], result["scales"],
+             args.student)
 
 
 def run_serving(args: argparse.Namespace) -> None:

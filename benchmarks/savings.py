@@ -4,6 +4,7 @@ weighted by the MACs each ran: a shallow step-cache row counts its share of the 
 and a Pareto plot (``ip2p bench savings OUT_DIR``; docs/savings.md holds the latest)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from engine.caching import StepCache
-from engine.config import EditConfig
+from engine.config import EditConfig, Student
 from engine.guidance import GuidanceOptions
 from engine.files import write_json_atomic
 from engine.presets import PRESETS, preset_config
@@ -80,18 +81,26 @@ def all_settings() -> dict[str, EditConfig]:
     return {**{f"preset {name}": preset_config(name) for name in PRESETS}, **SETTINGS}
 
 
-def student_settings() -> dict[str, EditConfig]:
-    """A distilled student (``ip2p distill``) at each of ``STUDENT_STEPS``, its lcm sampler, the default scales."""
-    return {f"distilled, {steps} step{'s' if steps > 1 else ''}": EditConfig(steps=steps, sampler="lcm")
-            for steps in STUDENT_STEPS}
+def student_settings(student: Student) -> dict[str, EditConfig]:
+    """A distilled student (``ip2p distill``) at each of ``STUDENT_STEPS`` with its sampler, at its default scales
+    and, where those are its own, also at the teacher's (``... at s_T 7.5, s_I 1.5``)."""
+    teacher = EditConfig()
+    settings = {}
+    for steps in STUDENT_STEPS:
+        name = f"distilled, {steps} step{'s' if steps > 1 else ''}"
+        own = EditConfig(steps=steps, sampler=student.sampler, text_guidance=student.scales[0],
+                         image_guidance=student.scales[1])
+        settings[name] = own
+        if student.scales != (teacher.text_guidance, teacher.image_guidance):
+            settings[f"{name} at s_T {teacher.text_guidance:g}, s_I {teacher.image_guidance:g}"] = dataclasses.replace(
+                own, text_guidance=teacher.text_guidance, image_guidance=teacher.image_guidance)
+    return settings
 
 
 def image_guidance_sweep(pipes: dict[str, tuple], out_dir: Path, count: int = 300, progress: bool = True) -> dict:
     """Each of ``pipes`` ({name: (pipeline, config)}) at every s_I of ``IMAGE_GUIDANCE_SWEEP`` on the first held-out
     set: success, colour right and the median untouched PSNR per edit type, so that a student's response to the
     scale can be set beside its teacher's. Kept in ``out_dir``/image_guidance.json (a rerun reads it)."""
-    import dataclasses
-
     from training.evaluation import evaluate
 
     path = out_dir / "image_guidance.json"

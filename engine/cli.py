@@ -84,8 +84,9 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="exact", choices=list(PRESETS),
                         help="a measured combination of the savings below (default exact: the full edit's pictures)")
     parser.add_argument("--steps", type=int, help="denoising steps (default 20, or the preset's; 100 is the paper's)")
-    parser.add_argument("--text-guidance", type=float, help="s_T of eq. 3 (default 7.5)")
-    parser.add_argument("--image-guidance", type=float, help="s_I of eq. 3 (default 1.5; 1 saves a third of the UNet)")
+    parser.add_argument("--text-guidance", type=float, help="s_T of eq. 3 (default 7.5, or a distilled model's own)")
+    parser.add_argument("--image-guidance", type=float,
+                        help="s_I of eq. 3 (default 1.5, or a distilled model's own; 1 saves a third of the UNet)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default euler_ancestral, or the preset's")
     parser.add_argument("--guidance-interval", type=_interval, metavar="LO:HI",
                         help="guide only while sigma is in (LO, HI], else the instruction branch alone (approximate)")

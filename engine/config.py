@@ -23,14 +23,15 @@ PRESET_NAMES = ("exact", "balanced", "fast")
 class Student:
     """A UNet distilled to take the guidance scales as an input (``ip2p distill``): one UNet row per image and step,
     ``text_guidance``/``image_guidance`` meaning what they mean for its teacher, inside the ranges it learnt them
-    over. Read from the model folder's ``distillation.json``; the UNet's ``time_cond_proj_dim`` (diffusers' own
-    key) is twice ``embedding_dim``."""
+    over, and its own default scales where it edits best. Read from the model folder's ``distillation.json``; the
+    UNet's ``time_cond_proj_dim`` (diffusers' own key) is twice ``embedding_dim``."""
 
     embedding_dim: int  # Fourier features per scale (engine.backends.torch_modules.scale_embedding)
     text_range: tuple[float, float]  # s_T it was trained over
     image_range: tuple[float, float]  # s_I
     sampler: str = "lcm"  # the sampler it was distilled for
     steps: tuple[int, int, int] = (4, 4, 2)  # steps of the presets exact, balanced, fast
+    scales: tuple[float, float] = (7.5, 1.5)  # its (s_T, s_I) when none are given (the teacher's unless chosen)
 
     def preset_steps(self, preset: str) -> int:
         return self.steps[PRESET_NAMES.index(preset)]
@@ -56,7 +57,8 @@ def read_student(model_dir: Path, unet: dict) -> Student | None:
     try:
         student = Student(embedding_dim=int(data["embedding_dim"]), text_range=tuple(data["text_range"]),
                           image_range=tuple(data["image_range"]), sampler=str(data.get("sampler", "lcm")),
-                          steps=tuple(int(v) for v in data.get("steps", (4, 4, 2))))
+                          steps=tuple(int(v) for v in data.get("steps", (4, 4, 2))),
+                          scales=tuple(float(v) for v in data.get("scales", (7.5, 1.5))))
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: not a distillation config ({err!r})") from None
     if proj != 2 * student.embedding_dim:
@@ -64,6 +66,12 @@ def read_student(model_dir: Path, unet: dict) -> Student | None:
                          f"{2 * student.embedding_dim}, got {proj}")
     if student.sampler not in SAMPLERS or len(student.steps) != len(PRESET_NAMES) or min(student.steps) < 1:
         raise InputError(f"{path}: sampler must be one of {', '.join(SAMPLERS)} and steps three positive counts")
+    if len(student.scales) != 2:
+        raise InputError(f"{path}: scales must be two numbers, its default (text_guidance, image_guidance)")
+    try:
+        student.check_scales(*student.scales)
+    except InputError as err:
+        raise InputError(f"{path}: default scales: {err}") from None
     return student
 
 

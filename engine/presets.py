@@ -27,12 +27,13 @@ def preset_config(preset: str = "exact", fixed: dict | None = None, student: Stu
                   **settings) -> EditConfig:
     """The EditConfig of ``preset``, with every setting given (not None) taking precedence over it, and the
     fields no preset sets (``fixed``: resolution, keep_size, output_type) as given. For a distilled ``student``
-    (``ModelConfig.student``) a preset is its sampler at the step count it names for that preset: a student has
-    one UNet row a step and no branches to save."""
+    (``ModelConfig.student``) a preset is its sampler at the step count it names for that preset, at its default
+    scales: a student has one UNet row a step and no branches to save."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset]) if student is None else {"steps": student.preset_steps(preset),
-                                                             "sampler": student.sampler}
+    values = dict(PRESETS[preset]) if student is None else {
+        "steps": student.preset_steps(preset), "sampler": student.sampler,
+        "text_guidance": student.scales[0], "image_guidance": student.scales[1]}
     guidance = values.pop("guidance", GuidanceOptions())
     interval, adaptive = settings.pop("guidance_interval", None), settings.pop("adaptive_guidance", None)
     if interval is not None or adaptive is not None:

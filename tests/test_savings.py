@@ -1,7 +1,8 @@
 """benchmarks/savings.py: the sweep of savings against held-out success, its table and plot."""
 import json
 
-from benchmarks.savings import all_settings, run_sweep, savings_plot, savings_table
+from benchmarks.savings import all_settings, run_sweep, savings_plot, savings_table, student_settings
+from engine.config import Student
 
 
 def test_a_small_sweep_writes_work_and_success_per_setting(tiny_pipe, tmp_path):
@@ -22,3 +23,15 @@ def test_a_small_sweep_writes_work_and_success_per_setting(tiny_pipe, tmp_path):
     savings_plot(summaries, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert {"preset exact", "adaptive 0.99", "dpmpp_2m 6 steps"} <= set(all_settings())
+
+
+def test_a_student_is_measured_at_its_own_default_scales_and_at_the_teachers():
+    student = Student(embedding_dim=8, text_range=(2.0, 10.0), image_range=(1.0, 2.5), steps=(1, 1, 1),
+                      scales=(4.0, 1.75))
+    settings = student_settings(student)
+    assert list(settings)[:2] == ["distilled, 1 step", "distilled, 1 step at s_T 7.5, s_I 1.5"] and len(settings) == 8
+    own, teachers = settings["distilled, 4 steps"], settings["distilled, 4 steps at s_T 7.5, s_I 1.5"]
+    assert (own.steps, own.sampler, own.text_guidance, own.image_guidance) == (4, "lcm", 4.0, 1.75)
+    assert (teachers.steps, teachers.text_guidance, teachers.image_guidance) == (4, 7.5, 1.5)
+    plain = student_settings(Student(embedding_dim=8, text_range=(2.0, 10.0), image_range=(1.0, 2.5)))
+    assert list(plain) == ["distilled, 1 step", "distilled, 2 steps", "distilled, 4 steps", "distilled, 8 steps"]

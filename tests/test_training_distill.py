@@ -20,7 +20,8 @@ def config(teacher, data, out, **changes) -> DistillConfig:
 
 @pytest.fixture(scope="module")
 def student(tiny_model, pairs, tmp_path_factory):
-    return distill(config(tiny_model, pairs, tmp_path_factory.mktemp("distill") / "student"), progress=False)
+    return distill(config(tiny_model, pairs, tmp_path_factory.mktemp("distill") / "student", default_scales=(4.0, 2.0)),
+                   progress=False)
 
 
 def unet_weights(folder):
@@ -86,6 +87,18 @@ def test_the_students_scales_act_as_the_unets_input_says(student, rgb_image):
         expected = unet(*(torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states")),
                         timestep_cond=scale_embedding(torch.from_numpy(inputs["guidance"]), 8)).sample
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+
+
+def test_a_students_own_default_scales_apply_where_an_edit_gives_none(student, rgb_image):
+    assert json.loads((student / "distillation.json").read_text())["scales"] == [4.0, 2.0]
+    assert json.loads((student / "guidance" / "model" / "distillation.json").read_text())["scales"] == [7.5, 1.5]
+    engine = EditPipeline.from_pretrained(str(student), progress=False)
+    assert engine.model.student.scales == (4.0, 2.0)
+    edit = lambda **scales: engine.edit(rgb_image, "make it blue", seed=1, output_type="np", **scales).images
+    default = edit()
+    np.testing.assert_array_equal(default, edit(text_guidance=4.0, image_guidance=2.0))
+    assert np.abs(default - edit(text_guidance=7.5, image_guidance=1.5)).max() > 0  # a given scale wins
+    np.testing.assert_array_equal(edit(text_guidance=6.0), edit(text_guidance=6.0, image_guidance=2.0))
 
 
 def test_a_student_refuses_scales_it_never_learnt_and_the_savings_it_has_no_use_for(student, rgb_image):
@@ -180,6 +193,32 @@ def test_the_scale_response_benchmark_reads_a_distillation_config(student, tiny_
     assert f"{saved['image']['cosine']:.2f}, {saved['image']['norm_ratio']:.2f} |" in capsys.readouterr().out
 
 
+def test_the_student_scales_benchmark_chooses_on_validation_sets_beside_the_teacher(student, tiny_model, tmp_path,
+                                                                                   capsys):
+    from benchmarks.savings import HELD_OUT_SEEDS
+    from benchmarks.student_scales import VALIDATION_SEEDS, choose
+    from ip2p.cli import main
+
+    assert not set(VALIDATION_SEEDS) & set(HELD_OUT_SEEDS)
+    assert main(["bench", "scales", str(student), "-o", str(tmp_path), "--text", "2", "4", "--image", "1",
+                 "--count", "3"]) == 0
+    result = json.loads((tmp_path / "student_scales.json").read_text())
+    assert list(result["grid"]) == ["1 step, s_T 2, s_I 1", "1 step, s_T 4, s_I 1"]
+    assert set(result["exact"]) == {"recolour", "background", "remove"} and result["chosen"] in result["grid"]
+    assert result["chosen"] == "1 step, s_T {:g}, s_I {:g}".format(*result["scales"])
+    assert f"**{result['chosen']}**" in (tmp_path / "student_scales.md").read_text()
+    exact = {"recolour": 95.0, "background": 90.0}
+    grid = {"best mean": {"recolour": 99.0, "background": 80.0}, "best worst": {"recolour": 90.0, "background": 86.0},
+            "tied worst": {"recolour": 88.0, "background": 86.0}}
+    assert choose(grid, exact) == "best worst"  # worst gap -4 beats -10; a tie goes to the higher mean
+    capsys.readouterr()
+    assert main(["bench", "scales", str(tiny_model), "-o", str(tmp_path / "x")]) != 0
+    assert capsys.readouterr().err == (f"ip2p: error: {tiny_model}: not a distilled model (no distillation.json); "
+                                       "see ip2p distill\n")
+    assert main(["bench", "scales", str(student), "-o", str(tmp_path / "x"), "--text", "9"]) != 0
+    assert "text_guidance 9 is outside 1-8" in capsys.readouterr().err
+
+
 def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):
     with pytest.raises(InputError, match="a distilled student"):
         distill(config(student, pairs, tmp_path / "x"), progress=False)
@@ -197,6 +236,18 @@ def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs
         config(tiny_model, pairs, tmp_path / "z", consistency_teacher="student")
     with pytest.raises(InputError, match="image_term_weight must be >= 0 and scale_lr_scale > 0"):
         config(tiny_model, pairs, tmp_path / "z", scale_lr_scale=0.0)
+    with pytest.raises(InputError, match="default_scales 9, 1.5 must lie inside text_range and image_range"):
+        config(tiny_model, pairs, tmp_path / "z", default_scales=(9.0, 1.5))
+
+
+def test_a_folder_whose_default_scales_lie_outside_its_ranges_is_refused(student, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(student, tmp_path / "s", ignore=shutil.ignore_patterns("guidance", "consistency"))
+    card = json.loads((folder / "distillation.json").read_text())
+    (folder / "distillation.json").write_text(json.dumps({**card, "scales": [4.0, 3.0]}))
+    with pytest.raises(InputError, match=r"distillation.json: default scales: image_guidance 3 is outside 1-2.5"):
+        EditPipeline.from_pretrained(str(folder), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +264,7 @@ def student_bundle(student, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_a_students_bundle_verifies_and_edits_as_torch_does(student, student_bundle, rgb_image, backend):
     runtime = EditPipeline.from_pretrained(str(student_bundle), backend=backend, progress=False)
-    assert runtime.model.student is not None and runtime.backend.has("unet_guided")
+    assert runtime.model.student.scales == (4.0, 2.0) and runtime.backend.has("unet_guided")
     kwargs = dict(seed=3, output_type="np", text_guidance=6.0, image_guidance=2.0)
     got = runtime.edit(rgb_image, "make it blue", **kwargs)
     expected = EditPipeline.from_pretrained(str(student), progress=False).edit(rgb_image, "make it blue", **kwargs)

@@ -84,6 +84,8 @@ class DistillConfig:
     huber_c: float = 0.001
     consistency_teacher: str = "teacher"  # stage 2's guided teacher: teacher (three rows) | guidance (stage 1's)
     preset_steps: tuple[int, int, int] = (4, 4, 2)  # lcm steps of the student's presets exact, balanced, fast
+    default_scales: tuple[float, float] = (7.5, 1.5)  # its (s_T, s_I) when an edit gives none: the teacher's, or
+    # where it edits best on a validation set (python -m benchmarks.student_scales)
     latent_cache_mb: int = 0  # as ``ip2p train``
     log_every: int = 10  # rows of <output>/<stage>/log.csv
     checkpoint_every: int = 500
@@ -111,13 +113,16 @@ class DistillConfig:
         if len(self.preset_steps) != len(PRESET_NAMES) or not all(0 < s <= self.original_inference_steps
                                                                    for s in self.preset_steps):
             raise InputError(f"preset_steps: three step counts within 1-{self.original_inference_steps}")
+        text, image = self.default_scales
+        if not (self.text_range[0] <= text <= self.text_range[1] and self.image_range[0] <= image <= self.image_range[1]):
+            raise InputError(f"default_scales {text:g}, {image:g} must lie inside text_range and image_range")
 
 
 def load_distill_config(path: str | Path | None, overrides: dict) -> DistillConfig:
     """Defaults, then the YAML file, then non-None ``overrides`` (CLI flags)."""
     values = read_options(path, DistillConfig)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("text_range", "image_range", "preset_steps"):
+    for name in ("text_range", "image_range", "preset_steps", "default_scales"):
         if name in values:
             values[name] = tuple(values[name])
     for required in ("teacher", "data", "output"):
@@ -476,7 +481,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
     return output
 
 
-GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8))  # stage 1's student: the teacher's sampler and step counts
+GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8), (7.5, 1.5))  # stage 1's student: the teacher's sampler, steps, scales
 
 
 def save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig, consistency: bool = True) -> None:
@@ -503,8 +508,8 @@ def save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig, con
         save_half_precision(output)
     stages = {name: _stage_report(Path(config.output) / name) for name in STAGES}
     write_json_atomic(output / "training_config.json", {"config": dataclasses.asdict(config), "stages": stages})
-    sampler, steps = ("lcm", config.preset_steps) if consistency else GUIDANCE_ONLY
+    sampler, steps, scales = ("lcm", config.preset_steps, config.default_scales) if consistency else GUIDANCE_ONLY
     write_json_atomic(output / "distillation.json", {
         "embedding_dim": config.embedding_dim, "text_range": list(config.text_range),
-        "image_range": list(config.image_range), "sampler": sampler, "steps": list(steps),
+        "image_range": list(config.image_range), "sampler": sampler, "steps": list(steps), "scales": list(scales),
         "teacher": str(config.teacher), "stages": stages})

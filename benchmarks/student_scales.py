@@ -1,0 +1,99 @@
+"""Where a distilled student edits best: its success over a grid of (s_T, s_I) on validation sets of shapes edits
+(seeds that neither training nor the held-out sets use), beside its teacher's exact edit on the same sets.
+
+The scales it chooses are the student's defaults (``default_scales`` of ``ip2p distill``, ``scales`` in its
+``distillation.json``); the held-out sets then measure them once (``ip2p bench savings --student``). A choice made
+on the shapes model is not one for a photo model: run this on your own student and edits.
+
+    ip2p bench scales STUDENT -o OUT [--text 2 3 4 5 6 7.5] [--image 1 1.5 2] [--steps 1]
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from engine.config import EditConfig
+from engine.errors import InputError
+from engine.files import write_json_atomic
+from engine.presets import preset_config
+
+log = logging.getLogger("ip2p")
+
+VALIDATION_SEEDS = (2_000_001, 2_000_002, 2_000_003)  # never training data (small seeds), never held out (1000003-5)
+TEACHER = "teacher, exact"
+
+
+def success_over_sets(pipe, configs: dict[str, EditConfig], out_dir: Path, count: int,
+                      progress: bool = True) -> dict[str, dict[str, float]]:
+    """{name: {edit type: success %}} of each config over the validation sets, ``count`` edits each; one JSON
+    per name in ``out_dir`` (a rerun reads it)."""
+    from training.evaluation import evaluate
+
+    results = {}
+    for name, config in tqdm(configs.items(), desc="scales", unit="setting", disable=not progress):
+        path = out_dir / (name.replace(" ", "_").replace(",", "") + ".json")
+        if not path.is_file():
+            reports = [evaluate(pipe, config, count, seed, progress=False) for seed in VALIDATION_SEEDS]
+            write_json_atomic(path, {e: sum(r["edits"][e]["success"] for r in reports) / len(reports)
+                                     for e in reports[0]["edits"]})
+        results[name] = json.loads(path.read_text())
+    return results
+
+
+def choose(grid: dict[str, dict[str, float]], exact: dict[str, float]) -> str:
+    """The setting whose worst edit type is closest to (or furthest above) the teacher's; ties: the higher mean."""
+    def margins(name: str) -> tuple[float, float]:
+        gaps = [grid[name][e] - exact[e] for e in exact]
+        return min(gaps), sum(gaps) / len(gaps)
+    return max(grid, key=margins)
+
+
+def scales_table(grid: dict[str, dict[str, float]], exact: dict[str, float], chosen: str) -> str:
+    """Markdown: success per edit type and the worst type's gap to the teacher, the chosen row in bold."""
+    edits = list(exact)
+    lines = ["| setting | " + " | ".join(edits) + " | worst gap to exact |", "|---|" + "---:|" * (len(edits) + 1),
+             f"| {TEACHER} | " + " | ".join(f"{exact[e]:.1f}%" for e in edits) + " | |"]
+    for name, success in grid.items():
+        cells = [f"{success[e]:.1f}%" for e in edits] + [f"{min(success[e] - exact[e] for e in edits):+.1f}"]
+        label = f"**{name}**" if name == chosen else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_configs(texts: list[float], images: list[float], steps: int, sampler: str) -> dict[str, EditConfig]:
+    return {f"{steps} step{'s' if steps > 1 else ''}, s_T {t:g}, s_I {i:g}":
+            EditConfig(steps=steps, sampler=sampler, text_guidance=t, image_guidance=i)
+            for t in texts for i in images}
+
+
+def measure(student_path: str, out_dir: Path, texts: list[float], images: list[float], steps: int, count: int,
+            teacher: str | None = None, progress: bool = True) -> dict:
+    """The student's grid and its teacher's exact edit (``teacher``, default the one its ``distillation.json``
+    names) on the validation sets; the chosen scales. Written to ``out_dir``/student_scales.json and .md."""
+    from engine.pipeline import EditPipeline
+
+    student = EditPipeline.from_pretrained(student_path, progress=False)
+    if student.model.student is None:
+        raise InputError(f"{student_path}: not a distilled model (no distillation.json); see ip2p distill")
+    for t in texts:
+        for i in images:
+            student.model.student.check_scales(t, i)
+    card = Path(student_path) / "distillation.json"
+    if teacher is None and not card.is_file():
+        raise InputError(f"{student_path} has no distillation.json naming its teacher (a bundle?): give --teacher")
+    teacher_path = teacher or json.loads(card.read_text())["teacher"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = grid_configs(texts, images, steps, student.model.student.sampler)
+    grid = success_over_sets(student, configs, out_dir, count, progress)
+    exact = success_over_sets(EditPipeline.from_pretrained(teacher_path, progress=False),
+                              {TEACHER: preset_config("exact")}, out_dir, count, progress)[TEACHER]
+    chosen = choose(grid, exact)
+    result = {"student": student_path, "teacher": teacher_path, "seeds": list(VALIDATION_SEEDS), "count": count,
+              "exact": exact, "grid": grid, "chosen": chosen,
+              "scales": [configs[chosen].text_guidance, configs[chosen].image_guidance]}
+    write_json_atomic(out_dir / "student_scales.json", result)
+    (out_dir / "student_scales.md").write_text(scales_table(grid, exact, chosen) + "\n", encoding="utf-8")
+    return result
