@@ -125,3 +125,20 @@ def test_an_error_is_shown_on_the_page(page):
     page.find_element(By.ID, "go").click()
     WebDriverWait(page, 60).until(lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
     assert page.find_element(By.ID, "status").text == "422: steps: at most 100 on this server, got 500"
+
+
+def test_empty_fields_edit_at_the_served_models_own_defaults(page):
+    """On the shipped distilled model's server, the page's empty steps and scales are that model's (one lcm step
+    at its own scales), not the teacher's 20 steps."""
+    load = dict(model=str(EXAMPLE.parents[1] / "engine" / "models" / "shapes-distilled-onnx"), backend="onnxruntime")
+    student = EditPipeline.from_pretrained(**load, progress=False)
+    text, image = student.model.student.scales
+    home = page.current_url
+    try:
+        with local_server(Settings(max_batch=4, batch_wait_ms=5), load) as (url, _):
+            page.get(url + "/")
+            shown, used = edit_on_page(page, prompt=INSTRUCTION, seed=9)
+    finally:
+        page.get(home)
+    assert used == f"Edited: seed 9, text guidance {text:g}, image guidance {image:g}, 1 step"
+    np.testing.assert_array_equal(shown, np.asarray(student.edit(Image.open(EXAMPLE), INSTRUCTION, seed=9).images[0]))
