@@ -180,7 +180,8 @@ def savings_table(summaries: dict[str, dict], baseline: str = "preset exact") ->
 
 
 def savings_plot(summaries: dict[str, dict], path: Path) -> None:
-    """Success per edit type against UNet evaluations per edit, one marker per setting."""
+    """Success per edit type against UNet evaluations per edit, one marker per setting (a student at other scales
+    than its own: hollow and unlabelled)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,9 +196,10 @@ def savings_plot(summaries: dict[str, dict], path: Path) -> None:
             work, success = work_of(s), s["success"][edit]
             marker = "*" if preset else "D" if student else ("o" if success >= floor else "v")
             color = "C3" if preset else "C2" if student else "C0"
+            other_scales = student and " at " in name
             ax.scatter(work, max(success, floor), marker=marker, s=160 if preset else 40 if student else 25,
-                       color=color, zorder=3 if preset or student else 2)
-            if preset or student:
+                       color="none" if other_scales else color, edgecolors=color, zorder=3 if preset or student else 2)
+            if preset or (student and not other_scales):
                 label = name.removeprefix("preset ").replace("distilled, ", "")
                 ax.annotate(label, (work, max(success, floor)), fontsize=8, xytext=(4, -10),
                             textcoords="offset points", color=color)
