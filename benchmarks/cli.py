@@ -29,8 +29,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     scales.add_argument("--teacher", help="default: the one the student's distillation.json names")
     scales.add_argument("-o", "--output", required=True, help="folder: one JSON per setting (kept: a rerun does only "
                         "what is missing), student_scales.json and .md")
-    scales.add_argument("--text", type=float, nargs="+", default=[2, 3, 4, 5, 6, 7.5], help="s_T values")
-    scales.add_argument("--image", type=float, nargs="+", default=[1.0, 1.5, 2.0], help="s_I values")
+    scales.add_argument("--text", type=float, nargs="+", default=[2, 3, 4, 5, 6, 7.5],
+                        help="s_T values (default: the shipped student's grid, as --image)")
+    scales.add_argument("--image", type=float, nargs="+", default=[1.0, 1.25, 1.5, 1.75, 2.0, 2.5], help="s_I values")
     scales.add_argument("--steps", type=int, default=1, help="the student's steps (default 1)")
     scales.add_argument("--count", type=int, default=300, help="edits per validation set (three sets)")
     pairs = bench_sub.add_parser("pairs", help="time per generate-pairs candidate at SD 1.5 / CLIP ViT-L/14 shapes")

@@ -83,7 +83,7 @@ def all_settings() -> dict[str, EditConfig]:
 
 def student_settings(student: Student) -> dict[str, EditConfig]:
     """A distilled student (``ip2p distill``) at each of ``STUDENT_STEPS`` with its sampler, at its default scales
-    and, where those are its own, also at the teacher's (``... at s_T 7.5, s_I 1.5``)."""
+    and, where those differ from the teacher's, also at the teacher's (``... at s_T 7.5, s_I 1.5``)."""
     teacher = EditConfig()
     settings = {}
     for steps in STUDENT_STEPS:

@@ -5,12 +5,11 @@ The scales it chooses are the student's defaults (``default_scales`` of ``ip2p d
 ``distillation.json``); the held-out sets then measure them once (``ip2p bench savings --student``). A choice made
 on the shapes model is not one for a photo model: run this on your own student and edits.
 
-    ip2p bench scales STUDENT -o OUT [--text 2 3 4 5 6 7.5] [--image 1 1.5 2] [--steps 1]
+    ip2p bench scales STUDENT -o OUT [--text 2 3 4 5 6 7.5] [--image 1 1.25 1.5 1.75 2 2.5] [--steps 1]
 """
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -19,8 +18,6 @@ from engine.config import EditConfig
 from engine.errors import InputError
 from engine.files import write_json_atomic
 from engine.presets import preset_config
-
-log = logging.getLogger("ip2p")
 
 VALIDATION_SEEDS = (2_000_001, 2_000_002, 2_000_003)  # never training data (small seeds), never held out (1000003-5)
 TEACHER = "teacher, exact"
@@ -74,7 +71,12 @@ def measure(student_path: str, out_dir: Path, texts: list[float], images: list[f
     """The student's grid and its teacher's exact edit (``teacher``, default the one its ``distillation.json``
     names) on the validation sets; the chosen scales. Written to ``out_dir``/student_scales.json and .md."""
     from engine.pipeline import EditPipeline
+    from training.synthetic import EDITS
 
+    if count < len(EDITS):
+        raise InputError(f"--count {count}: at least {len(EDITS)} edits a set, one of each type")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: not a folder (the results go there)")
     student = EditPipeline.from_pretrained(student_path, progress=False)
     if student.model.student is None:
         raise InputError(f"{student_path}: not a distilled model (no distillation.json); see ip2p distill")

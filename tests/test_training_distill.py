@@ -217,6 +217,8 @@ def test_the_student_scales_benchmark_chooses_on_validation_sets_beside_the_teac
                                        "see ip2p distill\n")
     assert main(["bench", "scales", str(student), "-o", str(tmp_path / "x"), "--text", "9"]) != 0
     assert "text_guidance 9 is outside 1-8" in capsys.readouterr().err
+    assert main(["bench", "scales", str(student), "-o", str(tmp_path / "x"), "--count", "2"]) != 0
+    assert capsys.readouterr().err == "ip2p: error: --count 2: at least 3 edits a set, one of each type\n"
 
 
 def test_bad_teachers_and_settings_are_one_clear_line(student, tiny_model, pairs, tmp_path, saved_models):

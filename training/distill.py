@@ -85,7 +85,7 @@ class DistillConfig:
     consistency_teacher: str = "teacher"  # stage 2's guided teacher: teacher (three rows) | guidance (stage 1's)
     preset_steps: tuple[int, int, int] = (4, 4, 2)  # lcm steps of the student's presets exact, balanced, fast
     default_scales: tuple[float, float] = (7.5, 1.5)  # its (s_T, s_I) when an edit gives none: the teacher's, or
-    # where it edits best on a validation set (python -m benchmarks.student_scales)
+    # where it edits best on a validation set (ip2p bench scales)
     latent_cache_mb: int = 0  # as ``ip2p train``
     log_every: int = 10  # rows of <output>/<stage>/log.csv
     checkpoint_every: int = 500
@@ -113,8 +113,8 @@ class DistillConfig:
         if len(self.preset_steps) != len(PRESET_NAMES) or not all(0 < s <= self.original_inference_steps
                                                                    for s in self.preset_steps):
             raise InputError(f"preset_steps: three step counts within 1-{self.original_inference_steps}")
-        text, image = self.default_scales
-        if not (self.text_range[0] <= text <= self.text_range[1] and self.image_range[0] <= image <= self.image_range[1]):
+        (text, image), (t_lo, t_hi), (i_lo, i_hi) = self.default_scales, self.text_range, self.image_range
+        if not (t_lo <= text <= t_hi and i_lo <= image <= i_hi):
             raise InputError(f"default_scales {text:g}, {image:g} must lie inside text_range and image_range")
 
 
@@ -481,7 +481,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
     return output
 
 
-GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8), (7.5, 1.5))  # stage 1's student: the teacher's sampler, steps, scales
+GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8), (7.5, 1.5))  # stage 1's student: its teacher's sampler, steps, scales
 
 
 def save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig, consistency: bool = True) -> None:
