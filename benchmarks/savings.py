@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from engine.caching import StepCache
-from engine.config import EditConfig, Student
+from engine.config import PAPER_SCALES, EditConfig, Student
 from engine.guidance import GuidanceOptions
 from engine.files import write_json_atomic
 from engine.presets import PRESETS, preset_config
@@ -74,6 +74,7 @@ SETTINGS: dict[str, EditConfig] = {  # every option on its own, then combination
 
 
 STUDENT_STEPS = (1, 2, 4, 8)  # a distilled student's lcm steps, one UNet row each
+AT_PAPER_SCALES = f" at s_T {PAPER_SCALES[0]:g}, s_I {PAPER_SCALES[1]:g}"  # a student's setting at the teacher's
 IMAGE_GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 2.5)
 
 
@@ -84,16 +85,14 @@ def all_settings() -> dict[str, EditConfig]:
 def student_settings(student: Student) -> dict[str, EditConfig]:
     """A distilled student (``ip2p distill``) at each of ``STUDENT_STEPS`` with its sampler, at its default scales
     and, where those differ from the teacher's, also at the teacher's (``... at s_T 7.5, s_I 1.5``)."""
-    teacher = EditConfig()
     settings = {}
     for steps in STUDENT_STEPS:
         name = f"distilled, {steps} step{'s' if steps > 1 else ''}"
-        own = EditConfig(steps=steps, sampler=student.sampler, text_guidance=student.scales[0],
-                         image_guidance=student.scales[1])
-        settings[name] = own
-        if student.scales != (teacher.text_guidance, teacher.image_guidance):
-            settings[f"{name} at s_T {teacher.text_guidance:g}, s_I {teacher.image_guidance:g}"] = dataclasses.replace(
-                own, text_guidance=teacher.text_guidance, image_guidance=teacher.image_guidance)
+        settings[name] = preset_config("exact", student=student, steps=steps)
+        if student.scales != PAPER_SCALES:
+            text, image = PAPER_SCALES
+            settings[f"{name}{AT_PAPER_SCALES}"] = preset_config("exact", student=student, steps=steps,
+                                                                  text_guidance=text, image_guidance=image)
     return settings
 
 
@@ -141,7 +140,7 @@ def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 
     summaries = {}
     for name in tqdm(names or list(settings), desc="settings", unit="setting", disable=not progress):
         path = out_dir / (name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
-        if path.is_file():
+        if path.is_file() and _same_setting(json.loads(path.read_text())["settings"], settings[name]):
             summaries[name] = json.loads(path.read_text())
             continue
         start = time.perf_counter()
@@ -159,6 +158,12 @@ def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 
                  {e: round(v, 1) for e, v in summary["success"].items()})
         summaries[name] = summary
     return summaries
+
+
+def _same_setting(saved: dict, config: EditConfig) -> bool:
+    """Whether a kept result measured ``config`` (a name may change its meaning: a student's default scales)."""
+    return all(saved.get(key) == getattr(config, key)
+               for key in ("steps", "sampler", "text_guidance", "image_guidance"))
 
 
 def work_of(summary: dict) -> float:
@@ -196,7 +201,7 @@ def savings_plot(summaries: dict[str, dict], path: Path) -> None:
             work, success = work_of(s), s["success"][edit]
             marker = "*" if preset else "D" if student else ("o" if success >= floor else "v")
             color = "C3" if preset else "C2" if student else "C0"
-            other_scales = student and " at " in name
+            other_scales = student and name.endswith(AT_PAPER_SCALES)
             ax.scatter(work, max(success, floor), marker=marker, s=160 if preset else 40 if student else 25,
                        color="none" if other_scales else color, edgecolors=color, zorder=3 if preset or student else 2)
             if preset or (student and not other_scales):

@@ -23,20 +23,24 @@ VALIDATION_SEEDS = (2_000_001, 2_000_002, 2_000_003)  # never training data (sma
 TEACHER = "teacher, exact"
 
 
-def success_over_sets(pipe, configs: dict[str, EditConfig], out_dir: Path, count: int,
+def success_over_sets(pipe, model: str, configs: dict[str, EditConfig], out_dir: Path, count: int,
                       progress: bool = True) -> dict[str, dict[str, float]]:
     """{name: {edit type: success %}} of each config over the validation sets, ``count`` edits each; one JSON
-    per name in ``out_dir`` (a rerun reads it)."""
+    per name in ``out_dir`` (a rerun reads it where ``model``, the count and the setting are the same)."""
     from training.evaluation import evaluate
 
     results = {}
     for name, config in tqdm(configs.items(), desc="scales", unit="setting", disable=not progress):
         path = out_dir / (name.replace(" ", "_").replace(",", "") + ".json")
-        if not path.is_file():
+        asked = {"model": model, "count": count, "seeds": list(VALIDATION_SEEDS), "steps": config.steps,
+                 "sampler": config.sampler, "scales": [config.text_guidance, config.image_guidance]}
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("asked") != asked:  # another model, count or setting under this name: measured again
             reports = [evaluate(pipe, config, count, seed, progress=False) for seed in VALIDATION_SEEDS]
-            write_json_atomic(path, {e: sum(r["edits"][e]["success"] for r in reports) / len(reports)
-                                     for e in reports[0]["edits"]})
-        results[name] = json.loads(path.read_text())
+            saved = {"asked": asked, "success": {e: sum(r["edits"][e]["success"] for r in reports) / len(reports)
+                                                 for e in reports[0]["edits"]}}
+            write_json_atomic(path, saved)
+        results[name] = saved["success"]
     return results
 
 
@@ -44,7 +48,7 @@ def choose(grid: dict[str, dict[str, float]], exact: dict[str, float]) -> str:
     """The setting whose worst edit type is closest to (or furthest above) the teacher's; ties: the higher mean."""
     def margins(name: str) -> tuple[float, float]:
         gaps = [grid[name][e] - exact[e] for e in exact]
-        return min(gaps), sum(gaps) / len(gaps)
+        return round(min(gaps), 6), round(sum(gaps) / len(gaps), 6)  # rounded: equal gaps of averaged sets tie
     return max(grid, key=margins)
 
 
@@ -61,6 +65,7 @@ def scales_table(grid: dict[str, dict[str, float]], exact: dict[str, float], cho
 
 
 def grid_configs(texts: list[float], images: list[float], steps: int, sampler: str) -> dict[str, EditConfig]:
+    """{"1 step, s_T 6, s_I 2.5": its EditConfig} for every pair of ``texts`` x ``images``."""
     return {f"{steps} step{'s' if steps > 1 else ''}, s_T {t:g}, s_I {i:g}":
             EditConfig(steps=steps, sampler=sampler, text_guidance=t, image_guidance=i)
             for t in texts for i in images}
@@ -70,7 +75,7 @@ def measure(student_path: str, out_dir: Path, texts: list[float], images: list[f
             teacher: str | None = None, progress: bool = True) -> dict:
     """The student's grid and its teacher's exact edit (``teacher``, default the one its ``distillation.json``
     names) on the validation sets; the chosen scales. Written to ``out_dir``/student_scales.json and .md."""
-    from engine.pipeline import EditPipeline
+    from engine.pipeline import EditPipeline, locate_model
     from training.synthetic import EDITS
 
     if count < len(EDITS):
@@ -83,14 +88,14 @@ def measure(student_path: str, out_dir: Path, texts: list[float], images: list[f
     for t in texts:
         for i in images:
             student.model.student.check_scales(t, i)
-    card = Path(student_path) / "distillation.json"
+    card = Path(locate_model(student_path)) / "distillation.json"  # a shipped student's name: its folder
     if teacher is None and not card.is_file():
         raise InputError(f"{student_path} has no distillation.json naming its teacher (a bundle?): give --teacher")
     teacher_path = teacher or json.loads(card.read_text())["teacher"]
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = grid_configs(texts, images, steps, student.model.student.sampler)
-    grid = success_over_sets(student, configs, out_dir, count, progress)
-    exact = success_over_sets(EditPipeline.from_pretrained(teacher_path, progress=False),
+    grid = success_over_sets(student, str(student_path), configs, out_dir, count, progress)
+    exact = success_over_sets(EditPipeline.from_pretrained(teacher_path, progress=False), str(teacher_path),
                               {TEACHER: preset_config("exact")}, out_dir, count, progress)[TEACHER]
     chosen = choose(grid, exact)
     result = {"student": student_path, "teacher": teacher_path, "seeds": list(VALIDATION_SEEDS), "count": count,

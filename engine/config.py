@@ -17,6 +17,7 @@ VaeTile = Union[int, None, Literal["auto"]]  # tile side in pixels; None: never 
 
 
 PRESET_NAMES = ("exact", "balanced", "fast")
+PAPER_SCALES = (7.5, 1.5)  # InstructPix2Pix's (s_T, s_I) by default: the paper's and diffusers'
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Student:
     image_range: tuple[float, float]  # s_I
     sampler: str = "lcm"  # the sampler it was distilled for
     steps: tuple[int, int, int] = (4, 4, 2)  # steps of the presets exact, balanced, fast
-    scales: tuple[float, float] = (7.5, 1.5)  # its (s_T, s_I) when none are given (the teacher's unless chosen)
+    scales: tuple[float, float] = PAPER_SCALES  # its (s_T, s_I) when an edit gives none
 
     def preset_steps(self, preset: str) -> int:
         return self.steps[PRESET_NAMES.index(preset)]
@@ -58,7 +59,7 @@ def read_student(model_dir: Path, unet: dict) -> Student | None:
         student = Student(embedding_dim=int(data["embedding_dim"]), text_range=tuple(data["text_range"]),
                           image_range=tuple(data["image_range"]), sampler=str(data.get("sampler", "lcm")),
                           steps=tuple(int(v) for v in data.get("steps", (4, 4, 2))),
-                          scales=tuple(float(v) for v in data.get("scales", (7.5, 1.5))))
+                          scales=tuple(float(v) for v in data.get("scales", PAPER_SCALES)))
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: not a distillation config ({err!r})") from None
     if proj != 2 * student.embedding_dim:
@@ -66,13 +67,19 @@ def read_student(model_dir: Path, unet: dict) -> Student | None:
                          f"{2 * student.embedding_dim}, got {proj}")
     if student.sampler not in SAMPLERS or len(student.steps) != len(PRESET_NAMES) or min(student.steps) < 1:
         raise InputError(f"{path}: sampler must be one of {', '.join(SAMPLERS)} and steps three positive counts")
+    if "scales" in data:  # absent: the teacher's, checked as any scale an edit asks for
+        check_default_scales(student, str(path))
+    return student
+
+
+def check_default_scales(student: Student, where: str) -> None:
+    """Refuse a student's own default scales unless they are two scales inside the ranges it learnt."""
     if len(student.scales) != 2:
-        raise InputError(f"{path}: scales must be two numbers, its default (text_guidance, image_guidance)")
+        raise InputError(f"{where}: scales must be two numbers, its default (text_guidance, image_guidance)")
     try:
         student.check_scales(*student.scales)
     except InputError as err:
-        raise InputError(f"{path}: default scales: {err}") from None
-    return student
+        raise InputError(f"{where}: default scales: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -171,8 +178,8 @@ class EditConfig:
     """Settings of one edit call; validated on construction."""
 
     steps: int = 20
-    text_guidance: float = 7.5
-    image_guidance: float = 1.5
+    text_guidance: float = PAPER_SCALES[0]
+    image_guidance: float = PAPER_SCALES[1]
     sampler: str = "euler_ancestral"
     resolution: Resolution = "auto"
     keep_size: bool = False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import specs
-from engine.config import ModelConfig, Student
+from engine.config import ModelConfig, Student, check_default_scales
 from engine.errors import InputError
 from engine.specs import Profile
 
@@ -48,6 +48,11 @@ def _model_config(data: dict) -> ModelConfig:
         student = _object(values["student"], Student, "model.student")
         values["student"] = Student(**{key: tuple(value) if isinstance(value, list) else value
                                        for key, value in student.items()})
+        if "scales" in student:
+            try:
+                check_default_scales(values["student"], "model.student")
+            except InputError as err:
+                raise ManifestError(str(err)) from None
     return ModelConfig(**values)
 
 

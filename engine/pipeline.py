@@ -130,9 +130,7 @@ class EditPipeline:
         installed for a bundle (``engine.backends.bundle_runtime``: OpenVINO for ONNX on a CPU), else torch. ``dtype`` defaults to the bundle's precision for bundles, for torch to float16 on CUDA and float32 elsewhere.
         With no ``model``: $IP2P_MODEL, else the shipped shapes model (its ONNX bundle where torch is
         not installed or a bundle backend is asked for)."""
-        model = model or os.environ.get(MODEL_ENV) or default_model(backend)
-        if str(model) in SHIPPED and not Path(model).exists():
-            model = default_model(backend, str(model))
+        model = locate_model(model, backend)
         bundle = read_bundle(model) if is_bundle(model) else None
         if backend is None and bundle is not None:
             backend, why = bundle_runtime(bundle.format, device)
@@ -180,7 +178,7 @@ class EditPipeline:
     ) -> EditResult:
         """Edit one image or a list. ``preset`` sets steps, sampler and guidance savings (``engine.presets``);
         a setting given here overrides it (None: the preset's; exact: 20 euler_ancestral steps, s_T 7.5,
-        s_I 1.5). ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's own (512 for
+        s_I 1.5; a distilled model's presets: its own steps and scales). ``steps=100`` reproduces the paper; ``resolution="auto"`` is the model's own (512 for
         SD 1.5), ``None`` edits at the input's own size (any size: padded by mirroring, cropped back).
         ``keep_detail``: edit at the resolution and add only the change to the full-size input. ``vae_tile``: the
         VAE's tile side in pixels, None for never, "auto" past the pipeline's ``vae_memory``. ``latents``:
@@ -607,6 +605,22 @@ def _members_callback(on_step: Callable[[int], Collection[int] | None],
         return [j for j, i in enumerate(members) if i in dropped]
 
     return batch_step
+
+
+def locate_model(model: str | os.PathLike | None, backend: str | None = None) -> str | os.PathLike:
+    """What ``from_pretrained(model, backend)`` loads: ``model``, else $IP2P_MODEL, else the shipped default; a
+    shipped model's name (``SHIPPED``) becomes its folder or bundle."""
+    model = model or os.environ.get(MODEL_ENV) or default_model(backend)
+    return default_model(backend, str(model)) if str(model) in SHIPPED and not Path(model).exists() else model
+
+
+def model_config_of(model: str | os.PathLike | None = None, backend: str | None = None, config: str | None = None,
+                    variant: str | None = None) -> ModelConfig:
+    """The ModelConfig ``from_pretrained`` would load, read from config files only (no weights, no backend)."""
+    model = locate_model(model, backend)
+    if is_bundle(model):
+        return read_bundle(model).model
+    return read_model_config(resolve_model(model, config, variant).folder)
 
 
 def default_model(backend: str | None = None, name: str = "shapes") -> Path:

@@ -18,6 +18,9 @@ def test_a_small_sweep_writes_work_and_success_per_setting(tiny_pipe, tmp_path):
     saved = json.loads((tmp_path / "6_steps.json").read_text())
     assert saved["settings"]["steps"] == 6 and len(saved["per_set"]) == 3
     assert run_sweep(tiny_pipe, tmp_path, names, count=3, progress=False) == summaries  # kept, not rerun
+    (tmp_path / "6_steps.json").write_text(json.dumps({**saved, "settings": {**saved["settings"], "steps": 5}}))
+    again = run_sweep(tiny_pipe, tmp_path, ["6 steps"], count=3, progress=False)  # a name measured at another setting
+    assert again["6 steps"]["settings"]["steps"] == 6 and again["6 steps"]["seconds"] != saved["seconds"]
     table = savings_table(summaries, baseline="6 steps")
     assert "| 6 steps | 18.0 | 18.0 (1.00x) |" in table and "(+0.0)" in table
     savings_plot(summaries, tmp_path / "plot.png")

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from engine.backends.torch_modules import load_component, scale_embedding
 from engine.checkpoints import resolve_model
-from engine.config import PRESET_NAMES, read_model_config
+from engine.config import PAPER_SCALES, PRESET_NAMES, read_model_config
 from engine.errors import InputError
 from engine.files import write_json_atomic
 from engine.guidance import combine_guidance
@@ -84,8 +84,8 @@ class DistillConfig:
     huber_c: float = 0.001
     consistency_teacher: str = "teacher"  # stage 2's guided teacher: teacher (three rows) | guidance (stage 1's)
     preset_steps: tuple[int, int, int] = (4, 4, 2)  # lcm steps of the student's presets exact, balanced, fast
-    default_scales: tuple[float, float] = (7.5, 1.5)  # its (s_T, s_I) when an edit gives none: the teacher's, or
-    # where it edits best on a validation set (ip2p bench scales)
+    default_scales: tuple[float, float] = PAPER_SCALES  # the student's (s_T, s_I) when an edit gives none: where it
+    # edits best on a validation set (ip2p bench scales); stage 1's student keeps the teacher's
     latent_cache_mb: int = 0  # as ``ip2p train``
     log_every: int = 10  # rows of <output>/<stage>/log.csv
     checkpoint_every: int = 500
@@ -113,9 +113,12 @@ class DistillConfig:
         if len(self.preset_steps) != len(PRESET_NAMES) or not all(0 < s <= self.original_inference_steps
                                                                    for s in self.preset_steps):
             raise InputError(f"preset_steps: three step counts within 1-{self.original_inference_steps}")
+        if len(self.default_scales) != 2:
+            raise InputError(f"default_scales: two numbers, s_T and s_I, got {list(self.default_scales)}")
         (text, image), (t_lo, t_hi), (i_lo, i_hi) = self.default_scales, self.text_range, self.image_range
         if not (t_lo <= text <= t_hi and i_lo <= image <= i_hi):
-            raise InputError(f"default_scales {text:g}, {image:g} must lie inside text_range and image_range")
+            raise InputError(f"default_scales {text:g}, {image:g} must lie inside text_range and image_range "
+                             "(set default_scales where the ranges leave out 7.5, 1.5)")
 
 
 def load_distill_config(path: str | Path | None, overrides: dict) -> DistillConfig:
@@ -481,7 +484,7 @@ def distill(config: DistillConfig, resume: str | None = None, progress: bool = T
     return output
 
 
-GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8), (7.5, 1.5))  # stage 1's student: its teacher's sampler, steps, scales
+GUIDANCE_ONLY = ("euler_ancestral", (20, 12, 8))  # stage 1's student: the teacher's sampler and step counts
 
 
 def save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig, consistency: bool = True) -> None:
@@ -508,8 +511,9 @@ def save_student(frozen: _Frozen, unet, output: Path, config: DistillConfig, con
         save_half_precision(output)
     stages = {name: _stage_report(Path(config.output) / name) for name in STAGES}
     write_json_atomic(output / "training_config.json", {"config": dataclasses.asdict(config), "stages": stages})
-    sampler, steps, scales = ("lcm", config.preset_steps, config.default_scales) if consistency else GUIDANCE_ONLY
+    sampler, steps = ("lcm", config.preset_steps) if consistency else GUIDANCE_ONLY
+    scales = {"scales": list(config.default_scales)} if consistency else {}  # stage 1's: the teacher's
     write_json_atomic(output / "distillation.json", {
         "embedding_dim": config.embedding_dim, "text_range": list(config.text_range),
-        "image_range": list(config.image_range), "sampler": sampler, "steps": list(steps), "scales": list(scales),
+        "image_range": list(config.image_range), "sampler": sampler, "steps": list(steps), **scales,
         "teacher": str(config.teacher), "stages": stages})

@@ -20,7 +20,9 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
+from engine.config import Student
 from engine.errors import Cancelled, InputError
+from engine.pipeline import model_config_of
 from engine.serving.app import create_app
 from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline
 from engine.serving.jobs import Job, JobTable, Settings, check_limits, job_config
@@ -84,8 +86,8 @@ class EditModel:
 class RayEditService(EditService):
     """The ingress side: an EditService over a handle to the EditModel replicas (no model loaded here)."""
 
-    def __init__(self, handle, settings: Settings):
-        self.handle, self.settings = handle, settings
+    def __init__(self, handle, settings: Settings, student: Student | None = None):
+        self.handle, self.settings, self.student = handle, settings, student  # a distilled model's own defaults
         self.metrics = Metrics(settings.max_batch)
         self.jobs = JobTable(settings)
         self.ready = True
@@ -94,7 +96,7 @@ class RayEditService(EditService):
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         if not self.ready:
             raise Unavailable("the server is shutting down")
-        config = job_config(params)
+        config = job_config(params, self.student)
         check_limits(config, self.settings)  # the edit's size is checked where the model is
         pending = len(self.jobs.unfinished())
         if pending >= self.settings.max_queue + self.settings.max_batch:
@@ -201,8 +203,8 @@ async def _follow(job: Job, stream):
 class Ingress:
     """The HTTP API of ``engine.serving.app``, built on the replica around a RayEditService."""
 
-    def __init__(self, model, settings: Settings):
-        self.service = RayEditService(model, settings)
+    def __init__(self, model, settings: Settings, student: Student | None = None):
+        self.service = RayEditService(model, settings, student)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service, title="ip2p edit service (Ray Serve)")
@@ -219,7 +221,8 @@ def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float
     else:
         options["num_replicas"] = replicas
     model = EditModel.options(**options).bind(load, settings)
-    return Ingress.bind(model, settings)
+    student = model_config_of(load.get("model"), load.get("backend"), variant=load.get("variant")).student
+    return Ingress.bind(model, settings, student)  # the ingress answers each edit's steps and scales
 
 
 LOAD_KEYS = ("model", "backend", "device", "dtype", "variant")

@@ -16,7 +16,8 @@ MAX_DIGITS = 12  # a number given as a longer string is refused before it is par
 
 
 class EditParameters(BaseModel):
-    """One edit's settings, as form fields or JSON. Left out: the preset's (exact: 20 steps, s_T 7.5, s_I 1.5)."""
+    """One edit's settings, as form fields or JSON. Left out: the preset's (exact: 20 steps, s_T 7.5, s_I 1.5; a
+    distilled model's: its own steps and scales)."""
 
     model_config = ConfigDict(extra="forbid")
 
