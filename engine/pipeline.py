@@ -614,15 +614,6 @@ def locate_model(model: str | os.PathLike | None, backend: str | None = None) ->
     return default_model(backend, str(model)) if str(model) in SHIPPED and not Path(model).exists() else model
 
 
-def model_config_of(model: str | os.PathLike | None = None, backend: str | None = None, config: str | None = None,
-                    variant: str | None = None) -> ModelConfig:
-    """The ModelConfig ``from_pretrained`` would load, read from config files only (no weights, no backend)."""
-    model = locate_model(model, backend)
-    if is_bundle(model):
-        return read_bundle(model).model
-    return read_model_config(resolve_model(model, config, variant).folder)
-
-
 def default_model(backend: str | None = None, name: str = "shapes") -> Path:
     """A shipped model (``SHIPPED``), trained by the project on synthetic shapes edits: its diffusers folder for
     the torch backend, its fp16 ONNX bundle for the bundle backends; with no backend named, the folder where

@@ -20,9 +20,8 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from engine.config import Student
+from engine.config import EditConfig
 from engine.errors import Cancelled, InputError
-from engine.pipeline import model_config_of
 from engine.serving.app import create_app
 from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline
 from engine.serving.jobs import Job, JobTable, Settings, check_limits, job_config
@@ -52,14 +51,16 @@ class EditModel:
             time.sleep(POLL_S)
 
     async def edit(self, image: Image.Image, params: EditParameters):
-        """Stream one edit: (0, None) once it starts, (denoising steps done, tiled VAE progress) as they advance,
-        then its Outcome (or the InputError, QueueFull or failure). Cancelling the call (``response.cancel()`` at
+        """Stream one edit: its EditConfig as this replica's model resolves it (a distilled model's own steps and
+        scales), (0, None) once it starts, (denoising steps done, tiled VAE progress) as they advance, then its
+        Outcome (or the InputError, QueueFull or failure). Cancelling the call (``response.cancel()`` at
         the ingress) takes the edit out of the replica's loop at the next step: no more UNet rows for it."""
         try:
             job = self.worker.submit(image, params)
         except (InputError, QueueFull, Unavailable) as err:
             yield err
             return
+        yield job.config
         reported = None
         try:
             while not job.future.done():
@@ -86,8 +87,8 @@ class EditModel:
 class RayEditService(EditService):
     """The ingress side: an EditService over a handle to the EditModel replicas (no model loaded here)."""
 
-    def __init__(self, handle, settings: Settings, student: Student | None = None):
-        self.handle, self.settings, self.student = handle, settings, student  # a distilled model's own defaults
+    def __init__(self, handle, settings: Settings):
+        self.handle, self.settings = handle, settings
         self.metrics = Metrics(settings.max_batch)
         self.jobs = JobTable(settings)
         self.ready = True
@@ -96,7 +97,7 @@ class RayEditService(EditService):
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         if not self.ready:
             raise Unavailable("the server is shutting down")
-        config = job_config(params, self.student)
+        config = job_config(params)  # the replica's own replaces it (a distilled model's steps and scales)
         check_limits(config, self.settings)  # the edit's size is checked where the model is
         pending = len(self.jobs.unfinished())
         if pending >= self.settings.max_queue + self.settings.max_batch:
@@ -183,11 +184,13 @@ class RayEditService(EditService):
 
 
 async def _follow(job: Job, stream):
-    """Read an edit's stream from a replica into its job: running once it joins the replica's loop, the steps done
-    and the tiled VAE's progress, and the last item, the outcome (returned)."""
+    """Read an edit's stream from a replica into its job: the config it runs, running once it joins the replica's
+    loop, the steps done and the tiled VAE's progress, and the last item, the outcome (returned)."""
     outcome = None
     async for item in stream:
-        if isinstance(item, tuple):
+        if isinstance(item, EditConfig):
+            job.config = item  # what the replica runs: the answer reports its steps and scales
+        elif isinstance(item, tuple):
             if job.state == "queued":
                 job.start()
             if job.state == "running":
@@ -203,8 +206,8 @@ async def _follow(job: Job, stream):
 class Ingress:
     """The HTTP API of ``engine.serving.app``, built on the replica around a RayEditService."""
 
-    def __init__(self, model, settings: Settings, student: Student | None = None):
-        self.service = RayEditService(model, settings, student)
+    def __init__(self, model, settings: Settings):
+        self.service = RayEditService(model, settings)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service, title="ip2p edit service (Ray Serve)")
@@ -221,8 +224,7 @@ def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float
     else:
         options["num_replicas"] = replicas
     model = EditModel.options(**options).bind(load, settings)
-    student = model_config_of(load.get("model"), load.get("backend"), variant=load.get("variant")).student
-    return Ingress.bind(model, settings, student)  # the ingress answers each edit's steps and scales
+    return Ingress.bind(model, settings)
 
 
 LOAD_KEYS = ("model", "backend", "device", "dtype", "variant")
