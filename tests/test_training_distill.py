@@ -313,7 +313,7 @@ def test_the_server_runs_a_students_edits_one_row_each_and_answers_the_library_p
 
     load = dict(model=str(student_bundle), backend="onnxruntime")
     library = EditPipeline.from_pretrained(**load, progress=False)
-    settings = Settings(max_batch=4, max_queue=8)
+    settings = Settings(max_batch=4, max_queue=8, max_steps=4)  # under the teacher's 20: a student's own 4 pass
     server = local_server(settings, load) if where == "local" else ray_server(settings, load, replicas=1)
     asks = [dict(seed=1, preset="exact", text_guidance=6.0), dict(seed=2, preset="fast", image_guidance=2.0),
             dict(seed=3)]
@@ -323,6 +323,8 @@ def test_the_server_runs_a_students_edits_one_row_each_and_answers_the_library_p
                                headers={"Accept": "application/json"}) for ask in asks]
         refused = client.post(f"{url}/v1/edits", files={"image": ("a.png", png_bytes(), "image/png")},
                               data={"instruction": "x", "text_guidance": "20"})
+        too_long = client.post(f"{url}/v1/edits", files={"image": ("a.png", png_bytes(), "image/png")},
+                               data={"instruction": "x", "steps": "5"})
     for ask, answer in zip(asks, answers):
         assert answer.status_code == 200, answer.text
         shown = pixels(base64.b64decode(answer.json()["image"]))
@@ -330,3 +332,4 @@ def test_the_server_runs_a_students_edits_one_row_each_and_answers_the_library_p
     told = answers[2].json()
     assert (told["steps"], told["text_guidance"], told["image_guidance"], told["unet_evaluations"]) == (4, 4.0, 2.0, 4)
     assert refused.status_code == 422 and "outside 1-8" in refused.text
+    assert too_long.status_code == 422 and "steps: at most 4 on this server, got 5" in too_long.text

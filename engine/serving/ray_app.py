@@ -98,7 +98,8 @@ class RayEditService(EditService):
         if not self.ready:
             raise Unavailable("the server is shutting down")
         config = job_config(params)  # the replica's own replaces it (a distilled model's steps and scales)
-        check_limits(config, self.settings)  # the edit's size is checked where the model is
+        # the replica checks the edit's size, and the steps a request leaves to its model (a student's are its own)
+        check_limits(config if params.steps is not None else dataclasses.replace(config, steps=1), self.settings)
         pending = len(self.jobs.unfinished())
         if pending >= self.settings.max_queue + self.settings.max_batch:
             raise QueueFull(1)
