@@ -139,7 +139,7 @@ def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for name in tqdm(names or list(settings), desc="settings", unit="setting", disable=not progress):
-        path = out_dir / (name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
+        path = result_file(out_dir, name)
         if path.is_file() and _same_setting(json.loads(path.read_text())["settings"], settings[name]):
             summaries[name] = json.loads(path.read_text())
             continue
@@ -158,6 +158,11 @@ def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 
                  {e: round(v, 1) for e, v in summary["success"].items()})
         summaries[name] = summary
     return summaries
+
+
+def result_file(out_dir: Path, name: str) -> Path:
+    """Where a setting's kept result lives: "adaptive 0.99, 8 steps" -> OUT/adaptive_0.99_8_steps.json."""
+    return out_dir / (name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
 
 
 def _same_setting(saved: dict, config: EditConfig) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks.savings import result_file
 from engine.config import EditConfig
 from engine.errors import InputError
 from engine.files import write_json_atomic
@@ -31,7 +32,7 @@ def success_over_sets(pipe, model: str, configs: dict[str, EditConfig], out_dir:
 
     results = {}
     for name, config in tqdm(configs.items(), desc="scales", unit="setting", disable=not progress):
-        path = out_dir / (name.replace(" ", "_").replace(",", "") + ".json")
+        path = result_file(out_dir, name)
         asked = {"model": model, "count": count, "seeds": list(VALIDATION_SEEDS), "steps": config.steps,
                  "sampler": config.sampler, "scales": [config.text_guidance, config.image_guidance]}
         saved = json.loads(path.read_text()) if path.is_file() else {}
