@@ -140,8 +140,9 @@ def run_sweep(pipe, out_dir: Path, names: list[str] | None = None, count: int = 
     summaries = {}
     for name in tqdm(names or list(settings), desc="settings", unit="setting", disable=not progress):
         path = result_file(out_dir, name)
-        if path.is_file() and _same_setting(json.loads(path.read_text())["settings"], settings[name]):
-            summaries[name] = json.loads(path.read_text())
+        kept = json.loads(path.read_text()) if path.is_file() else None
+        if kept is not None and _same_setting(kept["settings"], settings[name]):
+            summaries[name] = kept
             continue
         start = time.perf_counter()
         reports = [evaluate(pipe, settings[name], count, seed, progress=False) for seed in HELD_OUT_SEEDS]
