@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -43,25 +44,43 @@ def image_file(tmp_path, rgb_image) -> str:
     return str(path)
 
 
+class SharedBundles(Mapping):
+    """The tiny model's ONNX bundles by precision, each exported (verified) when first asked for, once for the
+    whole run: every pytest-xdist worker sees the same folder, and each precision has its own lock, so a worker
+    that needs only fp32 does not wait while another exports fp16."""
+
+    PRECISIONS = ("fp32", "fp16")
+
+    def __init__(self, model: str, root):
+        self.model, self.root = model, root
+
+    def __getitem__(self, precision: str) -> str:
+        from filelock import FileLock
+
+        from engine.specs import Profile
+        from export.bundle import ExportOptions, export_bundle
+
+        folder = self.root / precision
+        with FileLock(self.root / f"{precision}.lock"):
+            if not (self.root / f"{precision}.done").exists():
+                profile = Profile(batch=(1, 1, 2), height=(32, 64, 128), width=(32, 64, 128))
+                export_bundle(self.model, folder, ExportOptions(precision=precision, profile=profile, verify=True,
+                                                                step_cache=1 if precision == "fp32" else None))
+                (self.root / f"{precision}.done").touch()
+        return str(folder)
+
+    def __iter__(self):
+        return iter(self.PRECISIONS)
+
+    def __len__(self) -> int:
+        return len(self.PRECISIONS)
+
+
 @pytest.fixture(scope="session")
-def onnx_bundles(tiny_model, tmp_path_factory) -> dict[str, str]:
+def onnx_bundles(tiny_model, tmp_path_factory) -> SharedBundles:
     """fp32 and fp16 ONNX bundles of the tiny model (profile: 1-2 images, sides 32-128 px), verified; the fp32
     one with the UNet split for step caching at depth 1."""
-    from filelock import FileLock
-
-    from engine.specs import Profile
-    from export.bundle import ExportOptions, export_bundle
-
-    root = shared_folder(tmp_path_factory, "bundles")
-    profile = Profile(batch=(1, 1, 2), height=(32, 64, 128), width=(32, 64, 128))
-    with FileLock(root / "lock"):  # one export for the whole run; the tiny model is the same in every worker
-        if not (root / "done").exists():
-            for precision in ("fp32", "fp16"):
-                export_bundle(tiny_model, root / precision,
-                              ExportOptions(precision=precision, profile=profile, verify=True,
-                                            step_cache=1 if precision == "fp32" else None))
-            (root / "done").touch()
-    return {precision: str(root / precision) for precision in ("fp32", "fp16")}
+    return SharedBundles(tiny_model, shared_folder(tmp_path_factory, "bundles"))
 
 
 def shared_folder(tmp_path_factory, name: str):
