@@ -1,6 +1,6 @@
 """InstructPix2Pix inference engine: ``from engine import EditPipeline``."""
 from engine.config import EditConfig, ModelConfig
-from engine.errors import InputError, NumericalError
+from engine.errors import CompileError, InputError, NumericalError
 from engine.pipeline import EditPipeline, EditResult
 
-__all__ = ["EditConfig", "EditPipeline", "EditResult", "InputError", "ModelConfig", "NumericalError"]
+__all__ = ["CompileError", "EditConfig", "EditPipeline", "EditResult", "InputError", "ModelConfig", "NumericalError"]

@@ -13,6 +13,11 @@ class ExportError(RuntimeError):
     """A component failed to export or to verify; the message names it."""
 
 
+class CompileError(RuntimeError):
+    """torch.compile or a CUDA graph capture could not take a network at an input shape; the message names the
+    setting to turn off (nothing falls back to a slower path in silence)."""
+
+
 class Cancelled(RuntimeError):
     """Raised by a step callback to stop an edit at the next step (a cancelled or timed-out request)."""
 

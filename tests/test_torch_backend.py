@@ -76,6 +76,27 @@ def test_a_compiled_network_refuses_more_shapes_than_it_keeps(tiny_pipe, monkeyp
             pass
 
 
+def test_out_of_memory_at_a_new_compiled_shape_names_the_settings_to_turn_off():
+    """What torch raises when a capture runs out of GPU memory, raised inside the call as torch would: at a new
+    shape it becomes one line naming the settings; at a shape already captured it stays torch's own error."""
+    from engine.backends import torch_backend
+    from engine.errors import CompileError
+
+    backend = torch_backend.TorchBackend.__new__(torch_backend.TorchBackend)
+    backend.shapes, backend.graphs = {}, False
+    with backend._compiled_call("unet", {"sample": torch.zeros(3, 8, 4, 4)}):
+        pass
+    backend.graphs = True  # marks a step for CUDA graph trees: harmless on a CPU
+    with pytest.raises(CompileError, match=r"^unet: out of memory compiling and capturing a CUDA graph at sample "
+                                           r"2x8x4x4: run without CUDA graphs \(--no-cuda-graphs\), with fewer rows"):
+        with backend._compiled_call("unet", {"sample": torch.zeros(2, 8, 4, 4)}):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    with pytest.raises(torch.OutOfMemoryError):
+        with backend._compiled_call("unet", {"sample": torch.zeros(3, 8, 4, 4)}):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    assert backend.shapes == {"unet": {(("sample", (3, 8, 4, 4)),)}}  # the failed shape is not counted
+
+
 @pytest.mark.parametrize("options, message", [
     ({"graphs": True}, "graphs: CUDA graphs need a CUDA device, not 'cpu': turn graphs off"),
     ({"compile": True, "graphs": True}, "graphs: CUDA graphs need a CUDA device"),
@@ -141,3 +162,25 @@ def test_a_batched_edit_gives_each_image_its_solo_pixels_on_the_shipped_model(dt
             np.testing.assert_array_equal(batch[i], solo)
         else:
             np.testing.assert_allclose(batch[i], solo, atol=2e-5)  # measured 3.5e-6; 1.6e-4 before the fix
+
+
+@pytest.mark.parametrize("command", ["edit", "serve"])
+def test_a_compile_that_fails_is_one_line_naming_the_setting_to_turn_off(tiny_model, image_file, tmp_path, command):
+    """A real failure: inductor cannot build its C++ kernels (CXX is /bin/false, a fresh cache). ``ip2p edit``
+    writes nothing; ``ip2p serve`` stops with the error of its warm-up instead of serving, never ready."""
+    import subprocess
+    import sys
+
+    from tests.serving_server import free_port
+
+    out = tmp_path / "out.png"
+    args = {"edit": ["edit", image_file, "-p", "x", "-o", str(out), "--steps", "1", "--model", tiny_model],
+            "serve": ["serve", tiny_model, "--port", str(free_port()), "--warmup", "32x32"]}[command]
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "ip2p", "-q", *args, "--compile"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("ip2p: error: unet: torch.compile failed at "), line
+    assert "No working C++ compiler" in line and line.endswith("run without compile (no --compile)")
+    assert not out.exists()

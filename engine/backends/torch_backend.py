@@ -20,7 +20,7 @@ from engine import specs
 from engine.backends.torch_modules import load_networks, split_modules, tile_module, unet_macs, wrap_components
 from engine.checkpoints import ModelSource
 from engine.cpu import cpu_precision
-from engine.errors import InputError
+from engine.errors import CompileError, InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +121,30 @@ class TorchBackend:
     @contextlib.contextmanager
     def _compiled_call(self, component: str, args: dict[str, torch.Tensor]):
         """A call of a compiled network: its shapes noted, at most COMPILED_SHAPES of them, each graph replay a new
-        step for torch's CUDA graph trees."""
+        step for torch's CUDA graph trees; a compile that fails, or runs out of memory at a new shape, is a
+        CompileError naming the setting to turn off."""
         shapes = self.shapes.setdefault(component, set())
         signature = tuple((k, tuple(v.shape)) for k, v in sorted(args.items()))
-        if signature not in shapes and len(shapes) >= COMPILED_SHAPES:
+        new = signature not in shapes
+        if new and len(shapes) >= COMPILED_SHAPES:
             raise InputError(f"{component}: compiled for {len(shapes)} input shapes already (row counts x sizes), "
                              "the most one network keeps: run without compile, or with fewer sizes")
-        shapes.add(signature)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
-            yield
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
+                yield
+        except torch._dynamo.exc.TorchDynamoException as err:  # tracing or inductor (its C++ or Triton build)
+            raise CompileError(f"{component}: torch.compile failed at {shape_text(signature)} "
+                               f"({first_line(err)}): run without compile (no --compile)") from err
+        except torch.OutOfMemoryError as err:
+            if not new:
+                raise
+            what, off = ("compiling and capturing a CUDA graph", "without CUDA graphs (--no-cuda-graphs), ") \
+                if self.graphs else ("compiling", "")
+            raise CompileError(f"{component}: out of memory {what} at {shape_text(signature)}: run {off}with fewer "
+                               "rows a call (--max-batch) or without compile (no --compile)") from err
+        shapes.add(signature)
 
     @staticmethod
     def _outputs(out) -> tuple:
@@ -156,6 +169,17 @@ class TorchBackend:
 
     def constant(self, array: torch.Tensor) -> torch.Tensor:
         return array  # already on the device
+
+
+def shape_text(signature: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
+    """``(("sample", (3, 8, 64, 64)), ...)`` as "sample 3x8x64x64, ..." for a message."""
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in signature)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first non-empty line, for a one-line message (torch's compile errors add advice lines)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return one_line(f"{type(err).__name__}: {lines[0] if lines else ''}")
 
 
 def parse_device(device: str) -> torch.device:

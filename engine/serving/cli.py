@@ -110,6 +110,8 @@ def run_serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     http_server(service, args.host, args.port).run()
+    if service.failure is not None:  # its warm-up failed: the error is the command's
+        raise service.failure
     log.info("stopped")
 
 

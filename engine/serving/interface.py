@@ -40,6 +40,7 @@ class EditService(Protocol):
     metrics: Metrics
     jobs: JobTable  # every job still known, and the byte budget of the images they hold
     ready: bool  # taking edits (/readyz 200): loaded, warmed up, not stopping
+    failure: BaseException | None  # why it stopped serving on its own (its warm-up failed), else None
 
     def submit(self, image: Image.Image, params: EditParameters) -> Job:
         """Queue an edit; InputError for settings it refuses, QueueFull without room, Unavailable when stopping."""

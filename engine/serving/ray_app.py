@@ -47,7 +47,7 @@ class EditModel:
         self.worker = EditWorker(lambda: serving_pipeline(load, settings), own, Metrics(settings.max_batch))
         while not self.worker.ready:
             if not self.worker.alive:
-                raise RuntimeError("the replica's worker stopped while warming up (see its log)")
+                raise self.worker.failure or RuntimeError("the replica's worker stopped while warming up")
             time.sleep(POLL_S)
 
     async def edit(self, image: Image.Image, params: EditParameters):
@@ -92,6 +92,7 @@ class RayEditService(EditService):
         self.metrics = Metrics(settings.max_batch)
         self.jobs = JobTable(settings)
         self.ready = True
+        self.failure = None  # a replica that fails is Ray Serve's to restart
         self._tasks: set[asyncio.Task] = set()
 
     def submit(self, image: Image.Image, params: EditParameters) -> Job:

@@ -42,6 +42,10 @@ class DrainingServer(uvicorn.Server):
         self._drain = threading.Thread(target=self._drain_then_exit, name="ip2p-drain", daemon=True)
         self._drain.start()
 
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's periodic check whether to exit, and whether the service stopped on its own (``failure``)."""
+        return self.service.failure is not None or await super().on_tick(counter)
+
     def _drain_then_exit(self) -> None:
         self.service.stop(self.service.settings.drain_timeout)
         self.should_exit = True

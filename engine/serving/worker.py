@@ -42,6 +42,7 @@ class EditWorker(EditService):
         self._lock = threading.Condition()
         self._stopping = False
         self.ready = False
+        self.failure: BaseException | None = None  # a warm-up that failed: the worker stopped, and the server with it
         self._edit_seconds = 1.0  # running mean of an edit's wall time from its start, for Retry-After
         self._size: tuple[int, int] | None = None  # the edit size of the running edits
         loaded: Future = Future()
@@ -129,7 +130,11 @@ class EditWorker(EditService):
             loaded.set_exception(err)
             return
         loaded.set_result(self.pipe)
-        warm_up(self.pipe, self.settings.warmup)
+        try:
+            warm_up(self.pipe, self.settings.warmup)
+        except Exception as err:  # e.g. a compile that cannot run here: never ready, and the server stops with it
+            self.failure = err
+            return
         self.ready = True
         loop = self.pipe.denoising_loop(on_call=self._count_call)
         running: dict[Edit, Job] = {}
