@@ -1,4 +1,5 @@
-"""The one exception type for bad user input: the CLI prints it as a single line and exits non-zero."""
+"""The engine's exceptions: the CLI prints each of bad input, numerics, export and compile as a single line and
+exits non-zero."""
 
 
 class InputError(ValueError):

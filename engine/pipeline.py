@@ -283,9 +283,10 @@ class EditPipeline:
                           tiles=dict(context.clock.tiles))
 
     def warmup(self, sizes: Sequence[tuple[int, int]] = ()) -> dict[str, float]:
-        """One-step edits at each edit size (width, height; none given: the model's own), one for every UNet row
+        """One-step edits at each edit size (width, height; none given: the model's own), two for every UNet row
         count a step can ask of an image (1, 2 and 3; a student's 1) and the VAE's, so that compilation, graph
-        capture and lazy set-up happen now, not in the first requests. Seconds per size ("WxH")."""
+        capture (torch's CUDA graph trees record at a shape's second call) and lazy set-up happen now, not in the
+        first requests. Seconds per size ("WxH")."""
         student = self.model.student
         scales = [(student.text_range[0], student.image_range[0])] if student else [(1.0, 1.0), (7.5, 1.0), (7.5, 1.5)]
         config = EditConfig(steps=1, resolution=None, output_type="np")
@@ -293,7 +294,7 @@ class EditPipeline:
         seconds = {}
         for width, height in sizes or [(side, side)]:
             start = time.perf_counter()
-            for scale in scales:
+            for scale in [*scales, *scales]:
                 self.run([Image.new("RGB", (width, height), (127, 127, 127))], "warm up", config, seed=0,
                          guidance_scales=[scale])
             seconds[f"{width}x{height}"] = time.perf_counter() - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,12 +52,14 @@ class SharedBundles(Mapping):
 
     PRECISIONS = ("fp32", "fp16")
 
-    def __init__(self, model: str, root):
+    def __init__(self, model: str, root: Path):
         self.model, self.root = model, root
 
     def __getitem__(self, precision: str) -> str:
         from filelock import FileLock
 
+        if precision not in self.PRECISIONS:
+            raise KeyError(precision)
         from engine.specs import Profile
         from export.bundle import ExportOptions, export_bundle
 
@@ -94,9 +97,7 @@ def shared_folder(tmp_path_factory, name: str):
 
 def model_copy(model: str, dest, unet_config: dict | None = None):
     """A copy of ``model`` at ``dest`` with ``unet_config`` entries changed in unet/config.json."""
-    import json
     import shutil
-    from pathlib import Path
 
     copy = Path(shutil.copytree(model, dest))
     if unet_config:
@@ -112,9 +113,6 @@ def saved_models(tiny_model, tmp_path_factory) -> dict[str, str]:
     tokenizer.json); ``fp16``: the same in float16 as ``variant="fp16"`` files; ``bin``: .bin weights only;
     ``full``: the timbrooks/instruct-pix2pix layout, with a safety checker and feature extractor;
     ``sd``: a Stable Diffusion base (4-channel UNet) saved by StableDiffusionPipeline."""
-    import json
-    from pathlib import Path
-
     import torch
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline,
                            StableDiffusionPipeline, UNet2DConditionModel)

@@ -91,11 +91,14 @@ def test_compiled_cuda_graphs_give_the_eager_pictures_and_warmup_captures_every_
     assert graphed.backend.graphs and graphed.backend.dtype == torch.float16
     graphed.warmup([(64, 48)])
     graphs = counters["stats"]["unique_graphs"]
+    recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]  # grows with each graph recorded
+    assert recorded > 0  # in the warm-up: graph trees record at a shape's second call, and it ran each twice
     for preset in ("exact", "balanced", "fast"):
         for seed in (0, 1):  # the second replays the first's graphs with new inputs
             a, b = edit(graphed, preset=preset, seed=seed), edit(eager, preset=preset, seed=seed)
             assert np.isfinite(a).all() and psnr(a, b, peak=1.0) >= 35.0
     assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recorded
     assert len(graphed.backend.shapes["unet"]) == 3
 
 

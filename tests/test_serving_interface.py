@@ -1,11 +1,13 @@
 """The EditService interface: the local worker and the Ray service each implement all of it, and warm up alike."""
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
+from engine.errors import CompileError
 from engine.serving.interface import EditService, warm_up
 from engine.serving.jobs import Settings
 from engine.serving.metrics import Metrics
@@ -44,7 +46,8 @@ def test_warm_up_warms_the_sizes_asked_for():
 
 
 def test_warmup_runs_every_unet_row_count_at_each_size(tiny_model):
-    """1, 2 and 3 rows at each size (the latent's), through the pipeline's own loop; the default: the model's size."""
+    """1, 2 and 3 rows at each size (the latent's), twice (a CUDA graph is recorded at a shape's second call),
+    through the pipeline's own loop; the default: the model's size."""
     from engine import EditPipeline
 
     pipe = EditPipeline.from_pretrained(tiny_model, progress=False)
@@ -59,10 +62,11 @@ def test_warmup_runs_every_unet_row_count_at_each_size(tiny_model):
     seconds = pipe.warmup([(64, 48), (32, 32)])
     assert list(seconds) == ["64x48", "32x32"] and all(v > 0 for v in seconds.values())
     factor = pipe.model.vae_factor
-    assert calls == [("unet", (rows, 8, h // factor, w // factor)) for w, h in ((64, 48), (32, 32)) for rows in (1, 2, 3)]
+    assert calls == [("unet", (rows, 8, h // factor, w // factor))
+                     for w, h in ((64, 48), (32, 32)) for rows in (1, 2, 3, 1, 2, 3)]
     calls.clear()
     side = pipe.model.default_resolution
-    assert list(pipe.warmup()) == [f"{side}x{side}"] and len(calls) == 3
+    assert list(pipe.warmup()) == [f"{side}x{side}"] and len(calls) == 6
 
 
 def test_the_worker_implements_the_service_and_is_ready_after_its_warm_up():
@@ -85,3 +89,35 @@ def test_the_ray_service_implements_the_service():
     from engine.serving.ray_app import RayEditService
 
     assert implements(RayEditService(None, Settings()))
+
+
+class FailingWarmUp(RecordingPipeline):
+    """Stands in for an EditPipeline whose warm-up fails (a compile that cannot run there) once released."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def edit_size(self, size, resolution):
+        return (24, 24)
+
+    def warmup(self, sizes):
+        self.release.wait(10)
+        raise CompileError("unet: torch.compile failed at sample 3x8x3x3 (...): run without compile (no --compile)")
+
+
+def test_a_failed_warm_up_stops_the_server_with_it_and_answers_the_edits_queued_meanwhile():
+    from PIL import Image
+
+    from engine.serving.schema import EditParameters
+    from engine.serving.service import background_server
+
+    pipe = FailingWarmUp()
+    worker = EditWorker(lambda: pipe, Settings(), Metrics(4))
+    job = worker.submit(Image.new("RGB", (24, 24)), EditParameters(instruction="x"))  # queued during the warm-up
+    pipe.release.set()
+    with pytest.raises(CompileError, match="run without compile"):
+        with background_server(worker):  # raises the failure instead of waiting to be ready
+            pass
+    assert isinstance(worker.failure, CompileError) and not worker.ready and not worker.alive
+    assert job.state == "cancelled" and job.cancel_reason == "shutdown" and worker.queue_depth() == 0  # a 503

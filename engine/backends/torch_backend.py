@@ -65,7 +65,7 @@ class TorchBackend:
         for name in self._channels_last & set(self._modules):
             self._modules[name][0].to(memory_format=torch.channels_last)
         self._macs: dict[str, float] = {}  # per component
-        self.shapes: dict[str, set[tuple]] = {}  # compiled component -> the input shapes it has taken
+        self.shapes: dict[str, dict[tuple, int]] = {}  # compiled component -> input shape -> calls run at it
         self._eager = {name: module for name, (module, _) in self._modules.items()}  # tile networks, fp32 decoder
         if compile:
             for name in set(COMPILED) & set(self._modules):
@@ -120,31 +120,37 @@ class TorchBackend:
 
     @contextlib.contextmanager
     def _compiled_call(self, component: str, args: dict[str, torch.Tensor]):
-        """A call of a compiled network: its shapes noted, at most COMPILED_SHAPES of them, each graph replay a new
-        step for torch's CUDA graph trees; a compile that fails, or runs out of memory at a new shape, is a
-        CompileError naming the setting to turn off."""
-        shapes = self.shapes.setdefault(component, set())
+        """A call of a compiled network: its shapes counted, at most COMPILED_SHAPES of them, each graph replay a new
+        step for torch's CUDA graph trees; a compile that fails, or runs out of memory while a shape is compiled
+        or captured, is a CompileError naming the setting to turn off."""
+        calls = self.shapes.setdefault(component, {})
         signature = tuple((k, tuple(v.shape)) for k, v in sorted(args.items()))
-        new = signature not in shapes
-        if new and len(shapes) >= COMPILED_SHAPES:
-            raise InputError(f"{component}: compiled for {len(shapes)} input shapes already (row counts x sizes), "
+        if signature not in calls and len(calls) >= COMPILED_SHAPES:
+            raise InputError(f"{component}: compiled for {len(calls)} input shapes already (row counts x sizes), "
                              "the most one network keeps: run without compile, or with fewer sizes")
+        # compiled at a shape's first call; torch's CUDA graph trees run that call as it is and record at the second
+        settling = calls.get(signature, 0) < (2 if self.graphs else 1)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
                 yield
         except torch._dynamo.exc.TorchDynamoException as err:  # tracing or inductor (its C++ or Triton build)
+            if isinstance(getattr(err, "inner_exception", None), torch.OutOfMemoryError):
+                raise self._memory_error(component, signature) from err
             raise CompileError(f"{component}: torch.compile failed at {shape_text(signature)} "
                                f"({first_line(err)}): run without compile (no --compile)") from err
         except torch.OutOfMemoryError as err:
-            if not new:
+            if not settling:  # a shape that already ran: torch's own error, as eagerly
                 raise
-            what, off = ("compiling and capturing a CUDA graph", "without CUDA graphs (--no-cuda-graphs), ") \
-                if self.graphs else ("compiling", "")
-            raise CompileError(f"{component}: out of memory {what} at {shape_text(signature)}: run {off}with fewer "
-                               "rows a call (--max-batch) or without compile (no --compile)") from err
-        shapes.add(signature)
+            raise self._memory_error(component, signature) from err
+        calls[signature] = calls.get(signature, 0) + 1
+
+    def _memory_error(self, component: str, signature: tuple) -> CompileError:
+        what, off = ("compiling and capturing a CUDA graph", "without CUDA graphs (--no-cuda-graphs), ") \
+            if self.graphs else ("compiling", "")
+        return CompileError(f"{component}: out of memory {what} at {shape_text(signature)}: run {off}with fewer rows "
+                            "a call (ip2p serve --max-batch) or without compile (no --compile)")
 
     @staticmethod
     def _outputs(out) -> tuple:
@@ -173,7 +179,7 @@ class TorchBackend:
 
 def shape_text(signature: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
     """``(("sample", (3, 8, 64, 64)), ...)`` as "sample 3x8x64x64, ..." for a message."""
-    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in signature)
+    return ", ".join(f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in signature)
 
 
 def first_line(err: BaseException) -> str:

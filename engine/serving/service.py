@@ -76,6 +76,8 @@ def background_server(service: EditService, host: str = "127.0.0.1", port: int =
     try:
         deadline = time.monotonic() + ready_timeout
         while not (server.started and service.ready):
+            if service.failure is not None:
+                raise service.failure
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError(f"the server at {url} did not become ready in {ready_timeout:g} s")
             time.sleep(0.05)

@@ -133,7 +133,7 @@ class EditWorker(EditService):
         try:
             warm_up(self.pipe, self.settings.warmup)
         except Exception as err:  # e.g. a compile that cannot run here: never ready, and the server stops with it
-            self.failure = err
+            self._fail(err)
             return
         self.ready = True
         loop = self.pipe.denoising_loop(on_call=self._count_call)
@@ -146,6 +146,17 @@ class EditWorker(EditService):
                 self._begin(job, loop, running)
             if loop:
                 self._step(loop, running)
+
+    def _fail(self, err: Exception) -> None:
+        """The warm-up failed: take no more edits, answer those queued meanwhile with 503, keep ``err`` as the
+        ``failure`` the server stops with."""
+        with self._lock:
+            self.failure, self._stopping = err, True
+            for job in self.jobs.unfinished():
+                job.cancel("shutdown")
+            self._queue.clear()
+            self.metrics.queue_depth.set(0)
+            self._lock.notify_all()
 
     def _admit(self, loop: DenoisingLoop) -> list[Job] | None:
         """The queued jobs that start now (None: stopped and nothing left). Step batching: jobs of the running
