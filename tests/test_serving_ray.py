@@ -58,3 +58,19 @@ def test_ray_a_deleted_job_frees_its_replica_at_the_next_step():
         while (states := [httpx.get(f"{url}/v1/jobs/{i}").json()["state"] for i in waiting]) != ["succeeded"] * 2:
             assert time.monotonic() - start < 60 and "failed" not in states and "cancelled" not in states
             time.sleep(0.1)
+
+
+def test_ray_replicas_that_cannot_load_the_model_end_the_command_with_its_one_line_error(tmp_path):
+    """The replicas load the model, not the command: their error (here a model folder that does not exist) comes
+    back from Ray Serve's deployment status as the command's own one-line error, exit code 2."""
+    import subprocess
+    import sys
+
+    from tests.serving_server import free_port
+
+    missing = tmp_path / "no-such-model"
+    done = subprocess.run([sys.executable, "-m", "ip2p", "-q", "serve", str(missing), "--ray", "--port",
+                           str(free_port())], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"ip2p: error: {missing}: no such model folder or checkpoint "
+                                                    "file, and not a hub id")

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import time
 
 from PIL import Image
@@ -21,7 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from engine.config import EditConfig
-from engine.errors import Cancelled, InputError
+from engine.errors import Cancelled, CompileError, ExportError, InputError, NumericalError
 from engine.serving.app import create_app
 from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline
 from engine.serving.jobs import Job, JobTable, Settings, check_limits, job_config
@@ -32,6 +33,7 @@ from engine.serving.schema import EditParameters
 log = logging.getLogger("engine.serving")
 APP_NAME = "ip2p"
 POLL_S = 0.05
+ENGINE_ERRORS = {error.__name__: error for error in (InputError, NumericalError, ExportError, CompileError)}
 
 
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
@@ -250,6 +252,18 @@ def app(args: dict):
     return build_app(load, Settings(**args), **shape)
 
 
+def replica_error() -> Exception | None:
+    """The engine's error that stopped the model replicas from starting (a model that cannot load, a compile that
+    cannot run), read from the last line of Ray Serve's deployment status; None where it is not one of ours."""
+    app = serve.status().applications.get(APP_NAME)
+    for deployment in app.deployments.values() if app else ():
+        lines = deployment.message.strip().splitlines()
+        match = re.fullmatch(r"engine\.errors\.(\w+): (.+)", lines[-1]) if lines else None
+        if match and match[1] in ENGINE_ERRORS:
+            return ENGINE_ERRORS[match[1]](match[2])
+    return None
+
+
 def serve_locally(load: dict, settings: Settings, host: str, port: int, replicas: int, num_cpus: float,
                   num_gpus: float) -> None:
     """``ip2p serve --ray``: start (or join) Ray, run the application, block until interrupted."""
@@ -258,7 +272,14 @@ def serve_locally(load: dict, settings: Settings, host: str, port: int, replicas
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(load, settings, replicas, num_cpus, num_gpus), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build_app(load, settings, replicas, num_cpus, num_gpus), name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:  # "Deploying application ip2p failed": the replicas' own error, if it is ours
+        failure = replica_error()
+        serve.shutdown()
+        if failure is None:
+            raise
+        raise failure from err
     log.info("serving on http://%s:%d with %d Ray Serve replicas", host, port, replicas)
     try:
         while True:
