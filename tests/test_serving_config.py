@@ -53,3 +53,19 @@ def test_the_builder_makes_the_deployments_the_config_asks_for(monkeypatch):
 def test_the_builder_names_an_unknown_arg():
     with pytest.raises(InputError, match="unknown max_bach"):
         app({"model": "m", "max_bach": 4})
+
+
+@pytest.mark.parametrize("shape, message", [
+    ({"replicas": 0}, r"replicas \(--replicas\) must be a whole number of at least 1, got 0"),
+    ({"replicas": 1.5}, "replicas .* got 1.5"),
+    ({"num_cpus": -1}, r"num_cpus \(--num-cpus\) must be a number of at least 0, got -1"),
+    ({"num_gpus": "half"}, "num_gpus .* got 'half'"),
+    ({"num_gpus": True}, "num_gpus .* got True"),
+])
+def test_the_builder_refuses_replicas_and_resources_serve_cannot_take(shape, message):
+    with pytest.raises(InputError, match=f"^{message}$"):
+        app({"model": "m", **shape})
+
+
+def test_an_autoscaled_application_needs_no_replica_count():
+    assert app({"model": "m", "replicas": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 2}})

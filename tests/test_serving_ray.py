@@ -74,3 +74,18 @@ def test_ray_replicas_that_cannot_load_the_model_end_the_command_with_its_one_li
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (f"ip2p: error: {missing}: no such model folder or checkpoint "
                                                     "file, and not a hub id")
+
+
+def test_ray_replicas_needing_more_than_the_cluster_has_are_refused_in_one_line():
+    """Ray Serve would wait for them forever; the command says so instead (this 2-CPU machine's local Ray)."""
+    import subprocess
+    import sys
+
+    from tests.serving_server import free_port
+
+    done = subprocess.run([sys.executable, "-m", "ip2p", "-q", "serve", "--ray", "--num-cpus", "1000", "--port",
+                           str(free_port())], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("ip2p: error: --num-cpus 1000 x --replicas 1: the replicas need 1000 CPUs and the Ray "
+                           "cluster has ") and line.endswith("; they would wait forever to start"), line

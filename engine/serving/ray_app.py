@@ -220,6 +220,7 @@ class Ingress:
 def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               autoscaling: dict | None = None):
     """The Serve application: Ingress -> EditModel x ``replicas`` (or ``autoscaling`` bounds)."""
+    check_shape(None if autoscaling else replicas, num_cpus, num_gpus)
     options: dict = dict(ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
                          max_ongoing_requests=settings.max_queue + settings.max_batch,
                          max_queued_requests=settings.max_queue)
@@ -229,6 +230,26 @@ def build_app(load: dict, settings: Settings, replicas: int = 1, num_cpus: float
         options["num_replicas"] = replicas
     model = EditModel.options(**options).bind(load, settings)
     return Ingress.bind(model, settings)
+
+
+def check_shape(replicas: int | None, num_cpus: float, num_gpus: float) -> None:
+    """Refuse replica counts and resources Ray Serve cannot take, in one line each (None: autoscaled)."""
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise InputError(f"replicas (--replicas) must be a whole number of at least 1, got {replicas!r}")
+    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InputError(f"{name} (--{name.replace('_', '-')}) must be a number of at least 0, got {value!r}")
+
+
+def check_room(replicas: int, num_cpus: float, num_gpus: float) -> None:
+    """Refuse replicas that need more CPUs or GPUs than the Ray cluster has: Serve would wait for them forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    for flag, need, kind in (("--num-cpus", num_cpus, "CPU"), ("--num-gpus", num_gpus, "GPU")):
+        if replicas * need > have.get(kind, 0.0):
+            raise InputError(f"{flag} {need:g} x --replicas {replicas}: the replicas need {replicas * need:g} {kind}s "
+                             f"and the Ray cluster has {have.get(kind, 0.0):g}; they would wait forever to start")
 
 
 LOAD_KEYS = ("model", "backend", "device", "dtype", "variant")
@@ -269,11 +290,13 @@ def serve_locally(load: dict, settings: Settings, host: str, port: int, replicas
     """``ip2p serve --ray``: start (or join) Ray, run the application, block until interrupted."""
     import ray
 
+    application = build_app(load, settings, replicas, num_cpus, num_gpus)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    check_room(replicas, num_cpus, num_gpus)
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(load, settings, replicas, num_cpus, num_gpus), name=APP_NAME, route_prefix="/")
+        serve.run(application, name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # "Deploying application ip2p failed": the replicas' own error, if it is ours
         failure = replica_error()
         serve.shutdown()
