@@ -23,6 +23,9 @@ class Cancelled(RuntimeError):
     """Raised by a step callback to stop an edit at the next step (a cancelled or timed-out request)."""
 
 
+ONE_LINE_ERRORS = (InputError, NumericalError, ExportError, CompileError)  # the CLI prints these as one line
+
+
 def one_line(text: object, limit: int = 200) -> str:
     """``str(text)`` on one line and at most ``limit`` characters: for messages and logs that quote what a
     client sent."""

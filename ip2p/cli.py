@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from engine.errors import CompileError, ExportError, InputError, NumericalError
+from engine.errors import ONE_LINE_ERRORS
 from engine.extras import missing_extra
 
 log = logging.getLogger("ip2p")
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(parser, argv)
         configure_logging(args.verbose, args.quiet)
         runners[args.command](args)
-    except (InputError, NumericalError, ExportError, CompileError) as err:
+    except ONE_LINE_ERRORS as err:
         print(f"ip2p: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:

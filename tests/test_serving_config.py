@@ -61,11 +61,31 @@ def test_the_builder_names_an_unknown_arg():
     ({"num_cpus": -1}, r"num_cpus \(--num-cpus\) must be a number of at least 0, got -1"),
     ({"num_gpus": "half"}, "num_gpus .* got 'half'"),
     ({"num_gpus": True}, "num_gpus .* got True"),
+    ({"num_cpus": float("inf")}, "num_cpus .* got inf"),
 ])
 def test_the_builder_refuses_replicas_and_resources_serve_cannot_take(shape, message):
     with pytest.raises(InputError, match=f"^{message}$"):
         app({"model": "m", **shape})
 
 
-def test_an_autoscaled_application_needs_no_replica_count():
-    assert app({"model": "m", "replicas": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 2}})
+def test_an_autoscaled_application_takes_no_replica_count():
+    autoscaling = {"min_replicas": 1, "max_replicas": 2}
+    assert app({"model": "m", "autoscaling": autoscaling})
+    with pytest.raises(InputError, match="replicas and autoscaling both given"):
+        app({"model": "m", "replicas": 2, "autoscaling": autoscaling})
+
+
+@pytest.mark.parametrize("line, kind, message", [
+    ("engine.errors.InputError: /m: no such model folder", "InputError", "/m: no such model folder"),
+    ("engine.errors.CompileError: unet: compile failed at x: y", "CompileError", "unet: compile failed at x: y"),
+    ("engine.manifest.ManifestError: bundle: bad manifest", "InputError", "bundle: bad manifest"),  # a subclass
+    ("engine.errors.Cancelled: stop", None, None),  # not one of the one-line errors
+    ("engine.nowhere.InputError: x", None, None),
+    ("RuntimeError: engine.errors.InputError: x", None, None),
+    ("ValueError: bad", None, None),
+])
+def test_a_replicas_last_traceback_line_becomes_the_engines_one_line_error(line, kind, message):
+    from engine.serving.ray_app import engine_error
+
+    error = engine_error(line)
+    assert (type(error).__name__ if error else None, str(error) if error else None) == (kind, message)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
+import math
 import os
 import re
 import time
@@ -22,7 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from engine.config import EditConfig
-from engine.errors import Cancelled, CompileError, ExportError, InputError, NumericalError
+from engine.errors import ONE_LINE_ERRORS, Cancelled, InputError
 from engine.serving.app import create_app
 from engine.serving.interface import API_KEY_ENV, EditService, QueueFull, Unavailable, serving_pipeline
 from engine.serving.jobs import Job, JobTable, Settings, check_limits, job_config
@@ -33,7 +35,7 @@ from engine.serving.schema import EditParameters
 log = logging.getLogger("engine.serving")
 APP_NAME = "ip2p"
 POLL_S = 0.05
-ENGINE_ERRORS = {error.__name__: error for error in (InputError, NumericalError, ExportError, CompileError)}
+RESOURCE_STEP = 1e-4  # Ray's resolution of fractional resources
 
 
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
@@ -237,19 +239,25 @@ def check_shape(replicas: int | None, num_cpus: float, num_gpus: float) -> None:
     if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
         raise InputError(f"replicas (--replicas) must be a whole number of at least 1, got {replicas!r}")
     for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise InputError(f"{name} (--{name.replace('_', '-')}) must be a number of at least 0, got {value!r}")
 
 
-def check_room(replicas: int, num_cpus: float, num_gpus: float) -> None:
-    """Refuse replicas that need more CPUs or GPUs than the Ray cluster has: Serve would wait for them forever."""
+def room_problem(replicas: int, num_cpus: float, num_gpus: float) -> str | None:
+    """Why the Ray cluster as it is now cannot place the replicas (Serve would wait for them): a replica needs more
+    CPUs or GPUs than any node has, or all of them more than the cluster has; None where they fit."""
     import ray
 
-    have = ray.cluster_resources()
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     for flag, need, kind in (("--num-cpus", num_cpus, "CPU"), ("--num-gpus", num_gpus, "GPU")):
-        if replicas * need > have.get(kind, 0.0):
-            raise InputError(f"{flag} {need:g} x --replicas {replicas}: the replicas need {replicas * need:g} {kind}s "
-                             f"and the Ray cluster has {have.get(kind, 0.0):g}; they would wait forever to start")
+        largest = max((node.get(kind, 0.0) for node in nodes), default=0.0)
+        total = sum(node.get(kind, 0.0) for node in nodes)
+        if need > largest + RESOURCE_STEP:
+            return f"{flag} {need:g}: a replica needs {need:g} {kind}s on one node, and the largest has {largest:g}"
+        if replicas * need > total + RESOURCE_STEP:
+            return (f"{flag} {need:g} x --replicas {replicas}: the replicas need {replicas * need:g} {kind}s, and the "
+                    f"Ray cluster has {total:g}")
+    return None
 
 
 LOAD_KEYS = ("model", "backend", "device", "dtype", "variant")
@@ -264,6 +272,9 @@ def app(args: dict):
     args = dict(args)
     load = {key: args.pop(key) for key in LOAD_KEYS if key in args}
     shape = {key: args.pop(key) for key in ("replicas", "num_cpus", "num_gpus", "autoscaling") if key in args}
+    if "replicas" in shape and "autoscaling" in shape:
+        raise InputError("serve config args: replicas and autoscaling both given; an autoscaled application takes "
+                         "its replica counts from autoscaling")
     fields = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(args) - fields)
     if unknown:
@@ -275,13 +286,27 @@ def app(args: dict):
 
 def replica_error() -> Exception | None:
     """The engine's error that stopped the model replicas from starting (a model that cannot load, a compile that
-    cannot run), read from the last line of Ray Serve's deployment status; None where it is not one of ours."""
+    cannot run), read from Ray Serve's deployment status; None where it is not one of the engine's."""
     app = serve.status().applications.get(APP_NAME)
     for deployment in app.deployments.values() if app else ():
         lines = deployment.message.strip().splitlines()
-        match = re.fullmatch(r"engine\.errors\.(\w+): (.+)", lines[-1]) if lines else None
-        if match and match[1] in ENGINE_ERRORS:
-            return ENGINE_ERRORS[match[1]](match[2])
+        error = engine_error(lines[-1]) if lines else None
+        if error is not None:
+            return error
+    return None
+
+
+def engine_error(line: str) -> Exception | None:
+    """A traceback's last line, ``engine.errors.InputError: ...``, as the one-line error class it names or derives
+    from, with its message; None for any other line."""
+    match = re.fullmatch(r"(engine(?:\.\w+)*)\.(\w+): (.+)", line)
+    try:
+        error = getattr(importlib.import_module(match[1]), match[2], None) if match else None
+    except ImportError:
+        return None
+    for kind in ONE_LINE_ERRORS if isinstance(error, type) else ():
+        if issubclass(error, kind):
+            return kind(match[3])
     return None
 
 
@@ -291,15 +316,20 @@ def serve_locally(load: dict, settings: Settings, host: str, port: int, replicas
     import ray
 
     application = build_app(load, settings, replicas, num_cpus, num_gpus)
+    joined = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))  # a cluster that may add nodes
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    check_room(replicas, num_cpus, num_gpus)
+    problem = room_problem(replicas, num_cpus, num_gpus)
+    if problem and not joined:
+        raise InputError(f"{problem}: Ray Serve would wait for them forever")
+    if problem:
+        log.warning("%s now: Ray Serve waits until the cluster has them", problem)
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(application, name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # "Deploying application ip2p failed": the replicas' own error, if it is ours
         failure = replica_error()
-        serve.shutdown()
+        serve.delete(APP_NAME)
         if failure is None:
             raise
         raise failure from err
@@ -310,4 +340,4 @@ def serve_locally(load: dict, settings: Settings, host: str, port: int, replicas
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        serve.delete(APP_NAME)  # this application only: a joined cluster may serve others
