@@ -179,10 +179,11 @@ class EditPipeline:
         """Edit one image or a list. ``preset`` sets steps, sampler and guidance savings (``engine.presets``);
         a setting given here overrides it (None: the preset's; exact: 20 euler_ancestral steps, s_T 7.5,
         s_I 1.5; a distilled model's presets: its own steps and scales). ``steps=100`` reproduces the paper;
-        ``resolution="auto"`` is the model's own (512 for SD 1.5), ``None`` edits at the input's own size (any size: padded by mirroring, cropped back).
-        ``keep_detail``: edit at the resolution and add only the change to the full-size input. ``vae_tile``: the
-        VAE's tile side in pixels, None for never, "auto" past the pipeline's ``vae_memory``. ``latents``:
-        unit-variance initial noise (B, 4, H/8, W/8), scaled by the scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
+        ``resolution="auto"`` is the model's own (512 for SD 1.5), ``None`` edits at the input's own size (any
+        size: padded by mirroring, cropped back). ``keep_detail``: edit at the resolution and add only the change
+        to the full-size input. ``vae_tile``: the VAE's tile side in pixels, None for never, "auto" past the
+        pipeline's ``vae_memory``. ``latents``: unit-variance initial noise (B, 4, H/8, W/8), scaled by the
+        scheduler's init_noise_sigma as diffusers does. ``guidance_interval`` (lo, hi]: guide
         only for sigma inside it; ``adaptive_guidance``: the cosine past which a branch stops;
         ``cache_interval``/``cache_depth``: step caching, the whole UNet every ``cache_interval``-th call and
         only its ``cache_depth`` outer levels between (all approximate)."""

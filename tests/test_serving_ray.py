@@ -1,6 +1,10 @@
 """Ray Serve faults (the API itself is tested against the Ray app in test_serving.py)."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -8,7 +12,7 @@ import httpx
 import pytest
 
 from engine.serving.jobs import Settings
-from tests.serving_server import ray_server
+from tests.serving_server import free_port, ray_server
 from tests.test_serving import png_bytes, post_edit
 
 
@@ -64,11 +68,6 @@ def test_ray_a_deleted_job_frees_its_replica_at_the_next_step():
 def test_ray_replicas_that_cannot_load_the_model_end_the_command_with_its_one_line_error(tmp_path):
     """The replicas load the model, not the command: their error (here a model folder that does not exist) comes
     back from Ray Serve's deployment status as the command's own one-line error, exit code 2."""
-    import subprocess
-    import sys
-
-    from tests.serving_server import free_port
-
     missing = tmp_path / "no-such-model"
     done = subprocess.run([sys.executable, "-m", "ip2p", "-q", "serve", str(missing), "--ray", "--port",
                            str(free_port())], capture_output=True, text=True, timeout=300)
@@ -84,13 +83,6 @@ def test_ray_replicas_that_cannot_load_the_model_end_the_command_with_its_one_li
 ])
 def test_ray_replicas_needing_more_than_the_local_cluster_has_are_refused_in_one_line(shape, problem):
     """Ray Serve would wait for them forever; the command says so instead (a local Ray, which adds no nodes)."""
-    import os
-    import re
-    import subprocess
-    import sys
-
-    from tests.serving_server import free_port
-
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the command
     done = subprocess.run([sys.executable, "-m", "ip2p", "-q", "serve", "--ray", *shape, "--port", str(free_port())],
                           capture_output=True, text=True, timeout=300, env=env)
