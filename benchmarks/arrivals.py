@@ -65,11 +65,12 @@ async def closed_loop(url: str, png: bytes, requests: int, clients: int = 16) ->
 
 
 async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int) -> dict:
-    """``requests`` edits sent at Poisson times of ``rate`` per second, whatever the answers: latencies,
-    throughput (answers over the time from the first send to the last answer), statuses, the answers."""
+    """``requests`` edits sent at Poisson times of ``rate`` per second, whatever the answers: latencies (with
+    each edit's steps), throughput (answers over the time from the first send to the last answer), statuses,
+    the answers."""
     rng = random.Random(seed)
     arrivals = np.cumsum([rng.expovariate(rate) for _ in range(requests)])
-    latencies, statuses, answers, by_steps = [], {}, {}, {}
+    latencies, statuses, answers = [], {}, {}
     bar = tqdm(total=requests, desc=f"{rate:.2f} edits/s", leave=False, mininterval=5)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests)) as client:
         start = time.perf_counter()
@@ -79,8 +80,7 @@ async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int)
             latency, response = await post(client, url, png, request_fields(i))
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if response.status_code == 200:
-                latencies.append(latency)
-                by_steps.setdefault(request_fields(i)["steps"], []).append(latency)
+                latencies.append((int(request_fields(i)["steps"]), latency))
                 answers[i] = response.content
             bar.update()
 
@@ -88,10 +88,19 @@ async def open_loop(url: str, png: bytes, rate: float, requests: int, seed: int)
         wall = time.perf_counter() - start
     bar.close()
     return dict(rate_per_s=rate, requests=requests, statuses=statuses, throughput_per_s=len(answers) / wall,
-                p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
-                mean_s=statistics.fmean(latencies) if latencies else float("nan"), answers=answers,
-                by_steps={steps: dict(p50_s=percentile(values, 50), p99_s=percentile(values, 99))
-                          for steps, values in sorted(by_steps.items(), key=lambda item: int(item[0]))})
+                latencies_s=latencies, answers=answers) | summary(latencies)
+
+
+def summary(latencies: list[tuple[int, float]]) -> dict:
+    """p50, p99 and mean of (steps, latency) pairs, and p50 and p99 by step count."""
+    values = [latency for _, latency in latencies]
+    by_steps: dict[str, list[float]] = {}
+    for steps, latency in sorted(latencies):
+        by_steps.setdefault(str(steps), []).append(latency)
+    return dict(p50_s=percentile(values, 50), p99_s=percentile(values, 99),
+                mean_s=statistics.fmean(values) if values else float("nan"),
+                by_steps={steps: dict(p50_s=percentile(v, 50), p99_s=percentile(v, 99))
+                          for steps, v in by_steps.items()})
 
 
 async def behind_long_job(url: str, png: bytes) -> dict:
@@ -126,9 +135,11 @@ def differing(pipe: EditPipeline, png: bytes, answers: dict[int, bytes]) -> int:
 
 
 def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LOADS,
-        request_max_batch: int | None = None) -> dict:
+        request_max_batch: int | None = None, rounds: int = 1) -> dict:
     """Both modes at ``max_batch`` rows a call, or request batching at ``request_max_batch`` where given (each
-    policy at its own best setting)."""
+    policy at its own best setting); the open-loop runs ``rounds`` times, the modes taking turns (a fresh server
+    each), so that a slower spell of the machine falls on both alike; each round its own arrival times, the same
+    for both modes."""
     load_args = {"model": model, "backend": backend}
     png = example_png(64)
     rows = {"step": max_batch, "request": request_max_batch or max_batch}
@@ -142,29 +153,51 @@ def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LO
     base = min(capacity.values())
     pipe = EditPipeline.from_pretrained(model, backend=backend, progress=False)
     runs, long_job = [], {}
-    for mode in MODES:
-        with serve_process(load_args, settings[mode]) as url:
-            for load in loads:
-                result = asyncio.run(open_loop(url, png, load * base, requests, seed=int(load * 100)))
-                answers = result.pop("answers")
-                if mode == "step":
-                    result["pixels_differing"] = differing(pipe, png, answers)
-                runs.append(dict(mode=mode, load=load) | result)
-                log.info("%s batching at %.0f%%: %s", mode, load * 100, runs[-1])
-            long_job[mode] = asyncio.run(behind_long_job(url, png))
-            log.info("%s batching, behind a %d-step job: %s", mode, LONG_STEPS, long_job[mode])
+    for round_ in range(rounds):
+        for mode in MODES:
+            with serve_process(load_args, settings[mode]) as url:
+                for load in loads:
+                    result = asyncio.run(open_loop(url, png, load * base, requests, int(load * 100) + 1000 * round_))
+                    answers = result.pop("answers")
+                    if mode == "step":
+                        result["pixels_differing"] = differing(pipe, png, answers)
+                    runs.append(dict(mode=mode, load=load, round=round_) | result)
+                    log.info("%s batching at %.0f%%, round %d: p50 %.2f s, p99 %.2f s", mode, load * 100, round_,
+                             result["p50_s"], result["p99_s"])
+                if round_ == 0:
+                    long_job[mode] = asyncio.run(behind_long_job(url, png))
+                    log.info("%s batching, behind a %d-step job: %s", mode, LONG_STEPS, long_job[mode])
     return dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=model,
-                backend=backend or "its own", max_batch=rows, capacity_per_s=capacity,
-                mix=dict(steps=STEPS, presets=PRESETS, size=64), runs=runs, long_job=long_job)
+                backend=backend or "its own", max_batch=rows, capacity_per_s=capacity, rounds=rounds,
+                mix=dict(steps=STEPS, presets=PRESETS, size=64), runs=runs, pooled=pooled(runs), long_job=long_job)
+
+
+def pooled(runs: list[dict]) -> list[dict]:
+    """Each mode and load over all its rounds: the latencies' summary, the mean throughput, and each round's p99."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["load"]), []).append(r)
+    return [dict(mode=mode, load=load, rate_per_s=group[0]["rate_per_s"],
+                 throughput_per_s=statistics.fmean(r["throughput_per_s"] for r in group),
+                 round_p99_s=[r["p99_s"] for r in group],
+                 pixels_differing=sum(r.get("pixels_differing", 0) for r in group),
+                 statuses={code: sum(r["statuses"].get(code, 0) for r in group)
+                           for code in sorted({code for r in group for code in r["statuses"]})})
+            | summary([tuple(pair) for r in group for pair in r["latencies_s"]])
+            for (mode, load), group in groups.items()]
 
 
 def table(results: dict) -> str:
-    """docs/serving.md's table of one run."""
-    lines = ["| load | batching | throughput | p50 | p99 | answers |", "|---|---|---:|---:|---:|---|"]
-    for r in results["runs"]:
-        answers = ", ".join(f"{n} x {code}" for code, n in sorted(r["statuses"].items()))
+    """docs/serving.md's table of one run: each mode and load over its rounds, p99 against request batching's."""
+    lines = ["| load | batching | throughput | p50 | p99 (x request's) | p99 of 4- / 20-step edits | rounds' p99 |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    request = {r["load"]: r["p99_s"] for r in results["pooled"] if r["mode"] == "request"}
+    for r in results["pooled"]:
+        ratio = f" ({r['p99_s'] / request[r['load']]:.2f}x)" if r["mode"] != "request" and r["load"] in request else ""
+        steps = r["by_steps"]
         lines.append(f"| {r['load']:.0%} ({r['rate_per_s']:.2f}/s) | {r['mode']} | {r['throughput_per_s']:.2f}/s | "
-                     f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {answers} |")
+                     f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s{ratio} | {steps['4']['p99_s']:.2f} / "
+                     f"{steps['20']['p99_s']:.2f} s | {', '.join(f'{p:.2f}' for p in r['round_p99_s'])} |")
     return "\n".join(lines)
 
 
@@ -177,13 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--request-max-batch", type=int, help="the request-batching server's rows per call, where "
                         "it should differ from --max-batch")
     parser.add_argument("--loads", type=float, nargs="+", default=LOADS, help="fractions of the capacity")
+    parser.add_argument("--rounds", type=int, default=1, help="open-loop runs of each mode, taking turns")
     parser.add_argument("--json", required=True, help="write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("engine.serving").setLevel(logging.WARNING)  # not one line per request
     logging.getLogger("httpx").setLevel(logging.WARNING)
     results = run(args.model, args.backend, args.requests, args.max_batch, tuple(args.loads),
-                  args.request_max_batch)
+                  args.request_max_batch, args.rounds)
     write_json_atomic(args.json, results, indent=1)
     print(table(results))
 

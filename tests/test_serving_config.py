@@ -55,6 +55,11 @@ def test_the_builder_names_an_unknown_arg():
         app({"model": "m", "max_bach": 4})
 
 
+def test_the_builder_names_a_batching_policy_the_server_does_not_have():
+    with pytest.raises(InputError, match="^batching: 'step' or 'request', got 'continuous'$"):
+        app({"model": "m", "batching": "continuous"})
+
+
 @pytest.mark.parametrize("shape, message", [
     ({"replicas": 0}, r"replicas \(--replicas\) must be a whole number of at least 1, got 0"),
     ({"replicas": 1.5}, "replicas .* got 1.5"),
