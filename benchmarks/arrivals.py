@@ -173,14 +173,15 @@ def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LO
 
 
 def pooled(runs: list[dict]) -> list[dict]:
-    """Each mode and load over all its rounds: the latencies' summary, the mean throughput, and each round's p99."""
+    """Each mode and load over all its rounds: the latencies' summary, the mean throughput, each round's p99, and
+    (step batching) the answers differing from the library's solo edits."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["mode"], r["load"]), []).append(r)
     return [dict(mode=mode, load=load, rate_per_s=group[0]["rate_per_s"],
                  throughput_per_s=statistics.fmean(r["throughput_per_s"] for r in group),
                  round_p99_s=[r["p99_s"] for r in group],
-                 pixels_differing=sum(r.get("pixels_differing", 0) for r in group),
+                 pixels_differing=sum(r["pixels_differing"] for r in group) if mode == "step" else None,
                  statuses={code: sum(r["statuses"].get(code, 0) for r in group)
                            for code in sorted({code for r in group for code in r["statuses"]})})
             | summary([tuple(pair) for r in group for pair in r["latencies_s"]])
