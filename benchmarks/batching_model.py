@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--backend")
-    parser.add_argument("--edits", type=int, default=300, help="edits per arrival draw (the mix of benchmarks.arrivals)")
+    parser.add_argument("--edits", type=int, default=300,
+                        help="edits per arrival draw (the mix of benchmarks.arrivals)")
     parser.add_argument("--draws", type=int, default=20, help="arrival draws per load")
     parser.add_argument("--max-batch", type=int, default=12)
     parser.add_argument("--loads", type=float, nargs="+", default=LOADS)
