@@ -137,9 +137,9 @@ def differing(pipe: EditPipeline, png: bytes, answers: dict[int, bytes]) -> int:
 def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LOADS,
         request_max_batch: int | None = None, rounds: int = 1) -> dict:
     """Both modes at ``max_batch`` rows a call, or request batching at ``request_max_batch`` where given (each
-    policy at its own best setting); the open-loop runs ``rounds`` times, the modes taking turns (a fresh server
-    each), so that a slower spell of the machine falls on both alike; each round its own arrival times, the same
-    for both modes."""
+    policy at its own best setting); the open-loop runs ``rounds`` times, the modes taking turns in alternating
+    order (a fresh server each), so that a slower spell of the machine is as likely to fall on either; each round
+    its own arrival times, the same for both modes. The long job runs in the first round."""
     load_args = {"model": model, "backend": backend}
     png = example_png(64)
     rows = {"step": max_batch, "request": request_max_batch or max_batch}
@@ -154,7 +154,7 @@ def run(model: str, backend: str | None, requests: int, max_batch: int, loads=LO
     pipe = EditPipeline.from_pretrained(model, backend=backend, progress=False)
     runs, long_job = [], {}
     for round_ in range(rounds):
-        for mode in MODES:
+        for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
             with serve_process(load_args, settings[mode]) as url:
                 for load in loads:
                     result = asyncio.run(open_loop(url, png, load * base, requests, int(load * 100) + 1000 * round_))
@@ -190,15 +190,16 @@ def pooled(runs: list[dict]) -> list[dict]:
 
 def table(results: dict) -> str:
     """docs/serving.md's table of one run: each mode and load over its rounds, p99 against request batching's."""
-    lines = ["| load | batching | throughput | p50 | p99 (x request's) | p99 of 4- / 20-step edits | rounds' p99 |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| load | batching | throughput | p50 | p99 (x request's) | p99 of 4- / 20-step edits | rounds' p99 | "
+             "answers |", "|---|---|---:|---:|---:|---:|---|---|"]
     request = {r["load"]: r["p99_s"] for r in results["pooled"] if r["mode"] == "request"}
     for r in results["pooled"]:
         ratio = f" ({r['p99_s'] / request[r['load']]:.2f}x)" if r["mode"] != "request" and r["load"] in request else ""
-        steps = r["by_steps"]
+        by_steps = {steps: r["by_steps"].get(steps, {}).get("p99_s", float("nan")) for steps in ("4", "20")}
+        answers = ", ".join(f"{n} x {code}" for code, n in r["statuses"].items())
         lines.append(f"| {r['load']:.0%} ({r['rate_per_s']:.2f}/s) | {r['mode']} | {r['throughput_per_s']:.2f}/s | "
-                     f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s{ratio} | {steps['4']['p99_s']:.2f} / "
-                     f"{steps['20']['p99_s']:.2f} s | {', '.join(f'{p:.2f}' for p in r['round_p99_s'])} |")
+                     f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s{ratio} | {by_steps['4']:.2f} / {by_steps['20']:.2f} s "
+                     f"| {', '.join(f'{p:.2f}' for p in r['round_p99_s'])} | {answers} |")
     return "\n".join(lines)
 
 

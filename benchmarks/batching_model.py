@@ -1,16 +1,16 @@
 """What scheduling alone can gain: a discrete-event model of the server's two batching policies, fed with the UNet
 call costs and row plans measured on this machine (``python -m benchmarks.batching_model``).
 
-The open-loop benchmark (``benchmarks.arrivals``) measures the real server, but on a shared 2-core host one run's
-p99 moves by 2x with the host's slow spells. This model has no noise and no HTTP: one processor runs the worker's
-loop as ``engine/serving/worker.py`` does (step batching: the oldest queued edits join while their rows fit
-``max_batch``; request batching: a batch of the oldest edit's key, gathered for 10 ms, runs to its end), each call
-taking the measured time of its row count, each edit its measured solo row plan (adaptive guidance drops rows
-mid-way). It answers what p99 ratio the policies reach on this machine's cost curve, over many arrival draws,
-and on a curve where rows up to ``max_batch`` cost what one edit's do (a GPU's, roughly). A model, not a
-measurement.
+The open-loop benchmark (``benchmarks.arrivals``) measures the real server, but one run's p99 ratio moved from
+0.43x to 1.10x between rounds on this shared 2-core host (the p99 of 300 edits is noisy as well). This model has
+no host noise and no HTTP: one processor runs the worker's loop as ``engine/serving/worker.py`` does (step
+batching: the oldest queued edits join while their rows fit ``max_batch``; request batching: a batch of the
+oldest edit's key, gathered for 10 ms, runs to its end), each call taking the measured time of its row count,
+each edit its measured solo row plan (adaptive guidance drops rows mid-way). It answers what p99 ratio the
+policies reach on this machine's cost curve, over many arrival draws, and on a curve where rows up to
+``max_batch`` cost what one edit's do (a GPU's, roughly). A model, not a measurement.
 
-``python -m benchmarks.batching_model --json docs/results/FILE.json [--draws 20] [--edits 300]``
+``python -m benchmarks.batching_model --json docs/results/FILE.json [--draws 20] [--edits 300] [--rates R ...]``
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import random
 import statistics
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -32,19 +33,23 @@ from benchmarks.serving import example_png
 from engine.files import write_json_atomic
 from engine.pipeline import DEFAULT_BUNDLE, EditPipeline
 from engine.presets import preset_config
+from engine.serving.jobs import Settings
 
-log = logging.getLogger(__name__)
-BATCH_WAIT = 0.010  # request batching's default --batch-wait-ms
+BATCH_WAIT = Settings().batch_wait_ms / 1000  # request batching's default gathering time, seconds
 
 
+@dataclass(frozen=True)
 class Costs:
-    """Seconds of one UNet call by its rows (interpolated between measured row counts, extended linearly), and of
-    an edit's start (text and image encoded) and finish (decoded)."""
+    """Seconds of one UNet call at each measured row count (``rows`` ascending), and of an edit's start (text and
+    image encoded) and finish (decoded)."""
 
-    def __init__(self, rows: list[int], seconds: list[float], begin: float, finish: float):
-        self.rows, self.seconds, self.begin, self.finish = rows, seconds, begin, finish
+    rows: list[int]
+    seconds: list[float]
+    begin: float
+    finish: float
 
     def call(self, rows: int) -> float:
+        """Seconds of a call of ``rows`` rows: interpolated between the measured counts, extended linearly."""
         if rows <= self.rows[-1]:
             return float(np.interp(rows, self.rows, self.seconds))
         slope = (self.seconds[-1] - self.seconds[-2]) / (self.rows[-1] - self.rows[-2])
@@ -149,7 +154,7 @@ def request_batching(arrivals: np.ndarray, plans: list[list[int]], keys: list, c
         for i in batch:
             queue.remove(i)
         now += costs.begin * len(batch)
-        for step in range(len(plans[batch[0]])):
+        for step in range(len(plans[batch[0]])):  # one key, one step count
             now += costs.call(sum(plans[i][step] for i in batch))
         for i in batch:
             now += costs.finish
@@ -157,28 +162,41 @@ def request_batching(arrivals: np.ndarray, plans: list[list[int]], keys: list, c
     return latencies
 
 
-def compare(plans: list[list[int]], costs: Costs, max_batch: int, loads, draws: int) -> list[dict]:
-    """p50/p99 of both policies at each load (of the lower modelled capacity) over ``draws`` arrival draws."""
+def compare(plans: list[list[int]], costs: Costs, max_batch: int, loads, rates, draws: int) -> list[dict]:
+    """p99 of both policies over ``draws`` arrival draws at each of ``loads`` (fractions of the lower modelled
+    capacity, every edit queued at once) and each of ``rates`` (edits a second, e.g. a server run's)."""
     keys = [(request_fields(i)["steps"], request_fields(i)["preset"]) for i in range(len(plans))]
-    at_once = np.zeros(len(plans))  # every edit queued at 0: the capacity
+    at_once = np.zeros(len(plans))
     capacity = min(len(plans) / step_batching(at_once, plans, costs, max_batch).max(),
                    len(plans) / request_batching(at_once, plans, keys, costs, max_batch).max())
     rows = []
-    for load in loads:
+    for rate in [load * capacity for load in loads] + list(rates):
         ratios, p99 = [], {"request": [], "step": []}
         for draw in range(draws):
             rng = random.Random(draw)
-            arrivals = np.cumsum([rng.expovariate(load * capacity) for _ in plans])
+            arrivals = np.cumsum([rng.expovariate(rate) for _ in plans])
             request = np.percentile(request_batching(arrivals, plans, keys, costs, max_batch), 99)
             step = np.percentile(step_batching(arrivals, plans, costs, max_batch), 99)
             p99["request"].append(request)
             p99["step"].append(step)
             ratios.append(step / request)
-        rows.append(dict(load=load, rate_per_s=load * capacity, capacity_per_s=capacity,
+        rows.append(dict(load=rate / capacity, rate_per_s=rate, capacity_per_s=capacity,
                          request_p99_s=statistics.fmean(p99["request"]), step_p99_s=statistics.fmean(p99["step"]),
                          ratio_mean=statistics.fmean(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                          ratio_median=statistics.median(ratios)))
     return rows
+
+
+def table(results: dict) -> str:
+    """docs/serving.md's table of the model's results."""
+    lines = ["| call costs | load (rate) | request p99 | step p99 | step / request: mean (median, range over draws) |",
+             "|---|---|---:|---:|---|"]
+    for name, rows in results["curves"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['load']:.0%} ({r['rate_per_s']:.2f}/s) | {r['request_p99_s']:.2f} s | "
+                         f"{r['step_p99_s']:.2f} s | {r['ratio_mean']:.2f}x ({r['ratio_median']:.2f}, "
+                         f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", type=int, default=300,
                         help="edits per arrival draw (the mix of benchmarks.arrivals)")
     parser.add_argument("--draws", type=int, default=20, help="arrival draws per load")
-    parser.add_argument("--max-batch", type=int, default=12)
-    parser.add_argument("--loads", type=float, nargs="+", default=LOADS)
+    parser.add_argument("--max-batch", type=int, default=Settings().max_batch)
+    parser.add_argument("--loads", type=float, nargs="+", default=LOADS, help="fractions of the modelled capacity")
+    parser.add_argument("--rates", type=float, nargs="*", default=[],
+                        help="edits a second to model as well (a benchmarks.arrivals run's, to compare with it)")
     parser.add_argument("--json", required=True, help="write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -198,16 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     results = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=args.model,
                    max_batch=args.max_batch, draws=args.draws, edits=args.edits,
                    call_seconds=dict(zip(costs.rows, costs.seconds)), begin_s=costs.begin, finish_s=costs.finish,
-                   curves={name: compare(plans, curve, args.max_batch, args.loads, args.draws)
+                   row_plans=plans,
+                   curves={name: compare(plans, curve, args.max_batch, args.loads, args.rates, args.draws)
                            for name, curve in curves.items()})
-    write_json_atomic(args.json, results, indent=1)
-    print("| call costs | load | request p99 | step p99 | step / request: mean (median, range) |")
-    print("|---|---|---:|---:|---|")
-    for name, rows in results["curves"].items():
-        for r in rows:
-            print(f"| {name} | {r['load']:.0%} ({r['rate_per_s']:.1f}/s) | {r['request_p99_s']:.2f} s | "
-                  f"{r['step_p99_s']:.2f} s | {r['ratio_mean']:.2f}x ({r['ratio_median']:.2f}, "
-                  f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+    write_json_atomic(args.json, results)
+    print(table(results))
 
 
 if __name__ == "__main__":
