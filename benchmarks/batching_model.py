@@ -10,7 +10,8 @@ each edit its measured solo row plan (adaptive guidance drops rows mid-way). It 
 policies reach on this machine's cost curve, over many arrival draws, and on a curve where rows up to
 ``max_batch`` cost what one edit's do (a GPU's, roughly). A model, not a measurement.
 
-``python -m benchmarks.batching_model --json docs/results/FILE.json [--draws 20] [--edits 300] [--rates R ...]``
+``python -m benchmarks.batching_model --json docs/results/FILE.json [--draws 20] [--edits 300] [--rates R ...]
+[--step-max-batch N ...]``
 """
 from __future__ import annotations
 
@@ -162,13 +163,15 @@ def request_batching(arrivals: np.ndarray, plans: list[list[int]], keys: list, c
     return latencies
 
 
-def compare(plans: list[list[int]], costs: Costs, max_batch: int, loads, rates, draws: int) -> list[dict]:
-    """p99 of both policies over ``draws`` arrival draws at each of ``loads`` (fractions of the lower modelled
-    capacity, every edit queued at once) and each of ``rates`` (edits a second, e.g. a server run's)."""
+def compare(plans: list[list[int]], costs: Costs, max_batch: int, step_max_batch: int, loads, rates,
+            draws: int) -> list[dict]:
+    """p99 of both policies over ``draws`` arrival draws at each of ``loads`` (fractions of request batching's
+    modelled capacity at ``max_batch``, every edit queued at once: the rate the server benchmark sends while it is
+    the lower) and each of ``rates`` (edits a second, e.g. a server run's); step batching at ``step_max_batch``."""
     keys = [(request_fields(i)["steps"], request_fields(i)["preset"]) for i in range(len(plans))]
     at_once = np.zeros(len(plans))
-    capacity = min(len(plans) / step_batching(at_once, plans, costs, max_batch).max(),
-                   len(plans) / request_batching(at_once, plans, keys, costs, max_batch).max())
+    capacity = len(plans) / request_batching(at_once, plans, keys, costs, max_batch).max()
+    step_capacity = len(plans) / step_batching(at_once, plans, costs, step_max_batch).max()
     rows = []
     for rate in [load * capacity for load in loads] + list(rates):
         ratios, p99 = [], {"request": [], "step": []}
@@ -176,11 +179,12 @@ def compare(plans: list[list[int]], costs: Costs, max_batch: int, loads, rates, 
             rng = random.Random(draw)
             arrivals = np.cumsum([rng.expovariate(rate) for _ in plans])
             request = np.percentile(request_batching(arrivals, plans, keys, costs, max_batch), 99)
-            step = np.percentile(step_batching(arrivals, plans, costs, max_batch), 99)
+            step = np.percentile(step_batching(arrivals, plans, costs, step_max_batch), 99)
             p99["request"].append(request)
             p99["step"].append(step)
             ratios.append(step / request)
         rows.append(dict(load=rate / capacity, rate_per_s=rate, capacity_per_s=capacity,
+                         step_max_batch=step_max_batch, step_capacity_per_s=step_capacity,
                          request_p99_s=statistics.fmean(p99["request"]), step_p99_s=statistics.fmean(p99["step"]),
                          ratio_mean=statistics.fmean(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                          ratio_median=statistics.median(ratios)))
@@ -189,11 +193,12 @@ def compare(plans: list[list[int]], costs: Costs, max_batch: int, loads, rates, 
 
 def table(results: dict) -> str:
     """docs/serving.md's table of the model's results."""
-    lines = ["| call costs | load (rate) | request p99 | step p99 | step / request: mean (median, range over draws) |",
-             "|---|---|---:|---:|---|"]
+    lines = ["| call costs | step rows (capacity) | load (rate) | request p99 | step p99 | "
+             "step / request: mean (median, range over draws) |", "|---|---|---|---:|---:|---|"]
     for name, rows in results["curves"].items():
         for r in rows:
-            lines.append(f"| {name} | {r['load']:.0%} ({r['rate_per_s']:.2f}/s) | {r['request_p99_s']:.2f} s | "
+            lines.append(f"| {name} | {r['step_max_batch']} ({r['step_capacity_per_s']:.2f}/s) | "
+                         f"{r['load']:.0%} ({r['rate_per_s']:.2f}/s) | {r['request_p99_s']:.2f} s | "
                          f"{r['step_p99_s']:.2f} s | {r['ratio_mean']:.2f}x ({r['ratio_median']:.2f}, "
                          f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
     return "\n".join(lines)
@@ -207,7 +212,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="edits per arrival draw (the mix of benchmarks.arrivals)")
     parser.add_argument("--draws", type=int, default=20, help="arrival draws per load")
     parser.add_argument("--max-batch", type=int, default=Settings().max_batch)
-    parser.add_argument("--loads", type=float, nargs="+", default=LOADS, help="fractions of the modelled capacity")
+    parser.add_argument("--step-max-batch", type=int, nargs="+",
+                        help="step batching's row limits to model (default: --max-batch), request batching's staying "
+                             "at --max-batch")
+    parser.add_argument("--loads", type=float, nargs="+", default=LOADS,
+                        help="fractions of request batching's modelled capacity")
     parser.add_argument("--rates", type=float, nargs="*", default=[],
                         help="edits a second to model as well (a benchmarks.arrivals run's, to compare with it)")
     parser.add_argument("--json", required=True, help="write the figures here")
@@ -219,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
                    max_batch=args.max_batch, draws=args.draws, edits=args.edits,
                    call_seconds=dict(zip(costs.rows, costs.seconds)), begin_s=costs.begin, finish_s=costs.finish,
                    row_plans=plans,
-                   curves={name: compare(plans, curve, args.max_batch, args.loads, args.rates, args.draws)
+                   curves={name: [row for step_rows in args.step_max_batch or [args.max_batch]
+                                  if name == "measured" or step_rows <= args.max_batch  # flat up to max_batch only
+                                  for row in compare(plans, curve, args.max_batch, step_rows, args.loads, args.rates,
+                                                     args.draws)]
                            for name, curve in curves.items()})
     write_json_atomic(args.json, results)
     print(table(results))

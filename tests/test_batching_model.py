@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.batching_model import BATCH_WAIT, Costs, request_batching, step_batching
+from benchmarks.batching_model import BATCH_WAIT, Costs, compare, request_batching, step_batching, table
 
 COSTS = Costs(rows=[1, 3, 12], seconds=[0.010, 0.020, 0.050], begin=0.001, finish=0.002)
 
@@ -45,3 +45,14 @@ def test_rows_beyond_max_batch_wait_for_room():
     both = step_batching(np.zeros(2), plans, COSTS, 3)  # one edit's rows at a time
     assert both[0] == pytest.approx(0.001 + 2 * 0.020 + 0.002)
     assert both[1] == pytest.approx(both[0] + 0.001 + 2 * 0.020 + 0.002)
+
+
+def test_loads_are_of_request_batchings_capacity_whatever_step_batchings_rows():
+    plans = [[3] * 4] * 6
+    one_at_a_time = 6 / (6 * (0.001 + 4 * 0.020 + 0.002))  # 3 rows: the six edits run one after another
+    rows = compare(plans, COSTS, 12, 3, loads=[0.5], rates=[2.0], draws=2)
+    assert [r["step_max_batch"] for r in rows] == [3, 3]
+    assert rows[0]["step_capacity_per_s"] == pytest.approx(one_at_a_time)
+    assert rows[0]["rate_per_s"] == pytest.approx(0.5 * rows[0]["capacity_per_s"])
+    assert rows[1]["rate_per_s"] == 2.0 and rows[1]["load"] == pytest.approx(2.0 / rows[0]["capacity_per_s"])
+    assert f"| 3 ({one_at_a_time:.2f}/s) | 50% (" in table({"curves": {"measured": rows}})
