@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.cpu import physical_cores
 from engine.random_models import create_model
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_THREADS"):
+    # each pytest-xdist worker gets its share of the cores (torch, onnxruntime and OpenVINO follow it, and so do
+    # the servers the tests start): two workers on two cores each spinning two threads took minutes longer
+    os.environ["OMP_NUM_THREADS"] = str(max(1, physical_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def cli_error(capsys) -> str:

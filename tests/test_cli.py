@@ -239,8 +239,3 @@ def test_library_progress_bars_show_only_with_verbose_and_ours_without_quiet(tin
     assert verbose.returncode == 0 and "denoising" in verbose.stderr, verbose.stderr
     if int(transformers.__version__.split(".")[0]) >= 5:  # the bar came with transformers 5
         assert "Loading weights" in verbose.stderr
-
-
-def test_export_prints_nothing_of_other_packages(tiny_model, tmp_path):
-    done = run_console("export", tiny_model, str(tmp_path / "bundle"), "--static", "32x32", "--batch", "1", "-q")
-    assert done.returncode == 0 and done.stderr == "", done.stderr  # torch's exporter notes, warnings: all hidden

@@ -94,17 +94,6 @@ def test_failed_component_leaves_nothing(tiny_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_force_replaces_a_bundle_whole(onnx_bundles, tiny_model, tmp_path):
-    import shutil
-
-    target = Path(shutil.copytree(onnx_bundles["fp32"], tmp_path / "b"))
-    profile = Profile((1, 1, 1), (64, 64, 64), (64, 64, 64))
-    export_bundle(tiny_model, target, ExportOptions(profile=profile, force=True))
-    assert read_bundle(target).profile == profile
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
-    assert (target / MANIFEST_NAME).is_file()
-
-
 def test_large_weights_go_to_external_data(tiny_model, tmp_path):
     """The path sd15's 3.4 GB UNet takes, exercised on the tiny UNet with a low threshold."""
     import onnxruntime as ort
@@ -166,19 +155,25 @@ def test_repeated_cast_nodes_of_older_float16_converters_are_dropped():
     np.testing.assert_array_equal(b, [1, -2])
 
 
-def test_a_model_saved_by_the_libraries_exports_verified_and_runs_in_onnxruntime(saved_models, tiny_pipe,
-                                                                                 image_file, tmp_path, capsys):
-    """ip2p export --verify of a save_pretrained folder (tokenizer.json only, fp16 variant files), then the
-    bundle through the ONNX runtime: the same picture as torch."""
+def test_a_model_saved_by_the_libraries_exports_verified_over_an_old_bundle_and_runs_in_onnxruntime(
+        saved_models, onnx_bundles, image_file, tmp_path, capsys):
+    """ip2p export --verify --force of a save_pretrained folder (tokenizer.json only, fp16 variant files) over an
+    existing bundle, which it replaces whole; then the bundle through the ONNX runtime: the same picture as
+    torch."""
+    import shutil
+
     from engine import EditPipeline
     from ip2p.cli import main
 
-    out = tmp_path / "bundle"
+    out = Path(shutil.copytree(onnx_bundles["fp32"], tmp_path / "bundle"))  # with step caching's two UNets
     assert main(["-q", "export", saved_models["fp16"], str(out), "--variant", "fp16", "--batch", "1",
-                 "--resolution", "32:64:64", "--verify"]) == 0
+                 "--resolution", "32:64:64", "--verify", "--force"]) == 0
     assert "ok" in capsys.readouterr().out
     bundle = read_bundle(out)
     assert (bundle.tokenizer_dir / "tokenizer.json").is_file()
+    assert bundle.profile == Profile((1, 1, 1), (32, 64, 64), (32, 64, 64)) and (out / MANIFEST_NAME).is_file()
+    assert not any(out.glob("unet_*_d1*"))  # the old bundle's files went with it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "input.png"]  # no staging folder left
     kwargs = dict(steps=4, seed=5, resolution=None, output_type="np")
     torch_edit = EditPipeline.from_pretrained(saved_models["fp16"], variant="fp16", progress=False)
     ref = torch_edit.edit(image_file, "make it blue", **kwargs).images
