@@ -26,6 +26,13 @@ class Cancelled(RuntimeError):
 ONE_LINE_ERRORS = (InputError, NumericalError, ExportError, CompileError)  # the CLI prints these as one line
 
 
+def first_line(err: BaseException) -> str:
+    """"Type: its first non-empty line" (or the type alone) of an exception from another library, on one line,
+    for a message that quotes it: their errors add lines of context, advice, or no message at all."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return one_line(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)
+
+
 def one_line(text: object, limit: int = 200) -> str:
     """``str(text)`` on one line and at most ``limit`` characters: for messages and logs that quote what a
     client sent."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.backends import HostArrays
 from engine.cpu import default_threads, native_dtype
-from engine.errors import InputError
+from engine.errors import InputError, first_line
 from engine.manifest import Bundle
 from engine.specs import VAE_DECODER, VAE_DECODER_FP32, component_spec
 
@@ -87,10 +87,9 @@ class OpenVinoBackend(HostArrays):
         try:
             compiled = core.compile_model(str(path), "CPU", config)  # from the file: the cache keys on it
         except Exception as err:  # OpenVINO raises RuntimeError with multi-line C++ context for unreadable graphs
-            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
             fix = (f"quantize it again with this OpenVINO ({ov_version()}): `ip2p quantize`" if path.suffix == ".xml"
                    else "export the bundle again with `ip2p export`, or run it with --backend onnxruntime")
-            raise InputError(f"{path}: OpenVINO cannot read this graph ({first}); {fix}") from None
+            raise InputError(f"{path}: OpenVINO cannot read this graph ({first_line(err)}); {fix}") from None
         self.compiled[name], self._requests[name] = compiled, compiled.create_infer_request()
         wanted = component_spec(component).output_names  # a port has several names (ONNX's, and its casts')
         self._outputs[name] = [next(n for n in port.get_names() if n in wanted) for port in compiled.outputs]

@@ -20,7 +20,7 @@ from engine import specs
 from engine.backends.torch_modules import load_networks, split_modules, tile_module, unet_macs, wrap_components
 from engine.checkpoints import ModelSource
 from engine.cpu import cpu_precision
-from engine.errors import CompileError, InputError, one_line
+from engine.errors import CompileError, InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +180,6 @@ class TorchBackend:
 def shape_text(signature: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
     """``(("sample", (3, 8, 64, 64)), ...)`` as "sample 3x8x64x64, ..." for a message."""
     return ", ".join(f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in signature)
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's first non-empty line, for a one-line message (torch's compile errors add advice lines)."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return one_line(f"{type(err).__name__}: {lines[0] if lines else ''}")
 
 
 def parse_device(device: str) -> torch.device:

@@ -1,0 +1,15 @@
+"""Messages quoting other libraries' errors stay one line, whatever those errors hold."""
+from engine.errors import first_line, one_line
+
+
+def test_first_line_takes_the_first_non_empty_line_and_names_the_type():
+    assert first_line(RuntimeError("\n  Exception from src/core.cpp:12:\nmore context")) == (
+        "RuntimeError: Exception from src/core.cpp:12:")
+    assert first_line(KeyError()) == "KeyError"  # no message: "".splitlines() is empty
+    assert first_line(ValueError("   \n\n")) == "ValueError"
+    assert len(first_line(OSError("x" * 1000))) == 200
+
+
+def test_one_line_flattens_and_cuts():
+    assert one_line("a\n\tb   c") == "a b c"
+    assert one_line("y" * 300, limit=10) == "yyyyyyy..."
