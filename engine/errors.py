@@ -27,8 +27,8 @@ ONE_LINE_ERRORS = (InputError, NumericalError, ExportError, CompileError)  # the
 
 
 def first_line(err: BaseException) -> str:
-    """"Type: its first non-empty line" (or the type alone) of an exception from another library, on one line,
-    for a message that quotes it: their errors add lines of context, advice, or no message at all."""
+    """An exception from another library as "Type: its first non-empty line" (the type alone where it has no
+    message), on one line, for a message that quotes it: such errors add lines of context and advice."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return one_line(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)
 

