@@ -26,7 +26,7 @@ class Cancelled(RuntimeError):
 ONE_LINE_ERRORS = (InputError, NumericalError, ExportError, CompileError)  # the CLI prints these as one line
 
 
-def first_line(err: BaseException) -> str:
+def quote_error(err: BaseException) -> str:
     """An exception from another library as "Type: its first non-empty line" (the type alone where it has no
     message), on one line, for a message that quotes it: such errors add lines of context and advice."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

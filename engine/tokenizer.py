@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from engine.errors import InputError, first_line, one_line
+from engine.errors import InputError, one_line, quote_error
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_bpe(folder: Path) -> Tokenizer:
         try:
             tokenizer = Tokenizer.from_file(str(folder / FAST_FILE))
         except Exception as err:  # tokenizers raises a bare Exception on malformed files
-            raise InputError(f"{folder / FAST_FILE}: not a readable tokenizer file ({first_line(err)})") from None
+            raise InputError(f"{folder / FAST_FILE}: not a readable tokenizer file ({quote_error(err)})") from None
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return tokenizer

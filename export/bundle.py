@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from engine import specs
 from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, resolve_model
 from engine.config import read_model_config
-from engine.errors import ExportError, InputError, first_line
+from engine.errors import ExportError, InputError, quote_error
 from engine.files import write_json_atomic
 from engine.manifest import (FORMAT_VERSION, MANIFEST_NAME, Component, FileEntry, Macs, Manifest, Source, TensorEntry,
                              Tokenizer, Verification, file_entry, sha256_file)
@@ -161,7 +161,7 @@ def export_bundle(model: str | os.PathLike, out_dir: str | os.PathLike, options:
             except InputError:
                 raise
             except Exception as err:
-                raise ExportError(f"{name}: export failed ({first_line(err)})") from err
+                raise ExportError(f"{name}: export failed ({quote_error(err)})") from err
             checks += _passed(name, component_checks)
             if name in specs.UNETS or specs.split_of(name):  # a row's cost weighs step caching's shallow calls
                 macs = Macs(unet_macs(unet, name, opt_latent, model_config.text_dim), opt_latent)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from engine.errors import ExportError, InputError, first_line
+from engine.errors import ExportError, InputError, quote_error
 from engine.files import write_json_atomic
 from engine.manifest import (MANIFEST_NAME, Bundle, CalibrationRecord, Component, FileEntry, Quantization, file_entry,
                              read_bundle)
@@ -164,7 +164,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     except InputError:
         raise
     except Exception as err:
-        raise ExportError(f"unet: quantization failed ({first_line(err)})") from err
+        raise ExportError(f"unet: quantization failed ({quote_error(err)})") from err
     log.info("int8 UNet: relative output error %.4f on held-back calibration calls", error)
 
     staging = staging_folder(out)

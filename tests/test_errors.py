@@ -1,13 +1,13 @@
 """Messages quoting other libraries' errors stay one line, whatever those errors hold."""
-from engine.errors import first_line, one_line
+from engine.errors import one_line, quote_error
 
 
-def test_first_line_takes_the_first_non_empty_line_and_names_the_type():
-    assert first_line(RuntimeError("\n  Exception from src/core.cpp:12:\nmore context")) == (
+def test_quote_error_takes_the_first_non_empty_line_and_names_the_type():
+    assert quote_error(RuntimeError("\n  Exception from src/core.cpp:12:\nmore context")) == (
         "RuntimeError: Exception from src/core.cpp:12:")
-    assert first_line(KeyError()) == "KeyError"  # no message: "".splitlines() is empty
-    assert first_line(ValueError("   \n\n")) == "ValueError"
-    assert len(first_line(OSError("x" * 1000))) == 200
+    assert quote_error(KeyError()) == "KeyError"  # no message: "".splitlines() is empty
+    assert quote_error(ValueError("   \n\n")) == "ValueError"
+    assert len(quote_error(OSError("x" * 1000))) == 200
 
 
 def test_one_line_flattens_and_cuts():

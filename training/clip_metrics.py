@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from engine.errors import InputError, first_line
+from engine.errors import InputError, quote_error
 from training.hub import model_folder
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(folder).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(folder)
         except (OSError, ValueError) as err:
-            raise InputError(f"{folder}: transformers cannot load this CLIP model ({first_line(err)})") from None
+            raise InputError(f"{folder}: transformers cannot load this CLIP model ({quote_error(err)})") from None
         self.torch, self.device, self.batch_size = torch, device, batch_size
 
     def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:

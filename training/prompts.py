@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from engine.errors import InputError, first_line
+from engine.errors import InputError, quote_error
 from training.hub import model_folder
 from engine.files import write_jsonl_atomic
 
@@ -157,7 +157,7 @@ def causal_lm_folder(name: str) -> Path:
     try:
         model_type = AutoConfig.from_pretrained(folder).model_type
     except (OSError, ValueError) as err:
-        raise InputError(f"{folder}: not a transformers model ({first_line(err)})") from None
+        raise InputError(f"{folder}: not a transformers model ({quote_error(err)})") from None
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InputError(f"{folder}: not a causal language model (model_type {model_type!r})")
     return folder

@@ -23,7 +23,7 @@ import numpy as np
 from engine.backends import HostArrays
 from engine.backends.attention_fusion import fuse_attention, read_graph
 from engine.cpu import default_threads
-from engine.errors import InputError, first_line
+from engine.errors import InputError, quote_error
 from engine.manifest import Bundle
 from engine.specs import VAE_DECODER, VAE_DECODER_FP32, VAE_DECODER_TILE, VAE_ENCODER, VAE_ENCODER_TILE
 
@@ -234,7 +234,7 @@ class OnnxRuntimeBackend(HostArrays):
                     log.debug("%s: %d attention chains fused", name, self.fused[name])
             return self._ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as err:  # ORT raises its own exception types for unreadable graphs
-            raise InputError(f"{path}: onnxruntime cannot load this graph ({first_line(err)})") from None
+            raise InputError(f"{path}: onnxruntime cannot load this graph ({quote_error(err)})") from None
 
     def has(self, component: str) -> bool:
         return component in self._sessions

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.backends import HostArrays
 from engine.cpu import default_threads, native_dtype
-from engine.errors import InputError, first_line
+from engine.errors import InputError, quote_error
 from engine.manifest import Bundle
 from engine.specs import VAE_DECODER, VAE_DECODER_FP32, component_spec
 
@@ -89,7 +89,7 @@ class OpenVinoBackend(HostArrays):
         except Exception as err:  # OpenVINO raises RuntimeError with multi-line C++ context for unreadable graphs
             fix = (f"quantize it again with this OpenVINO ({ov_version()}): `ip2p quantize`" if path.suffix == ".xml"
                    else "export the bundle again with `ip2p export`, or run it with --backend onnxruntime")
-            raise InputError(f"{path}: OpenVINO cannot read this graph ({first_line(err)}); {fix}") from None
+            raise InputError(f"{path}: OpenVINO cannot read this graph ({quote_error(err)}); {fix}") from None
         self.compiled[name], self._requests[name] = compiled, compiled.create_infer_request()
         wanted = component_spec(component).output_names  # a port has several names (ONNX's, and its casts')
         self._outputs[name] = [next(n for n in port.get_names() if n in wanted) for port in compiled.outputs]

@@ -20,7 +20,7 @@ from engine import specs
 from engine.backends.torch_modules import load_networks, split_modules, tile_module, unet_macs, wrap_components
 from engine.checkpoints import ModelSource
 from engine.cpu import cpu_precision
-from engine.errors import CompileError, InputError, first_line
+from engine.errors import CompileError, InputError, quote_error
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class TorchBackend:
             if isinstance(getattr(err, "inner_exception", None), torch.OutOfMemoryError):
                 raise self._memory_error(component, signature) from err
             raise CompileError(f"{component}: torch.compile failed at {shape_text(signature)} "
-                               f"({first_line(err)}): run without compile (no --compile)") from err
+                               f"({quote_error(err)}): run without compile (no --compile)") from err
         except torch.OutOfMemoryError as err:
             if not settling:  # a shape that already ran: torch's own error, as eagerly
                 raise

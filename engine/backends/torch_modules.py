@@ -16,7 +16,7 @@ from engine import specs
 from engine.backends import unet_split
 from engine.checkpoints import WEIGHTED_COMPONENTS, ModelSource, Weights
 from engine.config import check_unet_channels
-from engine.errors import InputError, first_line
+from engine.errors import InputError, quote_error
 
 
 class TextEncoder(nn.Module):
@@ -350,7 +350,7 @@ def load_networks(source: ModelSource, dtype: torch.dtype = torch.float32) -> tu
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise InputError(f"{source.single_file}: cannot load this checkpoint ({first_line(err)})") from None
+            raise InputError(f"{source.single_file}: cannot load this checkpoint ({quote_error(err)})") from None
         check_unet_channels(pipe.unet.config.in_channels, source.single_file)
         return pipe.unet, pipe.vae, pipe.text_encoder
     found = {name: source.weights(name) for name in WEIGHTED_COMPONENTS}  # all found (or named) before any loads
