@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--backend")
     parser.add_argument("--requests", type=int, default=200, help="edits per open-loop run")
-    parser.add_argument("--max-batch", type=int, default=12, help="UNet rows per call, both servers")
+    parser.add_argument("--max-batch", type=int, default=Settings().max_batch,
+                        help="UNet rows per call, both servers")
     parser.add_argument("--request-max-batch", type=int, help="the request-batching server's rows per call, where "
                         "it should differ from --max-batch")
     parser.add_argument("--loads", type=float, nargs="+", default=LOADS, help="fractions of the capacity")

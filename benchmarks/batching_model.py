@@ -223,16 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plans, costs = measure(args.model, args.backend, args.edits)
-    curves = {"measured": costs, "flat": costs.flat(args.max_batch)}
+    limits = args.step_max_batch or [args.max_batch]
+    curves = {"measured": (costs, limits),  # the flat curve is defined up to max_batch only
+              "flat": (costs.flat(args.max_batch), [n for n in limits if n <= args.max_batch])}
     results = dict(machine=device_name("cpu"), cpu=cpu_capability(), versions=versions(), model=args.model,
                    max_batch=args.max_batch, draws=args.draws, edits=args.edits,
                    call_seconds=dict(zip(costs.rows, costs.seconds)), begin_s=costs.begin, finish_s=costs.finish,
                    row_plans=plans,
-                   curves={name: [row for step_rows in args.step_max_batch or [args.max_batch]
-                                  if name == "measured" or step_rows <= args.max_batch  # flat up to max_batch only
-                                  for row in compare(plans, curve, args.max_batch, step_rows, args.loads, args.rates,
-                                                     args.draws)]
-                           for name, curve in curves.items()})
+                   curves={name: [row for step_rows in rows for row in compare(plans, curve, args.max_batch, step_rows,
+                                                                               args.loads, args.rates, args.draws)]
+                           for name, (curve, rows) in curves.items()})
     write_json_atomic(args.json, results)
     print(table(results))
 
